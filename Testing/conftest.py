@@ -1,0 +1,61 @@
+"""Shared fixtures: small real 3D networks and the shared data folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ESEGETA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_file(*parts: str) -> Path:
+    """A file under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not available: {path} (only present beside the dev checkout)")
+    return path
+
+
+def make_unet_instancenorm_prelu(in_channels: int = 1, out_channels: int = 2, seed: int = 0):
+    """MONAI UNet with InstanceNorm + PReLU (the style of real vessel models); 2 poolings -> divisor 4."""
+    import torch
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+               channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="instance", act="prelu")
+    return net.eval()
+
+
+def make_net_batchnorm_relu(in_channels: int = 1, out_channels: int = 2, seed: int = 0):
+    """A small conv net with BatchNorm + nn.ReLU, a down/up path (divisor 2)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv3d(in_channels, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+        nn.Conv3d(8, 16, 3, stride=2, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+        nn.Conv3d(16, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+        nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+        nn.Conv3d(16, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+        nn.Conv3d(8, out_channels, 1),
+    )
+    # Non-trivial running statistics so eval-mode BatchNorm is not the identity.
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.fixture
+def unet_in_prelu():
+    return make_unet_instancenorm_prelu()
+
+
+@pytest.fixture
+def net_bn_relu():
+    return make_net_batchnorm_relu()
