@@ -1,0 +1,85 @@
+"""`explain`: the one call the CLI, the Slicer module and the metrics use."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .engine import ExplainSession, ProgressFn
+from .errors import EsegetaError
+from .methods.base import MethodSpec, get_method
+from .options import EngineOptions, Target
+from .results import Explanation
+
+MethodRequest = Union[str, MethodSpec, Tuple[Union[str, MethodSpec], Dict[str, Any]]]
+
+
+def resolve_methods(methods: Union[MethodRequest, Iterable[MethodRequest], Dict[str, Dict[str, Any]]]
+                    ) -> List[Tuple[MethodSpec, Dict[str, Any]]]:
+    """Names, specs, (name, params) pairs or {name: params} -> validated (spec, params), before any run."""
+    if isinstance(methods, (str, MethodSpec)) or (isinstance(methods, tuple) and len(methods) == 2
+                                                  and isinstance(methods[1], dict)):
+        methods = [methods]
+    if isinstance(methods, dict):
+        methods = list(methods.items())
+    resolved = []
+    for item in methods:
+        name, params = (item if isinstance(item, (tuple, list)) else (item, None))
+        spec = name if isinstance(name, MethodSpec) else get_method(name)
+        resolved.append((spec, spec.resolve_params(params)))
+    if not resolved:
+        raise EsegetaError("No method given; name at least one (run 'esegeta methods' to list them).")
+    return resolved
+
+
+def _target_record(target: Target, region_voxels: int) -> Dict[str, Any]:
+    record = dataclasses.asdict(target)
+    record["mask"] = None if target.mask is None else f"{int(np.asarray(target.mask).astype(bool).sum())} voxels"
+    record["region_voxels"] = region_voxels
+    return record
+
+
+def explain(volume, network, methods, target: Optional[Target] = None,
+            options: Optional[EngineOptions] = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+            progress: Optional[ProgressFn] = None, cancel: Any = None,
+            keep_probabilities: bool = False) -> Explanation:
+    """Explain `network`'s segmentation of `volume` with each of `methods`.
+
+    volume: (I,J,K) or (C,I,J,K); network: an nn.Module (or a LoadedModel with `network_for`).
+    Progress runs from 0 to 1 across segmentation and methods (weighted by each method's cost);
+    a cancelled run raises EsegetaCancelled and returns nothing.
+    """
+    started = time.perf_counter()
+    target = target if target is not None else Target()
+    options = options if options is not None else EngineOptions()
+    requests = resolve_methods(methods)
+    weights = [1.0] + [max(float(spec.cost), 1.0) for spec, _ in requests]
+    edges = np.cumsum([0.0] + weights) / sum(weights)
+    session = ExplainSession(volume, network, target, options, spacing=spacing, progress=progress,
+                             cancel=cancel, progress_span=(edges[0], edges[1]))
+    results = {}
+    for n, (spec, params) in enumerate(requests):
+        session.check_cancel()
+        session.progress_span = (edges[n + 1], edges[n + 2])
+        result = session.attribute(spec, params)
+        key, k = spec.name, 2
+        while key in results:
+            key, k = f"{spec.name}#{k}", k + 1
+        results[key] = result
+    engine = {"device": str(session.device), "precision": options.precision,
+              "batch_size": session.batch_size, "divisor": options.divisor, "blend": options.blend,
+              "windows": [[[w.start, w.stop] for w in window] for window in session.windows],
+              "dtype": str(session.dtype).replace("torch.", "")}
+    engine.update({k: v for k, v in describe_grid(session).items()})
+    return Explanation(segmentation=session.segmentation, region=session.region, results=results,
+                       target=_target_record(target, session.region_voxels), engine=engine,
+                       seconds=time.perf_counter() - started,
+                       probabilities=session.probabilities if keep_probabilities else None)
+
+
+def describe_grid(session: ExplainSession) -> Dict[str, Any]:
+    from .windows import describe
+
+    return describe(session.grid, len(session.active))

@@ -1,0 +1,81 @@
+"""Colour tables with desktop Slicer's node IDs, built where the application's own are missing.
+
+Desktop Slicer loads Inferno, Viridis, ColdToHotRainbow, DivergingBlueRed, ... from colour files
+shipped with the application; the slicer-core wheel has none of them. A colour table node added with
+the singleton tag "File<Name>.txt" gets the ID "vtkMRMLColorTableNodeFile<Name>.txt", so nodes
+built here from matplotlib's colormaps carry exactly the IDs desktop Slicer uses. They are created
+only when absent, so inside Slicer the application's own tables are used, and scenes that refer to
+them by ID open the same way in both.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+# Slicer colour file name -> (matplotlib colormap it is built from, category shown in Slicer's
+# Colors module). Inferno/Viridis are the same published maps. DivergingBlueRed is a ColorBrewer
+# style blue-white-red map (RdBu reversed). ColdToHotRainbow runs blue-cyan-green-yellow-red (jet).
+TABLES: Dict[str, Tuple[str, str]] = {
+    "Inferno": ("inferno", "Continuous"),
+    "Viridis": ("viridis", "Continuous"),
+    "DivergingBlueRed": ("RdBu_r", "Continuous"),
+    "ColdToHotRainbow": ("jet", "Continuous"),
+}
+
+UNSIGNED_TABLE = "Inferno"
+SIGNED_TABLE = "DivergingBlueRed"
+N_COLORS = 256
+
+
+def color_node_id(name: str) -> str:
+    """The node ID desktop Slicer gives the file-based table `name` (e.g. "Inferno")."""
+    return f"vtkMRMLColorTableNodeFile{name}.txt"
+
+
+def _singleton_tag(name: str) -> str:
+    return f"File{name}.txt"
+
+
+def colormap_rgba(name: str, n: int = N_COLORS) -> np.ndarray:
+    """(n, 4) float RGBA samples of the matplotlib colormap behind table `name`."""
+    from matplotlib import colormaps
+
+    cmap = colormaps[TABLES[name][0]]
+    return np.asarray(cmap(np.linspace(0.0, 1.0, n)), dtype=np.float64)
+
+
+def _build_table(scene, name: str):
+    from .slicer_env import slicer_module
+
+    slicer = slicer_module()
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(name)
+    node.SetSingletonTag(_singleton_tag(name))
+    node.SetTypeToUser()
+    node.SetAttribute("Category", TABLES[name][1])
+    node.SetDescription(f"{name} built by Esegeta from matplotlib's '{TABLES[name][0]}' colormap")
+    rgba = colormap_rgba(name)
+    node.SetNumberOfColors(len(rgba))
+    node.GetLookupTable().SetTableRange(0, len(rgba) - 1)
+    for i, (r, g, b, a) in enumerate(rgba):
+        node.SetColor(i, f"{name}{i:03d}", float(r), float(g), float(b), float(a))
+    # Saved with the scene (in a .mrb) so a viewer without these tables still shows the maps; on
+    # loading, a scene that already has the singleton keeps a single node with this ID.
+    node.SetSaveWithScene(True)
+    scene.AddNode(node)
+    return node
+
+
+def ensure_color_tables(scene) -> Dict[str, str]:
+    """Make sure every table in `TABLES` exists in `scene` under desktop Slicer's ID; returns
+    name -> node ID. Existing nodes (desktop Slicer's own) are left untouched."""
+    ids = {}
+    for name in TABLES:
+        node_id = color_node_id(name)
+        if scene.GetNodeByID(node_id) is None:
+            node = _build_table(scene, name)
+            if node.GetID() != node_id:  # pragma: no cover - would mean MRML changed its ID rule
+                raise RuntimeError(f"colour table {name} got ID {node.GetID()}, expected {node_id}")
+        ids[name] = node_id
+    return ids

@@ -1,0 +1,119 @@
+"""`esegeta explain VOLUME --model MODEL --out DIR`: attribution maps for a segmentation model on
+one volume, written with the segmentation, metrics and provenance into DIR (whole or not at all)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "explain"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _batch(text: str):
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def add_run_arguments(parser, methods_default: str) -> None:
+    """Options shared by `explain` and `demo` (what to explain, how the engine runs, outputs)."""
+    what = parser.add_argument_group("what to explain")
+    what.add_argument("--methods", default=methods_default, metavar="A,B|all",
+                      help=f"comma-separated method names or 'all' (default: {methods_default}); see 'esegeta methods'")
+    what.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                      help="a method parameter, repeatable (e.g. IntegratedGradients.n_steps=32)")
+    what.add_argument("--class", dest="class_index", default=None, metavar="N",
+                      help="class index or name from the model card (default: the first foreground class)")
+    what.add_argument("--region", default="predicted", metavar="predicted|whole|roi:MASKFILE|point:I,J,K",
+                      help="voxels whose score is explained (default: predicted, the model's own mask)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: a CUDA GPU when there is one, else the CPU (default: auto)")
+    engine.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="autocast precision, with an fp32 retry of non-finite patches (default: fp32)")
+    engine.add_argument("--patch-size", type=_positive_int, default=None, metavar="N",
+                        help="sliding-window size in voxels (default: the model card's)")
+    engine.add_argument("--overlap", type=_fraction, default=0.25, metavar="F",
+                        help="window overlap fraction in [0, 1) (default: 0.25)")
+    engine.add_argument("--batch-size", type=_batch, default="auto", metavar="N",
+                        help="windows per batch, or auto (largest that fits; default)")
+    engine.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed (default: 0)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--metrics", default="default", metavar="LIST|none|all",
+                     help="evaluation metrics per method (default: the metrics module's default set)")
+    out.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output directory")
+
+
+def add_parser(subparsers, common):
+    parser = subparsers.add_parser(NAME, parents=[common], help="explain a model's segmentation of a volume",
+                                   description=__doc__.replace("\n", " "))
+    parser.add_argument("volume", metavar="VOLUME", help="input volume (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)")
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="TorchScript (.pt/.ts), torch.export (.pt2) or a model card (.json)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="result directory (created; must be empty)")
+    add_run_arguments(parser, methods_default="Saliency,IntegratedGradients")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def request_from(args, volume, model):
+    from ..runner import ExplainRequest, parse_param_assignments
+
+    return ExplainRequest(volume=volume, model=model, methods=args.methods,
+                          params=parse_param_assignments(args.param), class_index=args.class_index,
+                          region=args.region, device=args.device, precision=args.precision,
+                          patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size,
+                          metrics=args.metrics, seed=args.seed)
+
+
+def run_request(args, request, out: Path, command: str) -> Path:
+    """Check everything, run, and report; shared by `explain` and `demo`."""
+    from ..outputs import check_output_directory
+    from ..progress import Progress
+    from ..runner import execute, prepare
+
+    with Progress("quiet" if args.quiet else "auto") as progress:
+        check_output_directory(out, args.overwrite)  # before loading anything: a mistake costs nothing
+        progress.note(f"esegeta {command}: loading the volume and the model ...")
+        prepared = prepare(request)
+        for warning in prepared.warnings:
+            progress.warn(warning)
+        methods = ", ".join(name for name, _ in prepared.methods)
+        progress.note(f"explaining class {prepared.target.class_index} ({prepared.class_name}), region "
+                      f"{request.region}, on {prepared.device}: {methods}")
+        folder = execute(prepared, out, overwrite=args.overwrite, progress=progress, note=progress.note,
+                         command=command, argv=getattr(args, "argv", None))
+    return folder
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    request = request_from(args, args.volume, args.model)
+    folder = run_request(args, request, out, NAME)
+    if not args.quiet:
+        print(f"Results written to {folder}")
+    return 0

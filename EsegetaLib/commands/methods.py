@@ -1,0 +1,57 @@
+"""`esegeta methods [--json]`: every registered attribution method with its family, whether its
+map is signed, its baseline and its default parameters."""
+from __future__ import annotations
+
+import json
+import sys
+
+NAME = "methods"
+
+
+def add_parser(subparsers, common):
+    parser = subparsers.add_parser(NAME, parents=[common], help="list the attribution methods",
+                                   description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def _baseline(meta) -> str:
+    for p in meta["params"]:
+        if p["name"] in ("baseline", "baselines"):
+            return str(p["default"])
+    return "yes" if meta["needs_baseline"] else "-"
+
+
+def _shown(value) -> str:
+    return "-" if value in ("", None) else str(value)  # '' means "chosen automatically" / "none"
+
+
+def _defaults(meta) -> str:
+    return ", ".join(f"{p['name']}={_shown(p['default'])}" for p in meta["params"]) or "-"
+
+
+def table(metas) -> str:
+    """A plain-text table (fits a terminal; the JSON has everything)."""
+    header = ("method", "family", "signed", "baseline", "defaults")
+    rows = [(m["name"], m["family"], "signed" if m["signed"] else "unsigned", _baseline(m), _defaults(m))
+            for m in metas]
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(header[:4], widths)) + "  " + header[4]]
+    for row in rows:
+        lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ..methods import all_methods
+    from ..provenance import jsonable
+
+    metas = [spec.metadata() for spec in all_methods()]
+    if args.json:
+        json.dump(jsonable(metas), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(table(metas))
+        print(f"\n{len(metas)} methods. Parameters: --param METHOD.NAME=VALUE; details: esegeta methods --json")
+    return 0

@@ -1,0 +1,577 @@
+"""The sliding-window engine: runs any registered method on a volume of any size.
+
+What is explained is the model as it is run (DESIGN.md, "What a patched run explains"): windows
+blended with weights w_p that sum to 1 at every voxel, score F(x) = sum_p sum_v w_p * region *
+s(out_p(x_p)). The same blended model gives the segmentation the user sees. How a method meets the
+windows follows `MethodSpec.patching` (see methods/base.py):
+
+- additive: the method runs per batch of windows on each window's weighted score; the maps are
+  summed on the padded grid and folded back through the padding (exact for gradient-type maps);
+- noise_tunnel: global noise per sample, the base method additive, then mean / mean of squares /
+  variance over samples;
+- global: the method sees the whole volume and a forward computing F, which reruns only the windows
+  whose voxels a perturbation changed (each window's unperturbed score is cached);
+- blended: per-window maps blended with the window weights (an approximation, stated by the spec).
+
+Windows whose part of the region is empty contribute nothing to F and are skipped.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .device import (autocast_dtype, free_memory_bytes, is_out_of_memory, release_memory,
+                     resolve_device)
+from .errors import EsegetaCancelled, EsegetaError
+from .methods.base import MethodContext, MethodSpec, VolumeStats, get_method
+from .options import EngineOptions, Target
+from .results import MethodResult
+from .targets import (TargetScore, check_class, check_target, labels_from, probabilities,
+                      region_mask)
+from .windows import WindowGrid, choose_patch, describe
+
+ProgressFn = Callable[[float, str], Any]
+NOISE_TUNNEL_PARAMS = ("base_method", "nt_type", "nt_samples", "stdev")
+
+
+# ----------------------------------------------------------------------------- input checks
+def as_volume(volume: Any, what: str = "The volume") -> np.ndarray:
+    """(I,J,K) or (C,I,J,K) array -> (C,I,J,K) float array; one-line errors otherwise."""
+    if isinstance(volume, torch.Tensor):
+        volume = volume.detach().cpu().numpy()
+    array = np.asarray(volume)
+    if array.dtype.kind not in "fiub":
+        raise EsegetaError(f"{what} must be numeric; got dtype {array.dtype}.")
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise EsegetaError(
+            f"{what} must be a 3D array (I,J,K) or 4D with channels first (C,I,J,K); got shape {array.shape}."
+        )
+    if min(array.shape) < 1:
+        raise EsegetaError(f"{what} is empty: shape {array.shape}.")
+    array = array.astype(np.float64 if array.dtype == np.float64 else np.float32, copy=False)
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise EsegetaError(
+            f"{what} has {bad} NaN or infinite voxel{'s' if bad != 1 else ''}; fill or mask them before explaining."
+        )
+    return array
+
+
+def volume_stats(array: np.ndarray, spacing: Sequence[float]) -> VolumeStats:
+    """Intensity facts over the whole volume (subsampled beyond 8 M values, for speed)."""
+    flat = array.reshape(-1)
+    step = max(1, flat.size // (8 * 1024 * 1024))
+    sample = flat[::step].astype(np.float64)
+    low, high = np.percentile(sample, [1.0, 99.0])
+    spacing = tuple(float(s) for s in (spacing if spacing is not None else (1.0, 1.0, 1.0)))
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise EsegetaError(f"spacing must be three positive millimetre values; got {spacing}.")
+    return VolumeStats(mean=float(sample.mean()), std=float(sample.std()), low=float(low), high=float(high),
+                       spacing=spacing, shape=tuple(int(s) for s in array.shape[1:]))
+
+
+def _first_conv(network: nn.Module) -> Optional[nn.Module]:
+    for module in network.modules():
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            return module
+    return None
+
+
+def _network_dtype(network: nn.Module) -> torch.dtype:
+    for p in network.parameters():
+        if p.is_floating_point():
+            return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return torch.float32
+
+
+def _cancel_requested(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+def _split(output: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict):
+        return output[0], dict(output[1])
+    if isinstance(output, (tuple, list)):  # Captum returns a tuple for tuple inputs
+        output = output[0]
+    return output, {}
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all()) if value.is_floating_point() else True
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
+class _Diagnostics:
+    """Sums numeric diagnostics over window batches (deltas add up like F); keeps the rest."""
+
+    def __init__(self):
+        self.values: Dict[str, Any] = {}
+
+    def add(self, diag: Dict[str, Any]) -> None:
+        for key, value in diag.items():
+            if isinstance(value, torch.Tensor):
+                value = float(value.detach().double().sum()) if value.is_floating_point() else value.tolist()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    isinstance(self.values.get(key), (int, float)):
+                self.values[key] = self.values[key] + value
+            else:
+                self.values[key] = value
+
+
+# ----------------------------------------------------------------------------- the session
+class ExplainSession:
+    """One volume, one network, one target: the blended sliding-window model, its segmentation and
+    fixed region, and `attribute` for any registered method. See docs/ARCHITECTURE.md."""
+
+    def __init__(self, volume, network, target: Optional[Target] = None,
+                 options: Optional[EngineOptions] = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                 progress: Optional[ProgressFn] = None, cancel: Any = None,
+                 progress_span: Tuple[float, float] = (0.0, 1.0)):
+        self.target = target if target is not None else Target()
+        self.options = options if options is not None else EngineOptions()
+        check_target(self.target)
+        self.progress, self.cancel = progress, cancel
+        self.progress_span = progress_span
+        array = as_volume(volume)
+        if hasattr(network, "network_for") and not isinstance(network, nn.Module):
+            network = network.network_for(array)  # a LoadedModel: normalisation built in
+        if not isinstance(network, nn.Module):
+            raise EsegetaError(f"The model must be a torch.nn.Module; got {type(network).__name__}.")
+        self.device = resolve_device(self.options.device)
+        self.amp_dtype = autocast_dtype(self.options.precision)
+        self.dtype = _network_dtype(network)
+        self.network = network.eval().to(self.device)
+        conv = _first_conv(self.network)
+        if conv is not None and conv.in_channels != array.shape[0]:
+            raise EsegetaError(
+                f"The model expects {conv.in_channels} input channel(s) but the volume has {array.shape[0]}; "
+                "pass a (C,I,J,K) array with the model's channels."
+            )
+        self.volume = torch.from_numpy(np.ascontiguousarray(array)).to(self.dtype)  # host (C,I,J,K)
+        self.stats = volume_stats(array, spacing)
+        shape = self.stats.shape
+        extra = self.options.extra or {}
+        patch = choose_patch(shape, self.options.patch_size, int(self.options.divisor),
+                             int(self.options.max_window_voxels), int(self.options.default_patch))
+        self.grid = WindowGrid.build(shape, patch, float(self.options.overlap), self.options.blend,
+                                     extra.get("pad_mode", "edge"))
+        self.windows = self.grid.windows
+        self.host = self._use_host_accumulators()
+        self.scorer = TargetScore(self.network, self.target, self.device, self.amp_dtype)
+        self.counters = {"oom_retries": 0, "fp32_retries": 0}
+        self._x_pad = self.grid.pad(self.volume[None])  # (1, C, *padded), host
+        self.batch_size = self._initial_batch_size()
+
+        self.probabilities = self._blended_probabilities()  # (n_classes, I, J, K) float32
+        self.n_classes = int(self.probabilities.shape[0])
+        self.segmentation = labels_from(self.probabilities, self.target)
+        self.region = region_mask(self.target, shape, self.probabilities)
+        self.region_voxels = int(self.region.sum())
+        norm = float(self.region_voxels) if self.target.reduction == "mean" else 1.0
+        self._region_pad = self.grid.embed(torch.from_numpy(self.region).to(torch.float64)) / norm
+        self.active = [i for i, w in enumerate(self.windows) if bool(self._region_pad[w].any())]
+        self._base_scorer: Optional[PatchedScore] = None
+
+    # -- set-up helpers
+    def _use_host_accumulators(self) -> bool:
+        choice = self.options.host_accumulator
+        if choice == "auto":
+            return self.device.type != "cpu" and int(np.prod(self.grid.padded_shape)) * self.volume.shape[0] > 2 ** 25
+        return bool(choice)
+
+    def _initial_batch_size(self) -> int:
+        n = len(self.windows)
+        size = self.options.batch_size
+        if size != "auto":
+            if isinstance(size, bool) or int(size) < 1:
+                raise EsegetaError(f"batch_size must be 'auto' or a positive integer; got {size!r}.")
+            return int(size)
+        voxels = int(np.prod(self.grid.patch))
+        if self.device.type == "cuda":
+            return max(1, min(n, self._probe_cuda_batch(voxels)))
+        # CPU: memory is rarely the limit, the cores are; a few million voxels per batch.
+        budget = int((self.options.extra or {}).get("cpu_batch_voxels", 2 ** 21))
+        return max(1, min(n, 8, budget // voxels))
+
+    def _probe_cuda_batch(self, voxels: int) -> int:
+        """Peak memory of one window's forward+backward -> how many fit in 60 % of free memory."""
+        try:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            x = self._x_pad[(slice(None), slice(None)) + self.windows[0]].to(self.device).requires_grad_(True)
+            w = torch.ones((1, 1) + self.grid.patch, device=self.device, dtype=self.dtype)
+            score = self.scorer(x, w).sum()
+            torch.autograd.grad(score, x)
+            per_window = max(1, torch.cuda.max_memory_allocated(self.device) - before)
+            del x, w, score
+        except Exception as error:  # noqa: BLE001 - a failed probe means: start small
+            if not is_out_of_memory(error):
+                raise
+            release_memory(self.device)
+            return 1
+        release_memory(self.device)
+        free = free_memory_bytes(self.device) or 0
+        return max(1, min(32, int(0.6 * free // per_window)))
+
+    # -- progress, cancel, batches
+    def _report(self, fraction: Optional[float], message: str) -> None:
+        """Progress within the current span; `None` keeps the last fraction (message only)."""
+        if fraction is None:
+            fraction = getattr(self, "_last_fraction", 0.0)
+        self._last_fraction = fraction
+        if self.progress is not None:
+            a, b = self.progress_span
+            self.progress(a + (b - a) * min(max(fraction, 0.0), 1.0), message)
+
+    def check_cancel(self) -> None:
+        if _cancel_requested(self.cancel):
+            raise EsegetaCancelled("Cancelled; nothing was kept.")
+
+    def _window_batch(self, x_pad: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """(len, C, *patch) on the device, from a padded (1, C, *padded) host or device tensor."""
+        parts = [x_pad[(0, slice(None)) + self.windows[i]] for i in indices]
+        return torch.stack(parts).to(self.device, self.dtype)
+
+    def window_weights(self, indices: Sequence[int]) -> torch.Tensor:
+        """(len, 1, *patch): blending weight x region (/ region size for 'mean') per window."""
+        parts = [self.grid.weight(self.windows[i]) * self._region_pad[self.windows[i]] for i in indices]
+        return torch.stack(parts)[:, None].to(self.device, self.dtype)
+
+    def run_batches(self, items: Sequence[Any], work: Callable[[Sequence[Any]], Any],
+                    report: Optional[Callable[[int, int], None]] = None) -> Iterator[Tuple[Sequence[Any], Any]]:
+        """Yield (chunk, work(chunk)) over `items` in batches of `self.batch_size`.
+
+        Cancel is checked before each batch. Out-of-memory halves the batch size and retries;
+        under autocast a batch giving non-finite values is rerun in full precision.
+        """
+        i, n = 0, len(items)
+        while i < n:
+            self.check_cancel()
+            size = min(self.batch_size, n - i)
+            chunk = items[i:i + size]
+            try:
+                result = self._finite_or_fp32(work, chunk)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled here
+                if not is_out_of_memory(error):
+                    raise
+                release_memory(self.device)
+                if size == 1:
+                    raise EsegetaError(
+                        f"Out of memory on {self.device} even with one {self.grid.patch} window; "
+                        "choose a smaller patch_size, precision 'bf16', or device 'cpu'."
+                    ) from None
+                self.batch_size = max(1, size // 2)
+                self.counters["oom_retries"] += 1
+                continue
+            yield chunk, result
+            i += size
+            if report is not None:
+                report(i, n)
+
+    def _finite_or_fp32(self, work, chunk):
+        result = work(chunk)
+        if self.scorer.amp_dtype is not None and not _all_finite(result):
+            self.counters["fp32_retries"] += 1
+            saved, self.scorer.amp_dtype = self.scorer.amp_dtype, None
+            try:
+                result = work(chunk)
+            finally:
+                self.scorer.amp_dtype = saved
+        return result
+
+    # -- the blended model's output
+    def _blended_probabilities(self) -> np.ndarray:
+        acc: Optional[torch.Tensor] = None
+        first = [True]
+        n = len(self.windows)
+
+        def work(chunk):
+            xb = self._window_batch(self._x_pad, chunk)
+            try:
+                with torch.no_grad():
+                    logits = self.scorer.logits(xb)
+            except (EsegetaError, EsegetaCancelled):
+                raise
+            except RuntimeError as error:
+                if first[0] and not is_out_of_memory(error):
+                    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    raise EsegetaError(
+                        f"The model failed on a {tuple(xb.shape)} window ({line}); check its input channels "
+                        f"and that every size divisible by divisor={self.options.divisor} suits it."
+                    ) from None
+                raise
+            if first[0]:
+                check_class(self.target, int(logits.shape[1]))
+                first[0] = False
+            return probabilities(logits.to(torch.float32 if self.dtype == torch.float32 else self.dtype),
+                                 self.target.activation)
+
+        report = lambda done, total: self._report(done / total, f"Segmenting: window {done}/{total}")
+        for chunk, probs in self.run_batches(list(range(n)), work, report):
+            if not _all_finite(probs):
+                raise EsegetaError("The model gives non-finite outputs on this volume, even in fp32; check its weights and input scaling.")
+            if acc is None:
+                acc = torch.zeros((probs.shape[1],) + self.grid.padded_shape, dtype=torch.float64)
+            for k, i in enumerate(chunk):
+                w = self.windows[i]
+                acc[(slice(None),) + w] += probs[k].double().cpu() * self.grid.weight(w)
+        return self.grid.crop(acc).to(torch.float32).numpy()
+
+    # -- the patched score F
+    def score(self, batch) -> torch.Tensor:
+        """F for a batch of whole volumes (N, C, I, J, K) (no grad): only changed windows rerun."""
+        if self._base_scorer is None:
+            self._base_scorer = PatchedScore(self, self.volume)
+        batch = torch.as_tensor(batch)
+        if batch.dim() == 4:
+            batch = batch[None]
+        return self._base_scorer(batch.to(self.device, self.dtype)).double()
+
+    # -- attribution
+    def attribute(self, method: Union[str, MethodSpec], params: Optional[Dict[str, Any]] = None,
+                  inputs=None) -> MethodResult:
+        """Run one method on the session's volume (or on `inputs`, a volume of the same shape)."""
+        spec = method if isinstance(method, MethodSpec) else get_method(method)
+        resolved = spec.resolve_params(params)
+        if inputs is None:
+            x = self.volume
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(as_volume(inputs, "The input"))).to(self.dtype)
+            if tuple(x.shape) != tuple(self.volume.shape):
+                raise EsegetaError(f"The input has shape {tuple(x.shape)}; the session's volume is {tuple(self.volume.shape)}.")
+        started = time.perf_counter()
+        self.counters = {"oom_retries": 0, "fp32_retries": 0}
+        seed = int(self.options.seed)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            # A CPU generator: the same noise and baselines on every device.
+            generator = torch.Generator().manual_seed(seed)
+            self._report(0.0, f"{spec.name}: starting on {len(self.active)} of {len(self.windows)} windows")
+            attribution, diag = self._run(spec, resolved, x, generator)
+        # float32 maps (the contract); a float64 network keeps float64 so exactness can be checked.
+        attribution = attribution.to(torch.float64 if self.dtype == torch.float64 else torch.float32).cpu()
+        if not bool(torch.isfinite(attribution).all()):
+            bad = int((~torch.isfinite(attribution)).sum())
+            raise EsegetaError(f"{spec.name} produced {bad} non-finite values; try precision 'fp32' or other parameters.")
+        diag.update(self.counters)
+        diag.update(n_windows=len(self.windows), n_windows_in_region=len(self.active),
+                    batch_size=self.batch_size, device=str(self.device), precision=self.options.precision)
+        self._report(1.0, f"{spec.name}: done")
+        return MethodResult(name=spec.name, attribution=attribution.numpy(), params=resolved,
+                            seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata())
+
+    def _run(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor, generator) -> Tuple[torch.Tensor, Dict]:
+        if spec.patching == "global":
+            return self._global(spec, params, x, generator)
+        if spec.patching == "noise_tunnel":
+            return self._noise_tunnel(spec, params, x, generator)
+        layer, layer_name = self._layer(spec, params)
+        diag = {"layer": layer_name} if layer_name else {}
+        prepared = self._prepare(spec, params, x, generator)
+        acc, more = self._windows_pass(spec, params, self.grid.pad(x[None]), prepared, layer, generator,
+                                       blended=spec.patching == "blended")
+        diag.update(more)
+        if spec.patching == "blended":
+            attribution = self.grid.crop(acc)[0]
+        else:
+            attribution = self.grid.fold(acc)[0]
+            _relative_delta(diag, attribution)
+        if spec.finalize is not None:
+            attribution = spec.finalize(attribution, params)
+        return attribution, diag
+
+    def _layer(self, spec: MethodSpec, params: Dict[str, Any]):
+        if not spec.needs_layer:
+            return None, None
+        from .methods.layers import resolve_layer
+
+        name, module = resolve_layer(self.network, params.get("layer") or None)
+        return module, name
+
+    def _prepare(self, spec, params, x, generator) -> Dict[str, torch.Tensor]:
+        """`spec.prepare` on the whole volume (baselines etc.), padded like the volume."""
+        if spec.prepare is None:
+            return {}
+        full = spec.prepare(x[None].to(self.device), self.stats, params, generator) or {}
+        return {k: self.grid.pad(v.detach().to("cpu" if self.host else self.device)) for k, v in full.items()}
+
+    def _windows_pass(self, spec, params, x_pad, prepared, layer, generator, blended=False,
+                      report_base: Tuple[float, float] = (0.0, 1.0)) -> Tuple[torch.Tensor, Dict]:
+        """Sum (or blend) per-window maps of `spec` into a padded accumulator (1, C, *padded)."""
+        acc_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        acc_device = torch.device("cpu") if self.host else self.device
+        acc = torch.zeros((1,) + tuple(x_pad.shape[1:]), dtype=acc_dtype, device=acc_device)
+        diags = _Diagnostics()
+
+        def work(chunk):
+            ctx = MethodContext(
+                forward=self.scorer, network=self.network, inputs=self._window_batch(x_pad, chunk),
+                params=params, stats=self.stats, forward_args=(self.window_weights(chunk),),
+                prepared={k: self._slice_prepared(v, chunk) for k, v in prepared.items()},
+                layer=layer, region=None, generator=generator,
+                # per example: B windows x this many steps fill one forward of `batch_size`
+                internal_batch_size=max(1, self.batch_size // len(chunk)))
+            attribution, diag = _split(spec.attribute(ctx))
+            return attribution.detach(), diag
+
+        a, b = report_base
+        report = lambda done, total: self._report(a + (b - a) * done / total,
+                                                  f"{spec.name}: window {done}/{total}")
+        for chunk, (attribution, diag) in self.run_batches(self.active, work, report):
+            attribution = attribution.to(acc_device, acc_dtype)
+            for k, i in enumerate(chunk):
+                w = (slice(None),) + self.windows[i]
+                part = attribution[k]
+                if blended:
+                    part = part * self.grid.weight(self.windows[i]).to(acc_device, acc_dtype)
+                acc[(0,) + w] += part
+            diags.add(diag)
+        return acc, diags.values
+
+    def _slice_prepared(self, value: torch.Tensor, chunk: Sequence[int]) -> torch.Tensor:
+        """Leading dim 1 -> (B, C, *patch); a stack of N samples -> (B, N, C, *patch)."""
+        parts = [value[(slice(None), slice(None)) + self.windows[i]] for i in chunk]
+        out = torch.cat(parts) if value.shape[0] == 1 else torch.stack(parts)
+        return out.to(self.device, self.dtype)
+
+    def _noise_tunnel(self, spec, params, x, generator) -> Tuple[torch.Tensor, Dict]:
+        base = get_method(params["base_method"])
+        if base.patching != "additive":
+            raise EsegetaError(f"{spec.name} needs an additive gradient method as base; {base.name} is {base.patching}.")
+        known = {p.name for p in base.params}
+        base_params = base.resolve_params({k: v for k, v in params.items() if k in known and k not in NOISE_TUNNEL_PARAMS})
+        samples = int(params.get("nt_samples", 8))
+        sigma = noise_sigma(params, self.stats)
+        layer, layer_name = self._layer(base, base_params)
+        total = torch.zeros(x.shape, dtype=torch.float64)
+        squares = torch.zeros(x.shape, dtype=torch.float64)
+        diag: Dict[str, Any] = {"noise_sigma": sigma, "base_method": base.name}
+        if layer_name:
+            diag["layer"] = layer_name
+        for s in range(samples):
+            noise = torch.randn(x.shape, generator=generator, dtype=self.dtype)
+            noisy = x + sigma * noise
+            prepared = self._prepare(base, base_params, noisy, generator)
+            acc, _ = self._windows_pass(base, base_params, self.grid.pad(noisy[None]), prepared, layer, generator,
+                                        report_base=(s / samples, (s + 1) / samples))
+            sample = self.grid.fold(acc)[0]
+            if base.finalize is not None:
+                sample = base.finalize(sample, base_params)
+            sample = sample.double().cpu()
+            total += sample
+            squares += sample * sample
+        mean = total / samples
+        kind = params.get("nt_type", "smoothgrad")
+        if kind == "smoothgrad":
+            out = mean
+        elif kind == "smoothgrad_sq":
+            out = squares / samples
+        elif kind == "vargrad":
+            out = squares / samples - mean * mean
+        else:
+            raise EsegetaError(f"nt_type must be smoothgrad, smoothgrad_sq or vargrad; got {kind!r}.")
+        if spec.finalize is not None:
+            out = spec.finalize(out, params)
+        return out, diag
+
+    def _global(self, spec, params, x, generator) -> Tuple[torch.Tensor, Dict]:
+        forward = PatchedScore(self, x, label=spec.name)
+        region = torch.from_numpy(self.region).to(self.device, self.dtype)[None, None]
+        inputs = x[None].to(self.device)
+        prepared = spec.prepare(inputs, self.stats, params, generator) if spec.prepare else {}
+        ctx = MethodContext(forward=forward, network=self.network, inputs=inputs, params=params,
+                            stats=self.stats, forward_args=(), prepared=prepared or {},
+                            layer=None, region=region, generator=generator,
+                            internal_batch_size=self.batch_size)
+        attribution, diag = _split(spec.attribute(ctx))
+        diag.update(windows_rerun=forward.windows_rerun, volumes_evaluated=forward.evaluations)
+        attribution = attribution.detach()[0].cpu()
+        if spec.finalize is not None:
+            attribution = spec.finalize(attribution, params)
+        return attribution, diag
+
+
+def noise_sigma(params: Dict[str, Any], stats: VolumeStats) -> float:
+    """Noise standard deviation: `stdev` is a fraction of the intensity spread (p99 - p1)."""
+    spread = stats.high - stats.low
+    if not spread > 0:
+        spread = stats.std if stats.std > 0 else 1.0
+    return float(params.get("stdev", 0.1)) * spread
+
+
+def _relative_delta(diag: Dict[str, Any], attribution: torch.Tensor) -> None:
+    """Completeness error relative to F(x) - F(baseline) = sum(attr) - delta (Captum's delta)."""
+    if "convergence_delta" in diag and isinstance(diag["convergence_delta"], (int, float)):
+        delta = float(diag["convergence_delta"])
+        change = float(attribution.double().sum()) - delta
+        diag["score_change"] = change
+        diag["relative_convergence_delta"] = abs(delta) / abs(change) if change != 0 else float("inf")
+
+
+class PatchedScore(nn.Module):
+    """F on whole volumes (N, C, I, J, K) -> (N,) float64, rerunning only windows that changed.
+
+    Each window's score on `base` is computed once; a perturbed volume costs only the windows whose
+    voxels (after padding) differ from `base`. Counts reruns for the diagnostics.
+    """
+
+    def __init__(self, session: ExplainSession, base: torch.Tensor, label: str = "score"):
+        super().__init__()
+        self.session = session
+        self.scorer = session.scorer
+        self.label = label
+        self.base_pad = session.grid.pad(base[None].to(session.device, session.dtype))
+        self.cached: Optional[torch.Tensor] = None
+        self.windows_rerun = 0
+        self.evaluations = 0
+
+    def _scores(self, x_pad: torch.Tensor, pairs: List[Tuple[int, int]], report=None) -> torch.Tensor:
+        s = self.session
+        values = torch.zeros(len(pairs), dtype=torch.float64)
+
+        def work(chunk):
+            xb = torch.stack([x_pad[(b, slice(None)) + s.windows[i]] for b, i in chunk])
+            with torch.no_grad():
+                return self.scorer(xb.to(s.device, s.dtype), s.window_weights([i for _, i in chunk]))
+
+        done = 0
+        for chunk, out in s.run_batches(pairs, work, report):
+            values[done:done + len(chunk)] = out.double().cpu()
+            done += len(chunk)
+        return values
+
+    def forward(self, x: torch.Tensor, *unused) -> torch.Tensor:
+        s = self.session
+        if self.cached is None:
+            cached = torch.zeros(len(s.windows), dtype=torch.float64)
+            cached[s.active] = self._scores(self.base_pad, [(0, i) for i in s.active])
+            self.cached = cached
+        x = x.detach().to(s.device, s.dtype)
+        x_pad = s.grid.pad(x)
+        changed = (x_pad != self.base_pad).any(dim=1)  # (N, *padded)
+        pairs = [(b, i) for b in range(x.shape[0]) for i in s.active if bool(changed[(b,) + s.windows[i]].any())]
+        totals = torch.full((x.shape[0],), float(self.cached.sum()), dtype=torch.float64)
+        if pairs:
+            new = self._scores(x_pad, pairs)
+            for (b, i), value in zip(pairs, new):
+                totals[b] += value - self.cached[i]
+        self.windows_rerun += len(pairs)
+        self.evaluations += int(x.shape[0])
+        s._report(None, f"{self.label}: {self.evaluations} volumes evaluated, {self.windows_rerun} windows rerun")
+        return totals.to(x.device)

@@ -1,0 +1,109 @@
+"""Class-activation maps for segmentation: Grad-CAM (Captum), Grad-CAM++ (written here: Captum lacks
+it) and Guided Grad-CAM (our any-rectifier guided backprop x Grad-CAM).
+
+The layer's map is upsampled trilinearly to the input grid and shared across input channels.  CAMs
+rectify a gradient-weighted sum, which is not linear in the output, so the engine blends per-patch
+maps ("blended"): an approximation of the whole-volume map, stated in `approximation`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import MethodContext, MethodSpec, ParamSpec
+from .common import LAYER_PARAM, first_tensor, to_input_grid
+from .guided import rectified_gradients
+from .layers import layer_for
+
+CAM_APPROX = ("computed per window and blended with the window weights; the rectified, layer-averaged "
+              "weights are not additive over windows")
+RELU_PARAM = ParamSpec("relu", "bool", True, help="keep only positive evidence (the usual CAM rectification)")
+
+
+def _args(ctx):
+    return ctx.forward_args if ctx.forward_args else None
+
+
+def layer_gradcam(ctx: MethodContext, layer=None) -> torch.Tensor:
+    """(B, 1, *s) Grad-CAM at the layer's resolution (Captum LayerGradCam)."""
+    from captum.attr import LayerGradCam
+    layer = layer if layer is not None else layer_for(ctx)
+    return first_tensor(LayerGradCam(ctx.forward, layer).attribute(
+        ctx.inputs, additional_forward_args=_args(ctx), relu_attributions=bool(ctx.params.get("relu", True))))
+
+
+def gradcam(ctx: MethodContext):
+    return to_input_grid(layer_gradcam(ctx), ctx.inputs)
+
+
+def _layer_activation_and_gradient(ctx: MethodContext, layer):
+    """Activation A of `layer` and dScore/dA (summed over the batch's independent scores)."""
+    store = {}
+
+    def hook(module, args, output):
+        out = first_tensor(output)
+        store["A"] = out
+        return None
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            x = ctx.inputs.detach().requires_grad_(True)
+            scores = ctx.forward(x, *(ctx.forward_args or ()))
+            activation = store["A"]
+            grads = torch.autograd.grad(scores.sum(), activation)[0]
+    finally:
+        handle.remove()
+    return activation.detach(), grads.detach()
+
+
+def gradcam_pp_map(activation: torch.Tensor, grads: torch.Tensor, relu: bool = True) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018, eq. 19 with the exponential-score closed form):
+
+    alpha_k = g^2 / (2 g^2 + sum_s(A_k) g^3)    (0 where the denominator is 0)
+    w_k     = sum_s alpha_k * relu(g)
+    CAM     = relu(sum_k w_k A_k)
+    activation, grads: (B, K, *s) -> (B, 1, *s)."""
+    spatial = tuple(range(2, activation.dim()))
+    g2 = grads.pow(2)
+    g3 = grads.pow(3)
+    a_sum = activation.sum(dim=spatial, keepdim=True)
+    denom = 2.0 * g2 + a_sum * g3
+    alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+    weights = (alpha * torch.clamp(grads, min=0)).sum(dim=spatial, keepdim=True)
+    cam = (weights * activation).sum(dim=1, keepdim=True)
+    return torch.clamp(cam, min=0) if relu else cam
+
+
+def gradcam_pp(ctx: MethodContext):
+    layer = layer_for(ctx)
+    activation, grads = _layer_activation_and_gradient(ctx, layer)
+    return to_input_grid(gradcam_pp_map(activation, grads, bool(ctx.params.get("relu", True))), ctx.inputs)
+
+
+def guided_gradcam(ctx: MethodContext):
+    """Guided backprop (any rectifier) x Grad-CAM upsampled to the input (trilinear), per channel,
+    as Captum's GuidedGradCam computes it (its own guided part only sees nn.ReLU)."""
+    guided = rectified_gradients(ctx.forward, ctx.network, ctx.inputs, ctx.forward_args, "guided", "GuidedGradCam")
+    cam = layer_gradcam(ctx)
+    import torch.nn.functional as F
+    cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="trilinear", align_corners=False)
+    return guided * cam
+
+
+SPECS = [
+    MethodSpec(
+        name="GradCAM", family="layer", signed=False, needs_baseline=False, needs_layer=True, cost=1.0,
+        patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=gradcam, captum="LayerGradCam",
+        approximation=CAM_APPROX, description="Grad-CAM on a layer, upsampled to the input grid",
+    ),
+    MethodSpec(
+        name="GradCAM++", family="layer", signed=False, needs_baseline=False, needs_layer=True, cost=1.0,
+        patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=gradcam_pp, captum=None,
+        approximation=CAM_APPROX, description="Grad-CAM++ (pixel-weighted gradients), upsampled to the input grid",
+    ),
+    MethodSpec(
+        name="GuidedGradCam", family="layer", signed=True, needs_baseline=False, needs_layer=True, cost=2.0,
+        patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=guided_gradcam, captum="GuidedGradCam",
+        approximation=CAM_APPROX, description="guided backprop (any rectifier) times upsampled Grad-CAM",
+    ),
+]

@@ -1,0 +1,11 @@
+"""Registers every method (imported by `base._ensure_loaded`).  See docs/readme/methods.md."""
+from __future__ import annotations
+
+from .base import _REGISTRY, register
+from . import cam, gradient, layer_methods, noise, perturbation, rise
+
+ORDER = (gradient.SPECS + noise.SPECS + cam.SPECS + layer_methods.SPECS + perturbation.SPECS + rise.SPECS)
+
+for _spec in ORDER:
+    if _spec.name not in _REGISTRY:
+        register(_spec)

@@ -1,0 +1,80 @@
+"""Small helpers shared by the method modules: parameter specs used by many methods, map shaping."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .base import MethodContext, ParamSpec
+
+LAYER_PARAM = ParamSpec(
+    "layer", "str", "",
+    help="dotted module name inside the network (as in network.named_modules()); empty = automatic "
+         "choice (last block at reduced resolution before the classifier)",
+)
+CHANNEL_REDUCE_PARAM = ParamSpec(
+    "channel_reduce", "choice", "sum", choices=("sum", "mean", "abs_sum"),
+    help="how the layer's channels are combined into one spatial map",
+)
+
+
+def to_input_grid(layer_map: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, *s) layer map -> (B, C, *S) on the input grid.
+
+    Upsampled trilinearly (align_corners=False, the convention of strided convolutions) and shared
+    equally across the input's C channels, so that the channel sum shown to the user (MethodResult.map)
+    is the layer map itself.
+    """
+    spatial = tuple(inputs.shape[2:])
+    if tuple(layer_map.shape[2:]) != spatial:
+        mode = "trilinear" if len(spatial) == 3 else ("bilinear" if len(spatial) == 2 else "linear")
+        layer_map = F.interpolate(layer_map, size=spatial, mode=mode, align_corners=False)
+    channels = inputs.shape[1]
+    return (layer_map / channels).expand(-1, channels, *spatial).contiguous()
+
+
+def reduce_channels(layer_attr: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, K, *s) -> (B, 1, *s)."""
+    if how == "mean":
+        return layer_attr.mean(dim=1, keepdim=True)
+    if how == "abs_sum":
+        return layer_attr.abs().sum(dim=1, keepdim=True)
+    return layer_attr.sum(dim=1, keepdim=True)
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """Captum returns a tensor or a 1-tuple depending on the input; we always pass one tensor."""
+    if isinstance(value, (tuple, list)):
+        return value[0]
+    return value
+
+
+def baselines_of(ctx: MethodContext, inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The prepared baseline for this patch; zero when the engine had no `prepare` step (tests)."""
+    inputs = ctx.inputs if inputs is None else inputs
+    base = ctx.prepared.get("baselines")
+    if base is None:
+        return torch.zeros_like(inputs)
+    return base.to(device=inputs.device, dtype=inputs.dtype)
+
+
+def baseline_stack(ctx: MethodContext) -> torch.Tensor:
+    """All prepared baselines of a distribution (`baselines`, `baselines_1`, ...), stacked as the
+    sample dimension Captum's DeepLiftShap/GradientShap expect: (n, C, *S) for a batch of one."""
+    keys = ["baselines"] + sorted(
+        (k for k in ctx.prepared if k.startswith("baselines_")), key=lambda k: int(k.split("_")[1])
+    )
+    tensors = [ctx.prepared[k] for k in keys if k in ctx.prepared]
+    if not tensors:
+        tensors = [torch.zeros_like(ctx.inputs)]
+    return torch.cat([t.to(device=ctx.inputs.device, dtype=ctx.inputs.dtype) for t in tensors], dim=0)
+
+
+def steps_batch(ctx: MethodContext, batch: int, steps: int) -> int:
+    """Captum's `internal_batch_size` (examples per forward) from the engine's per-example budget.
+
+    `ctx.internal_batch_size` is how many interpolation steps (or perturbed copies) of ONE example the
+    engine wants evaluated per forward pass."""
+    per_example = max(1, min(int(ctx.internal_batch_size or 1), steps))
+    return per_example * batch

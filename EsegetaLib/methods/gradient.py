@@ -1,0 +1,206 @@
+"""Gradient-family methods wrapped from Captum, plus guided backprop/deconvolution for any rectifier.
+
+All of them are linear in the score's gradient, so the engine runs them "additive": the map of the
+blended sliding-window model is the sum of the per-patch maps (DESIGN.md "What a patched run
+explains"); `finalize` (e.g. Saliency's absolute value) is applied once to that sum.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from .base import MethodContext, MethodSpec, ParamSpec
+from .baselines import BASELINE_PARAMS, prepare_baseline_distribution, prepare_baselines
+from .common import baseline_stack, baselines_of, first_tensor, steps_batch
+from .guided import rectified_gradients
+
+
+def _args(ctx: MethodContext):
+    return ctx.forward_args if ctx.forward_args else None
+
+
+def _abs_if(flag: str):
+    def finalize(attr: torch.Tensor, params: Dict[str, Any]) -> torch.Tensor:
+        return attr.abs() if params.get(flag, False) else attr
+    return finalize
+
+
+# --- Saliency / InputXGradient -------------------------------------------------------------------
+
+def saliency(ctx: MethodContext):
+    from captum.attr import Saliency
+    # signed per patch; the absolute value (Captum's default) is taken once on the summed map
+    return Saliency(ctx.forward).attribute(ctx.inputs, abs=False, additional_forward_args=_args(ctx))
+
+
+def input_x_gradient(ctx: MethodContext):
+    from captum.attr import InputXGradient
+    return InputXGradient(ctx.forward).attribute(ctx.inputs, additional_forward_args=_args(ctx))
+
+
+# --- Integrated Gradients ------------------------------------------------------------------------
+
+def completeness(attr: torch.Tensor, score_x: torch.Tensor, score_b: torch.Tensor) -> Dict[str, float]:
+    """Diagnostics of a path method.  `delta_sum` and `score_difference_sum` add up over patches
+    (the engine sums keys ending in `_sum` and recomputes `convergence_delta` from them, see
+    `merge_diagnostics`); `convergence_delta` = |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)|."""
+    diff = float((score_x - score_b).double().sum())
+    total = float(attr.double().sum())
+    delta = total - diff
+    return {
+        "convergence_delta": abs(delta) / max(abs(diff), 1e-12),
+        "delta_sum": delta,
+        "score_difference_sum": diff,
+    }
+
+
+def merge_diagnostics(parts):
+    """Combine per-patch diagnostics of an additive method: sums of `_sum` keys, relative delta."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    merged = {k: sum(float(p.get(k, 0.0)) for p in parts) for k in parts[0] if k.endswith("_sum")}
+    if "delta_sum" in merged and "score_difference_sum" in merged:
+        merged["convergence_delta"] = abs(merged["delta_sum"]) / max(abs(merged["score_difference_sum"]), 1e-12)
+    return merged
+
+
+def integrated_gradients(ctx: MethodContext):
+    from captum.attr import IntegratedGradients
+    steps = ctx.params["n_steps"]
+    baselines = baselines_of(ctx)
+    attr = IntegratedGradients(ctx.forward).attribute(
+        ctx.inputs, baselines=baselines, additional_forward_args=_args(ctx), n_steps=steps,
+        method=ctx.params["integration"], internal_batch_size=steps_batch(ctx, ctx.inputs.shape[0], steps),
+    )
+    with torch.no_grad():
+        args = ctx.forward_args or ()
+        diag = completeness(attr, ctx.forward(ctx.inputs, *args), ctx.forward(baselines, *args))
+    return attr, diag
+
+
+# --- DeepLift / DeepLiftShap / GradientShap -------------------------------------------------------
+
+def deep_lift(ctx: MethodContext):
+    from captum.attr import DeepLift
+    baselines = baselines_of(ctx)
+    attr = DeepLift(ctx.forward).attribute(ctx.inputs, baselines=baselines, additional_forward_args=_args(ctx))
+    with torch.no_grad():
+        args = ctx.forward_args or ()
+        diag = completeness(attr, ctx.forward(ctx.inputs, *args), ctx.forward(baselines, *args))
+    return attr, diag
+
+
+def _per_example(ctx: MethodContext, run):
+    """Distribution-of-baselines methods take one shared baseline set per call: patches have their
+    own baseline slices, so run example by example."""
+    stack = baseline_stack(ctx)  # (n * B, C, *S) stacked per key
+    batch = ctx.inputs.shape[0]
+    n = stack.shape[0] // batch
+    stack = stack.view(n, batch, *ctx.inputs.shape[1:])
+    outs = []
+    for b in range(batch):
+        args = tuple(a[b:b + 1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
+                     for a in (ctx.forward_args or ()))
+        outs.append(run(ctx.inputs[b:b + 1], stack[:, b], args or None))
+    return torch.cat(outs, dim=0)
+
+
+def deep_lift_shap(ctx: MethodContext):
+    from captum.attr import DeepLiftShap
+    explainer = DeepLiftShap(ctx.forward)
+    return _per_example(ctx, lambda x, base, args: explainer.attribute(x, baselines=base, additional_forward_args=args))
+
+
+def gradient_shap(ctx: MethodContext):
+    """Captum GradientShap with stdevs=0: the input noise is already in the globally drawn baseline
+    distribution, and numpy's RNG (which Captum uses for baseline indices and path positions) is
+    seeded identically for every patch so that all patches integrate along the same random paths."""
+    from captum.attr import GradientShap
+    explainer = GradientShap(ctx.forward)
+    seed = int(ctx.params["seed"])
+
+    def run(x, base, args):
+        state = np.random.get_state()
+        try:
+            np.random.seed(seed)
+            return explainer.attribute(x, baselines=base, n_samples=ctx.params["n_samples"], stdevs=0.0,
+                                       additional_forward_args=args)
+        finally:
+            np.random.set_state(state)
+
+    return _per_example(ctx, run)
+
+
+# --- Guided backprop / deconvolution (any rectifier) ---------------------------------------------
+
+def guided_backprop(ctx: MethodContext):
+    return rectified_gradients(ctx.forward, ctx.network, ctx.inputs, ctx.forward_args, "guided", "GuidedBackprop")
+
+
+def deconvolution(ctx: MethodContext):
+    return rectified_gradients(ctx.forward, ctx.network, ctx.inputs, ctx.forward_args, "deconvolution", "Deconvolution")
+
+
+ABS_PARAM = ParamSpec("absolute", "bool", True, help="absolute value of the gradient (Captum's default)")
+SHAP_PARAMS = (
+    ParamSpec("n_baselines", "int", 4, minimum=1, maximum=64, help="baselines in the reference distribution"),
+    ParamSpec("baseline_noise", "float", 0.1, minimum=0.0, maximum=2.0,
+              help="stdev of the Gaussian spread of the reference distribution, fraction of the intensity range"),
+)
+
+SPECS = [
+    MethodSpec(
+        name="Saliency", family="gradient", signed=False, needs_baseline=False, needs_layer=False, cost=1.0,
+        patching="additive", params=(ABS_PARAM,), attribute=saliency, finalize=_abs_if("absolute"),
+        captum="Saliency", description="gradient of the target score (absolute by default)",
+    ),
+    MethodSpec(
+        name="InputXGradient", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,
+        patching="additive", params=(), attribute=input_x_gradient, captum="InputXGradient",
+        description="input times gradient",
+    ),
+    MethodSpec(
+        name="IntegratedGradients", family="gradient", signed=True, needs_baseline=True, needs_layer=False,
+        cost=32.0, patching="additive",
+        params=(ParamSpec("n_steps", "int", 32, minimum=2, maximum=1024, help="integration steps"),
+                ParamSpec("integration", "choice", "gausslegendre",
+                          choices=("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"),
+                          help="quadrature rule"),) + BASELINE_PARAMS,
+        attribute=integrated_gradients, prepare=prepare_baselines, captum="IntegratedGradients",
+        description="path integral of gradients from a baseline; reports the relative convergence delta",
+    ),
+    MethodSpec(
+        name="GuidedBackprop", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,
+        patching="additive", params=(), attribute=guided_backprop, captum=None,
+        description="guided backpropagation through every rectifier (ReLU, PReLU, LeakyReLU, ELU, GELU, SiLU, functional)",
+    ),
+    MethodSpec(
+        name="Deconvolution", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,
+        patching="additive", params=(), attribute=deconvolution, captum=None,
+        description="deconvnet rule (relu of the backward signal) through every rectifier",
+    ),
+    MethodSpec(
+        name="DeepLift", family="gradient", signed=True, needs_baseline=True, needs_layer=False, cost=2.0,
+        patching="additive", params=BASELINE_PARAMS, attribute=deep_lift, prepare=prepare_baselines,
+        captum="DeepLift",
+        description="DeepLift rescale rule (Captum; PReLU and norm layers fall back to gradients)",
+    ),
+    MethodSpec(
+        name="DeepLiftShap", family="gradient", signed=True, needs_baseline=True, needs_layer=False, cost=8.0,
+        patching="additive", params=SHAP_PARAMS + BASELINE_PARAMS, attribute=deep_lift_shap,
+        prepare=prepare_baseline_distribution, captum="DeepLiftShap",
+        description="DeepLift averaged over a distribution of baselines",
+    ),
+    MethodSpec(
+        name="GradientShap", family="gradient", signed=True, needs_baseline=True, needs_layer=False, cost=16.0,
+        patching="additive",
+        params=(ParamSpec("n_samples", "int", 16, minimum=1, maximum=1024, help="random path samples"),
+                ParamSpec("seed", "int", 0, minimum=0, maximum=2 ** 31 - 1, help="seed of the path samples"),)
+        + SHAP_PARAMS + BASELINE_PARAMS,
+        attribute=gradient_shap, prepare=prepare_baseline_distribution, captum="GradientShap",
+        description="expected gradients over random baselines and path positions",
+    ),
+]

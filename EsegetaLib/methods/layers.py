@@ -1,0 +1,121 @@
+"""Which layer a layer/CAM method explains: a named one, or a sensible default for any network.
+
+Default rule (works for MONAI UNet, BasicUNet, DynUNet, SegResNet, plain Sequential nets and others
+without a per-architecture table): run one probe forward with hooks, find the last leaf module whose
+output is at reduced spatial resolution (the deepest decoder stage before the final upsampling to
+the classifier), then widen it to the largest enclosing block whose modules all work at that same
+resolution (e.g. a whole decoder block rather than one of its convolutions).  Networks that never
+downsample (e.g. MeshNet's dilated stack) get the last block before the final 1x1 classifier.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import EsegetaError
+
+PROBE_SIZE = 32
+
+
+def _probe_input(network: torch.nn.Module) -> torch.Tensor:
+    in_channels = 1
+    for module in network.modules():
+        if isinstance(module, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Conv1d)):
+            in_channels = module.in_channels
+            break
+    param = next(network.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.zeros(1, in_channels, PROBE_SIZE, PROBE_SIZE, PROBE_SIZE, device=device, dtype=dtype)
+
+
+def _record_outputs(network: torch.nn.Module, example: torch.Tensor) -> Tuple[List[str], Dict[str, Tuple[int, ...]]]:
+    """Execution order (by completion) of every module that returned a tensor, with its output shape."""
+    order: List[str] = []
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                order.append(name)
+                shapes[name] = tuple(output.shape)
+        return hook
+
+    for name, module in network.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(hook_for(name)))
+    try:
+        with torch.no_grad():
+            network(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, shapes
+
+
+def _descendants(name: str, names) -> List[str]:
+    prefix = name + "."
+    return [n for n in names if n.startswith(prefix)]
+
+
+def default_layer_name(network: torch.nn.Module, example: Optional[torch.Tensor] = None) -> str:
+    """The automatic layer (see module docstring)."""
+    if example is None:
+        example = _probe_input(network)
+    example = example[:1].detach()
+    order, shapes = _record_outputs(network, example)
+    modules = dict(network.named_modules())
+    leaves = [n for n in order if len(list(modules[n].children())) == 0 and len(shapes[n]) == example.dim()]
+    if not leaves:
+        raise EsegetaError("could not find a layer automatically; name one with the 'layer' parameter.")
+    in_spatial = tuple(example.shape[2:])
+    reduced = [n for n in leaves if tuple(shapes[n][2:]) != in_spatial and all(
+        s <= i for s, i in zip(shapes[n][2:], in_spatial))]
+    if reduced:
+        chosen = reduced[-1]
+    else:
+        # No downsampling: the last leaf before the classifier (the last convolution).
+        convs = [n for n in leaves if isinstance(modules[n], torch.nn.modules.conv._ConvNd)]
+        last_conv = convs[-1] if convs else leaves[-1]
+        before = [n for n in leaves if order.index(n) < order.index(last_conv)]
+        chosen = before[-1] if before else last_conv
+    # Widen to the largest enclosing block working entirely at the chosen output's shape.
+    spatial = shapes[chosen][2:]
+    parts = chosen.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:cut])
+        if parent not in shapes or shapes[parent] != shapes[chosen]:
+            break
+        inner = _descendants(parent, shapes)
+        if any(shapes[n][2:] != spatial for n in inner if len(shapes[n]) == example.dim()):
+            break
+        # do not widen over the classifier (a block that contains the last convolution of the net)
+        chosen = parent
+    return chosen
+
+
+def resolve_layer(network: torch.nn.Module, name: Optional[str] = None,
+                  example: Optional[torch.Tensor] = None) -> Tuple[str, torch.nn.Module]:
+    """(name, module) for a dotted module name, or the automatic default when name is None/empty.
+
+    Unknown names raise an EsegetaError suggesting the closest existing names."""
+    modules = dict(network.named_modules())
+    if name:
+        if name in modules:
+            return name, modules[name]
+        hints = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0.3)
+        extra = f" Did you mean {', '.join(repr(h) for h in hints)}?" if hints else ""
+        raise EsegetaError(f"the network has no layer '{name}'.{extra} Names are those of network.named_modules().")
+    chosen = default_layer_name(network, example)
+    return chosen, modules[chosen]
+
+
+def layer_for(ctx) -> torch.nn.Module:
+    """The layer for a method call: the engine's `ctx.layer`, else the `layer` parameter / default."""
+    if ctx.layer is not None:
+        return ctx.layer
+    _, module = resolve_layer(ctx.network, ctx.params.get("layer") or None, ctx.inputs)
+    return module

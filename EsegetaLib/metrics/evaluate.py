@@ -1,0 +1,234 @@
+"""Run the chosen metrics on every method's map: `evaluate_maps` (plain functions) and `evaluate`
+(an `ExplainSession`: its patched score F, its region, its baseline, its methods)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import gc
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import EsegetaError
+from .complexity import complexity, sparseness
+from .context import ExplainFn, Meter, MetricContext, ScoreFn, intensity_spread, resolve_baseline
+from .deletion import deletion_insertion
+from .infidelity import infidelity
+from .localisation import relevance_mass, relevance_rank
+from .randomisation import parameter_randomisation
+from .report import MetricsReport
+from .sensitivity import sensitivity
+
+# Every metric and its parameters' defaults (overridable per metric through `params`).
+METRIC_PARAMS: Dict[str, Dict[str, Any]] = {
+    "infidelity": {"n_samples": 16, "perturbation": "noise", "noise": 0.01, "block": 4, "fraction": 0.25,
+                   "normalize": True},
+    "sensitivity": {"n_samples": 10, "radius": 0.02},
+    "deletion": {"n_steps": 20, "block": 1},
+    "insertion": {"n_steps": 20, "block": 1},
+    "relevance_mass": {"relevance": "positive"},
+    "relevance_rank": {"relevance": "positive"},
+    "sparseness": {},
+    "complexity": {},
+    "randomisation": {"max_stages": 8, "threshold": 0.5},
+}
+METRICS = tuple(METRIC_PARAMS)
+# Cheap ones: a few dozen forward passes at most. Sensitivity (n attributions per method) and the
+# randomisation check (one attribution per stage) cost like re-running the method many times.
+DEFAULT_METRICS = ("infidelity", "deletion", "insertion", "relevance_mass", "relevance_rank",
+                   "sparseness", "complexity")
+NEEDS_EXPLAIN = ("sensitivity", "randomisation")
+
+
+def parse_metrics(spec: Union[None, str, Iterable[str]]) -> list:
+    """None -> DEFAULT_METRICS; 'all'; 'none'; 'a,b' or a list of names (unknown names suggest the closest)."""
+    if spec is None:
+        return list(DEFAULT_METRICS)
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n.lower() for n in names if n]
+    if names == ["all"]:
+        return list(METRICS)
+    if names in (["none"], []):
+        return []
+    out = []
+    for name in names:
+        if name in ("all", "none"):
+            raise EsegetaError("'all' and 'none' cannot be combined with metric names.")
+        if name not in METRIC_PARAMS:
+            hint = difflib.get_close_matches(name, METRICS, n=1)
+            raise EsegetaError(f"Unknown metric '{name}'." + (f" Did you mean '{hint[0]}'?" if hint else "")
+                               + f" Metrics: {', '.join(METRICS)}, all, none.")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def resolve_params(params: Optional[Mapping[str, Mapping[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    resolved = {m: dict(p) for m, p in METRIC_PARAMS.items()}
+    for metric, given in (params or {}).items():
+        if metric not in resolved:
+            raise EsegetaError(f"params for unknown metric '{metric}'; metrics: {', '.join(METRICS)}.")
+        for key, value in dict(given).items():
+            if key not in resolved[metric]:
+                raise EsegetaError(f"metric {metric} has no parameter '{key}'; it has "
+                                   f"{', '.join(resolved[metric]) or 'none'}.")
+            resolved[metric][key] = value
+    for metric in ("infidelity", "sensitivity"):
+        if int(resolved[metric]["n_samples"]) < 2:
+            raise EsegetaError(f"{metric} needs n_samples >= 2 (10 or more to mean anything).")
+    return resolved
+
+
+def _run_metric(name: str, attribution, ctx: MetricContext, p: Dict[str, Any], explain_fn, make_explain_fn,
+                network, reference_mask):
+    if name == "infidelity":
+        return infidelity(attribution, ctx, **p)
+    if name == "sensitivity":
+        return sensitivity(attribution, ctx, explain_fn, **p)
+    if name in ("deletion", "insertion"):
+        return deletion_insertion(attribution, ctx, mode=name, **p)
+    if name == "relevance_mass":
+        return relevance_mass(attribution, ctx, mask=reference_mask, **p)
+    if name == "relevance_rank":
+        return relevance_rank(attribution, ctx, mask=reference_mask, **p)
+    if name == "sparseness":
+        return sparseness(attribution, ctx)
+    if name == "complexity":
+        return complexity(attribution, ctx)
+    if name == "randomisation":
+        return parameter_randomisation(attribution, ctx, network, make_explain_fn, **p)
+    raise KeyError(name)
+
+
+def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
+                  metrics=None, params=None, stats=None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                  explain_fns: Optional[Mapping[str, ExplainFn]] = None,
+                  make_explain_fns: Optional[Mapping[str, Callable[[torch.nn.Module], ExplainFn]]] = None,
+                  network: Optional[torch.nn.Module] = None, region=None, reference_mask=None,
+                  baseline=None, batch_size: int = 4, seed: int = 0, cancel: Any = None,
+                  progress: Optional[Callable[[float, str], Any]] = None, device=None,
+                  attribution_seconds: Optional[Mapping[str, float]] = None) -> MetricsReport:
+    """Metrics of each named map. inputs: (C,*S) (or (*S)); score_fn: (N,C,*S) -> (N,) target scores;
+    explain_fns[name](x) -> map of x (sensitivity); make_explain_fns[name](net) -> explain function on
+    a network copy, with `network` (randomisation); region: the explained region (default reference
+    mask); baseline: tensor/array, number or choice name (default: the engine's blurred input)."""
+    from ..engine import as_volume, volume_stats
+
+    names = parse_metrics(metrics)
+    p = resolve_params(params)
+    x_np = as_volume(inputs, "The input")
+    if stats is None:
+        stats = volume_stats(x_np, spacing)
+    dev = torch.device(device) if device is not None else (
+        inputs.device if isinstance(inputs, torch.Tensor) else torch.device("cpu"))
+    x = torch.as_tensor(x_np, device=dev)
+    region_t = None if region is None else torch.as_tensor(np.asarray(region, dtype=bool), device=dev)
+    mask_t = None if reference_mask is None else torch.as_tensor(np.asarray(reference_mask, dtype=bool), device=dev)
+    ctx = MetricContext(inputs=x, score_fn=score_fn, baseline=resolve_baseline(x, stats, baseline),
+                        spread=intensity_spread(stats), region=region_t, batch_size=batch_size, seed=seed,
+                        cancel=cancel, progress=progress)
+    explain_fns = dict(explain_fns or {})
+    make_explain_fns = dict(make_explain_fns or {})
+    report = MetricsReport(settings={"metrics": names, "params": {m: p[m] for m in names}, "seed": seed,
+                                     "device": str(dev), "batch_size": ctx.batch_size,
+                                     "intensity_spread": ctx.spread,
+                                     "reference": "user mask" if mask_t is not None else "explained region"})
+    total = max(1, len(attributions) * len(names))
+    step = 0
+    for method, attribution in attributions.items():
+        row: Dict[str, Any] = {"method": method}
+        if attribution_seconds and method in attribution_seconds:
+            row["attribution_s"] = float(attribution_seconds[method])
+        for name in names:
+            ctx.check_cancel()
+            if progress:
+                progress(step / total, f"metric {name} of {method}")
+            step += 1
+            if name in NEEDS_EXPLAIN and (
+                    (name == "sensitivity" and method not in explain_fns)
+                    or (name == "randomisation" and (method not in make_explain_fns or network is None))):
+                continue  # a precomputed map without its method: nothing to recompute
+            meter = Meter(dev)
+            with meter.measure():
+                values = _run_metric(name, attribution, ctx, p[name], explain_fns.get(method),
+                                     make_explain_fns.get(method), network, mask_t)
+            curve = values.pop("curve", None)
+            stages = values.pop("stages", None)
+            if curve is not None:
+                curve["auc"] = values.get(f"{name}_auc")
+                report.curves.setdefault(method, {})[name] = curve
+            if stages is not None:
+                report.stages[method] = stages
+            row.update(values)
+            row[f"{name}_s"] = meter.seconds
+            row[f"{name}_peak_mb"] = meter.peak_mb
+        report.rows.append(row)
+    if progress:
+        progress(1.0, "metrics done")
+    return report
+
+
+def _result_items(results) -> Dict[str, Any]:
+    if hasattr(results, "results") and isinstance(results.results, Mapping):
+        results = results.results
+    if isinstance(results, Mapping):
+        return dict(results)
+    return {r.name: r for r in results}
+
+
+def evaluate(session, results, metrics=None, params=None, reference_mask=None, baseline=None,
+             batch_size: Optional[int] = None, seed: Optional[int] = None, cancel: Any = None,
+             progress: Optional[Callable[[float, str], Any]] = None) -> MetricsReport:
+    """Metrics of `results` (an Explanation, {name: MethodResult} or a list) computed by `session`.
+
+    The score is the session's patched F (only windows a perturbation touches rerun), on the
+    session's device and precision; the reference mask is the explained region unless given; the
+    baseline is the engine's blurred input unless given; sensitivity and randomisation rerun each
+    method with its resolved parameters (randomisation on a re-initialised copy of the network, the
+    region held fixed)."""
+    from ..engine import ExplainSession
+
+    items = _result_items(results)
+    if not items:
+        raise EsegetaError("no explanation to evaluate; run at least one method first.")
+    x = session.volume  # host (C, I, J, K) in the network's dtype
+    if batch_size is None:
+        per_copy = x.numel() * x.element_size()
+        batch_size = int(max(1, min(8, (256 * 2**20) // max(1, per_copy))))
+    seed = int(session.options.seed if seed is None else seed)
+    cancel = session.cancel if cancel is None else cancel
+    roi_target = dataclasses.replace(session.target, region="roi", mask=np.asarray(session.region, dtype=bool))
+
+    def explain_fn_for(result):
+        def explain_fn(xp: torch.Tensor) -> torch.Tensor:
+            out = session.attribute(result.metadata.get("name", result.name) if result.metadata else result.name,
+                                    result.params, inputs=xp.detach().cpu())
+            return torch.from_numpy(out.attribution)
+        return explain_fn
+
+    def make_explain_fn_for(result):
+        def make(net: torch.nn.Module) -> ExplainFn:
+            other = ExplainSession(x.numpy(), net, roi_target, session.options, spacing=session.stats.spacing,
+                                   cancel=cancel)
+
+            def explain_fn(xp: torch.Tensor) -> torch.Tensor:
+                out = other.attribute(result.metadata.get("name", result.name) if result.metadata else result.name,
+                                      result.params, inputs=xp.detach().cpu())
+                return torch.from_numpy(out.attribution)
+            return explain_fn
+        return make
+
+    report = evaluate_maps(
+        x, {name: r.attribution for name, r in items.items()}, session.score,
+        metrics=metrics, params=params, stats=session.stats, device=session.device,
+        explain_fns={name: explain_fn_for(r) for name, r in items.items()},
+        make_explain_fns={name: make_explain_fn_for(r) for name, r in items.items()},
+        network=session.network, region=session.region, reference_mask=reference_mask, baseline=baseline,
+        batch_size=batch_size, seed=seed, cancel=cancel, progress=progress,
+        attribution_seconds={name: r.seconds for name, r in items.items()})
+    report.settings["windows"] = len(session.windows)
+    report.settings["precision"] = session.options.precision
+    gc.collect()
+    return report

@@ -1,0 +1,139 @@
+"""Model-parameter randomisation sanity check (Adebayo et al. 2018, "Sanity checks for saliency maps").
+
+The network's parameterised layers are re-initialised one by one from the output side (cascading:
+every stage keeps the layers randomised before it), the map is recomputed on the randomised copy,
+and compared with the original by Spearman rank correlation and SSIM. A map that explains the model
+must change once the model is gone; one that barely changes (an edge detector, the input itself)
+fails.
+
+Layer order and re-initialisation follow Quantus' MPRT (`named_modules` that define
+`reset_parameters`, reversed; the RNG seeded with seed + 1 before each reset) so the test can use
+Quantus as the reference, except that modules without parameters of their own (non-affine norms)
+are skipped: re-initialising them changes nothing and would only cost attributions.
+
+Pass/fail: the map of the fully randomised network must have |Spearman rho| < `threshold` (0.5 by
+default) with the original, on absolute values (Adebayo et al.'s main measure, Quantus' default; the
+sign of a gradient map can flip with the weights while its structure stays, which signed ranks would
+hide). Why 0.5: by Cohen's convention |rho| >= 0.5 is a strong association; a map that still shares
+that much rank order with the original after every weight was redrawn depends more on the input
+than on the model. The input itself scores 1.0 and model-dependent maps fall far below (see the
+tests and docs/readme/metrics.md).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .context import ExplainFn, MetricContext, attribution_tensor
+
+
+def randomisable_layers(network: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
+    """Modules with their own parameters and a `reset_parameters`, output side first."""
+    layers = [
+        (name, module)
+        for name, module in network.named_modules()
+        if hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False))
+    ]
+    return layers[::-1]
+
+
+def randomised_copies(network: torch.nn.Module, seed: int = 0):
+    """Yield (layer name, network copy) with one more layer re-initialised each time (cascading)."""
+    model = copy.deepcopy(network)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    for name, module in randomisable_layers(model):
+        with torch.random.fork_rng(devices=devices):  # leave the caller's global RNG untouched
+            torch.manual_seed(seed + 1)
+            module.reset_parameters()
+        yield name, model
+
+
+def average_ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
+    v = v.flatten()
+    sorted_v, order = torch.sort(v, stable=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg = ends - (counts.double() - 1) / 2  # mean of start+1 .. end
+    ranks = torch.empty_like(avg[inverse])
+    ranks[order] = avg[inverse]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(torch.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: Optional[float] = None, win_size: int = 7) -> float:
+    """Mean SSIM of two 3-D maps with skimage's defaults (uniform 7^3 window, K1=0.01, K2=0.03,
+    sample covariance, border of win_size//2 excluded), in torch so it runs on the GPU.
+    Valid (unpadded) box filtering gives exactly skimage's cropped interior."""
+    a, b = a.double()[None, None], b.double()[None, None]
+    if min(a.shape[2:]) < win_size:
+        return float("nan")
+    if data_range is None:
+        data_range = float(torch.max(a.max(), b.max()) - torch.min(a.min(), b.min()))
+    if data_range == 0:
+        return float("nan")
+    kernel = torch.full((1, 1, win_size, win_size, win_size), 1.0 / win_size ** 3, dtype=a.dtype, device=a.device)
+    n = win_size ** 3
+    cov_norm = n / (n - 1.0)
+
+    def box(t):
+        return F.conv3d(t, kernel)
+
+    ux, uy = box(a), box(b)
+    vx = cov_norm * (box(a * a) - ux * ux)
+    vy = cov_norm * (box(b * b) - uy * uy)
+    vxy = cov_norm * (box(a * b) - ux * uy)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def _normalise_by_max(m: torch.Tensor) -> torch.Tensor:
+    peak = m.abs().max()
+    return m / peak if float(peak) > 0 else m
+
+
+def compare_maps(original: torch.Tensor, other: torch.Tensor) -> Dict[str, float]:
+    """Spearman (absolute and signed) and SSIM of |maps| scaled to max 1, as Quantus' MPRT does."""
+    oa, ob = _normalise_by_max(original.abs()), _normalise_by_max(other.abs())
+    return {"spearman": spearman(oa, ob), "spearman_signed": spearman(original, other), "ssim": ssim(oa, ob)}
+
+
+def parameter_randomisation(attribution, ctx: MetricContext, network: torch.nn.Module,
+                            make_explain_fn: Callable[[torch.nn.Module], ExplainFn],
+                            max_stages: Optional[int] = 8, threshold: float = 0.5) -> Dict[str, object]:
+    """Cascading randomisation. `make_explain_fn(net)` gives the method's explain function on a
+    network copy (same target, same region). `max_stages` evaluates at most that many evenly
+    spaced stages (always the last, fully randomised one); None evaluates every layer."""
+    a = attribution_tensor(attribution, ctx).sum(0)
+    layers = randomisable_layers(network)
+    if not layers:
+        return {"randomisation_spearman": float("nan"), "randomisation_ssim": float("nan"),
+                "randomisation_pass": None, "stages": []}
+    n = len(layers)
+    if max_stages is None or max_stages >= n:
+        chosen = set(range(n))
+    else:
+        step = n / max(1, int(max_stages))
+        chosen = {min(n - 1, int(round((k + 1) * step)) - 1) for k in range(int(max_stages))} | {n - 1}
+    stages: List[Dict[str, object]] = []
+    for index, (name, model) in enumerate(randomised_copies(network, ctx.seed)):
+        ctx.check_cancel()
+        if index not in chosen:
+            continue
+        e = attribution_tensor(make_explain_fn(model)(ctx.inputs), ctx).sum(0)
+        stages.append({"stage": index + 1, "layer": name, **compare_maps(a, e)})
+    last = stages[-1]
+    rho = last["spearman"]
+    passed = None if rho != rho else bool(abs(rho) < threshold)
+    return {"randomisation_spearman": last["spearman"], "randomisation_spearman_signed": last["spearman_signed"],
+            "randomisation_ssim": last["ssim"], "randomisation_pass": passed, "stages": stages}

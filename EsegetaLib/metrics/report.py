@@ -1,0 +1,99 @@
+"""`MetricsReport`: one row per method, the curves, and the files written beside a run."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+# Fixed column order of metrics.csv (columns of metrics that were not run are left out).
+COLUMN_ORDER = [
+    "method", "attribution_s",
+    "infidelity", "infidelity_se", "infidelity_rel",
+    "sensitivity_max", "sensitivity_avg", "sensitivity_avg_se",
+    "deletion_auc", "insertion_auc",
+    "relevance_mass", "relevance_rank",
+    "sparseness", "complexity", "complexity_rel",
+    "randomisation_spearman", "randomisation_spearman_signed", "randomisation_ssim", "randomisation_pass",
+]
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class MetricsReport:
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    curves: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # method -> {"deletion": ..., "insertion": ...}
+    stages: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)  # method -> randomisation stages
+    settings: Dict[str, Any] = field(default_factory=dict)  # metric parameters, seed, device, reference
+
+    def columns(self) -> List[str]:
+        present = {k for row in self.rows for k in row}
+        ordered = [c for c in COLUMN_ORDER if c in present]
+        timing = sorted(c for c in present if c.endswith("_s") or c.endswith("_peak_mb"))
+        rest = sorted(present - set(ordered) - set(timing))
+        return ordered + rest + [c for c in timing if c not in ordered]
+
+    def table(self) -> List[List[Any]]:
+        """Header + one list per method (for the Slicer table node and printing)."""
+        cols = self.columns()
+        return [cols] + [[row.get(c) for c in cols] for row in self.rows]
+
+    def write(self, out_dir) -> Dict[str, Path]:
+        """metrics.csv, metrics.json, curves.json and deletion_insertion.png (when there are curves)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"csv": out / "metrics.csv", "json": out / "metrics.json", "curves": out / "curves.json"}
+        cols = self.columns()
+        with open(paths["csv"], "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(cols)
+            for row in self.rows:
+                writer.writerow(["" if _clean(row.get(c)) is None else row.get(c) for c in cols])
+        with open(paths["json"], "w") as fh:
+            json.dump(_clean({"columns": cols, "rows": self.rows, "settings": self.settings,
+                              "randomisation_stages": self.stages}), fh, indent=2)
+        with open(paths["curves"], "w") as fh:
+            json.dump(_clean(self.curves), fh)
+        if any(self.curves.values()):
+            paths["png"] = self.plot(out / "deletion_insertion.png")
+        return paths
+
+    def plot(self, path) -> Path:
+        """Deletion (left) and insertion (right) curves of every method, normalised scores."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, mode in zip(axes, ("deletion", "insertion")):
+            for method, curves in self.curves.items():
+                curve = curves.get(mode)
+                if not curve:
+                    continue
+                auc = curve.get("auc")
+                label = method if auc is None or auc != auc else f"{method} (AUC {auc:.3f})"
+                ax.plot(curve["fraction"], curve["normalised"], label=label)
+            ax.set_title(f"{mode}: " + ("lower area is better" if mode == "deletion" else "higher area is better"))
+            ax.set_xlabel(f"fraction of features {'removed' if mode == 'deletion' else 'inserted'}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("normalised score (F - F(baseline)) / (F(x) - F(baseline))")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return Path(path)

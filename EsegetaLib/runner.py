@@ -1,0 +1,583 @@
+"""Run one explanation into a result directory: what `esegeta explain` and `esegeta demo` do, and
+what `esegeta study` does per case.
+
+`ExplainRequest` holds plain values (the command line's strings already split); `prepare` checks
+everything a user can get wrong and loads the inputs before any heavy work, raising `EsegetaError`
+with one line; `execute` runs the engine and writes the outputs atomically (see outputs.py):
+
+    DIR/attributions/<Method>.<ext>   float32 map on the input grid (channels summed), input's format
+    DIR/segmentation.<ext>            the sliding-window model's labels (uint8)
+    DIR/metrics.csv, metrics.json     one row per method: metrics, runtime, device, peak memory
+    DIR/run.json                      inputs with SHA-256, every parameter, versions, device, timings
+    DIR/esegeta.mrb, DIR/previews/    when the scene bridge (EsegetaLib.scene) is available
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import difflib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import EsegetaCancelled, EsegetaError
+from .options import PRECISIONS, EngineOptions, Target
+
+ProgressFn = Callable[[float, str], None]
+MethodList = List[Tuple[str, Dict[str, Any]]]
+
+# Gradient methods that finish in seconds to a minute on 2 CPU cores for the bundled sample
+# (measured: see docs/readme/cli.md), each a different view: raw gradient, gradient x input, a
+# path integral with a completeness check, and a class-activation map.
+DEMO_METHODS = ("Saliency", "InputXGradient", "IntegratedGradients", "GradCAM")
+DEMO_PARAMS: Dict[str, Dict[str, Any]] = {"IntegratedGradients": {"n_steps": 16}}
+
+
+@dataclass
+class ExplainRequest:
+    """One `explain` run, as plain values (command line, study file or Python)."""
+
+    volume: Union[str, Path]
+    model: Optional[Union[str, Path]] = None  # None: the bundled default model
+    methods: Union[str, Sequence[str]] = "Saliency"  # names, or "all"
+    params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # method -> {param: value}
+    class_index: Optional[Union[int, str]] = None  # index or class name; None: the card's default
+    region: str = "predicted"  # predicted | whole | roi:MASKFILE | point:I,J,K
+    device: str = "auto"
+    precision: str = "fp32"
+    patch_size: Optional[int] = None  # None: the model card's
+    overlap: float = 0.25
+    batch_size: Union[int, str] = "auto"
+    metrics: Union[str, Sequence[str]] = "default"  # names | "all" | "none" | "default"
+    seed: int = 0
+
+
+@dataclass
+class PreparedRun:
+    request: ExplainRequest
+    image: Any  # io.Image
+    model: Any  # models.LoadedModel
+    target: Target
+    options: EngineOptions
+    methods: MethodList
+    metrics: Union[str, List[str]]
+    inputs: List[Tuple[str, Path]]  # (role, path) of every file read
+    class_name: str
+    device: str
+    warnings: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------- parsing
+def split_list(text: Union[str, Sequence[str], None]) -> List[str]:
+    if text is None:
+        return []
+    if isinstance(text, str):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return [str(part).strip() for part in text if str(part).strip()]
+
+
+def parse_param_assignments(items: Sequence[str]) -> Dict[str, Dict[str, str]]:
+    """`["IntegratedGradients.n_steps=32", ...]` -> {"IntegratedGradients": {"n_steps": "32"}}."""
+    params: Dict[str, Dict[str, str]] = {}
+    for item in items or ():
+        match = re.fullmatch(r"\s*([A-Za-z0-9_+\-]+)\.([A-Za-z0-9_]+)\s*=\s*(.*?)\s*", item)
+        if not match:
+            raise EsegetaError(f"--param '{item}' is not METHOD.NAME=VALUE (e.g. IntegratedGradients.n_steps=32).")
+        method, name, value = match.groups()
+        params.setdefault(method, {})[name] = value
+    return params
+
+
+def resolve_methods(names: Union[str, Sequence[str]], params: Dict[str, Dict[str, Any]]) -> MethodList:
+    """Registered names (case-insensitive, closest suggested) with validated parameters."""
+    from .methods import all_methods, get_method
+
+    wanted = split_list(names)
+    if [w.lower() for w in wanted] == ["all"]:
+        specs = all_methods()
+    else:
+        if not wanted:
+            raise EsegetaError("No method given; pass --methods NAME[,NAME...] or 'all' (see 'esegeta methods').")
+        specs = [get_method(name) for name in wanted]
+    seen, unique = set(), []
+    for spec in specs:
+        if spec.name not in seen:
+            seen.add(spec.name)
+            unique.append(spec)
+    chosen = {spec.name.lower(): spec for spec in unique}
+    for method in params:
+        if method.lower() not in chosen:
+            hint = difflib.get_close_matches(method.lower(), list(chosen), n=1)
+            extra = f" Did you mean '{chosen[hint[0]].name}'?" if hint else ""
+            raise EsegetaError(f"--param names method '{method}', which is not among the methods run "
+                               f"({', '.join(s.name for s in unique)}).{extra}")
+    resolved: MethodList = []
+    for spec in unique:
+        given = {}
+        for method, values in params.items():
+            if method.lower() == spec.name.lower():
+                given.update(values)
+        given = {key: _coerce_choice(spec, key, value) for key, value in given.items()}
+        spec.resolve_params(given)  # validates names, types and ranges now, before any work
+        resolved.append((spec.name, given))
+    return resolved
+
+
+def _coerce_choice(spec, key: str, value: Any) -> Any:
+    """Command-line values are strings; match them to a 'choice' parameter's typed choices."""
+    for p in spec.params:
+        if p.name == key and p.kind == "choice" and p.choices and isinstance(value, str):
+            for choice in p.choices:
+                if str(choice).lower() == value.lower():
+                    return choice
+    return value
+
+
+def parse_region(text: str) -> Tuple[str, Optional[Path], Optional[Tuple[int, int, int]]]:
+    """'predicted' | 'whole' | 'roi:MASKFILE' | 'point:I,J,K' -> (region, mask path, point)."""
+    text = str(text).strip()
+    kind, _, rest = text.partition(":")
+    kind = kind.lower()
+    if kind in ("predicted", "whole") and not rest:
+        return kind, None, None
+    if kind == "roi" and rest:
+        return "roi", Path(rest), None
+    if kind == "point" and rest:
+        parts = [p.strip() for p in rest.split(",")]
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            point = tuple(int(p) for p in parts)
+        except ValueError:
+            raise EsegetaError(f"--region '{text}': a point is three voxel indices, e.g. point:40,52,30.") from None
+        return "point", None, point  # type: ignore[return-value]
+    raise EsegetaError(f"--region '{text}' is not understood; use predicted, whole, roi:MASKFILE or point:I,J,K.")
+
+
+# --------------------------------------------------------------------------------- checking
+def check_readable(path: Union[str, Path], what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise EsegetaError(f"{what} '{path}' does not exist; check the path.")
+    if path.is_dir() and what != "model":
+        raise EsegetaError(f"{what} '{path}' is a folder; give a file.")
+    try:
+        if path.is_file():
+            with open(path, "rb") as handle:
+                handle.read(1)
+    except OSError as exc:
+        raise EsegetaError(f"{what} '{path}' cannot be read ({exc.strerror}); check its permissions.") from None
+    return path
+
+
+def read_mask(path: Path, image) -> np.ndarray:
+    """A region mask from a file on exactly the volume's grid (shape and geometry)."""
+    from .io import read_image
+
+    check_readable(path, "mask")
+    mask = read_image(path)
+    if mask.spatial_shape != image.spatial_shape or not np.allclose(mask.ijk_to_ras, image.ijk_to_ras, atol=1e-3):
+        raise EsegetaError(
+            f"Mask '{path}' is on another grid (shape {mask.spatial_shape}) than the volume (shape "
+            f"{image.spatial_shape}) or has other geometry; resample it onto the volume (e.g. in Slicer) first."
+        )
+    values = mask.array.max(axis=0) if mask.channels > 1 else mask.array[0]
+    region = values > 0.5
+    if not region.any():
+        raise EsegetaError(f"Mask '{path}' has no voxel set (all values <= 0.5); give a non-empty mask.")
+    return region
+
+
+def resolve_class(card, given: Optional[Union[int, str]]) -> Tuple[int, str]:
+    """A class index (or name from the model card) -> (index, name); default: first foreground class."""
+    names = [str(n) for n in (getattr(card, "classes", None) or [])]
+    n_classes = len(names)
+    if given is None:
+        index = 1 if n_classes > 1 and getattr(card, "activation", "softmax") == "softmax" else 0
+    elif isinstance(given, str) and not given.strip().lstrip("-").isdigit():
+        lowered = [n.lower() for n in names]
+        if given.lower() not in lowered:
+            raise EsegetaError(f"--class '{given}' is not a class of this model; its classes are "
+                               f"{', '.join(f'{i}={n}' for i, n in enumerate(names))}.")
+        index = lowered.index(given.lower())
+    else:
+        index = int(given)
+    if n_classes and not 0 <= index < n_classes:
+        raise EsegetaError(f"--class {index} is out of range: the model has classes "
+                           f"{', '.join(f'{i}={n}' for i, n in enumerate(names))}.")
+    return index, (names[index] if n_classes else str(index))
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device_name(device: str, warnings: List[str]) -> str:
+    """'auto' falls back to CPU (with a warning); an unavailable 'cuda' is a bad input."""
+    device = str(device).lower()
+    if device == "auto":
+        if cuda_available():
+            return "cuda"
+        warnings.append("no CUDA GPU is available; running on the CPU (expect minutes for large volumes).")
+        return "cpu"
+    if device.startswith("cuda") and not cuda_available():
+        import torch
+
+        raise EsegetaError(f"--device {device}: no CUDA GPU is available to this torch ({torch.__version__}); "
+                           "use --device cpu (or auto), or install a CUDA build of torch.")
+    return device
+
+
+# ---------------------------------------------------------------------------------- prepare
+def prepare(request: ExplainRequest) -> PreparedRun:
+    """Check and load everything; raise EsegetaError (one line) on anything the user can fix."""
+    from .io import read_image
+
+    warnings: List[str] = []
+    if request.precision not in PRECISIONS:
+        raise EsegetaError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}.")
+    if not 0.0 <= float(request.overlap) < 1.0:
+        raise EsegetaError(f"--overlap must be in [0, 1); got {request.overlap}.")
+    if request.patch_size is not None and int(request.patch_size) < 8:
+        raise EsegetaError(f"--patch-size must be at least 8 voxels; got {request.patch_size}.")
+    if request.batch_size != "auto" and int(request.batch_size) < 1:
+        raise EsegetaError(f"--batch-size must be a positive integer or 'auto'; got {request.batch_size}.")
+    region, mask_path, point = parse_region(request.region)
+    methods = resolve_methods(request.methods, request.params)
+    metrics = resolve_metrics(request.metrics)
+
+    volume_path = check_readable(request.volume, "volume")
+    image = read_image(volume_path)
+    if not np.all(np.isfinite(image.array)):
+        raise EsegetaError(f"Volume '{volume_path}' contains NaN or infinite voxels; fix or mask them first.")
+    inputs: List[Tuple[str, Path]] = [("volume", volume_path)]
+
+    model = _load_model(request.model, inputs)
+    card = model.card
+    in_channels = int(getattr(card, "in_channels", 1) or 1)
+    if in_channels > image.channels:
+        raise EsegetaError(f"The model expects {in_channels} input channels but '{volume_path}' has "
+                           f"{image.channels}; give a volume with {in_channels} channels (or another model).")
+    if in_channels < image.channels:
+        raise EsegetaError(f"The model expects {in_channels} input channel(s) but '{volume_path}' has "
+                           f"{image.channels}; pick the channels the model was trained on first.")
+
+    mask = None
+    if region == "roi":
+        mask = read_mask(mask_path, image)
+        inputs.append(("mask", mask_path))
+    if region == "point":
+        shape = image.spatial_shape
+        if any(not 0 <= p < s for p, s in zip(point, shape)):
+            raise EsegetaError(f"--region point:{','.join(map(str, point))} is outside the volume "
+                               f"(shape {shape}; indices start at 0); pick a voxel inside it.")
+
+    class_index, class_name = resolve_class(card, request.class_index)
+    device = resolve_device_name(request.device, warnings)
+    # The model card's settings flow into the target and the engine; the command line wins.
+    hints = model.engine_hints() if hasattr(model, "engine_hints") else {}
+    target = Target(class_index=class_index, region=region, activation=hints.get("activation", "softmax"),
+                    head=hints.get("head", 0), mask=mask, point=point)
+    patch = request.patch_size if request.patch_size is not None else hints.get("patch_size")
+    options = EngineOptions(device=device, precision=request.precision, patch_size=patch,
+                            overlap=float(request.overlap),
+                            batch_size=request.batch_size if request.batch_size == "auto" else int(request.batch_size),
+                            divisor=int(hints.get("divisor") or EngineOptions.divisor),
+                            seed=int(request.seed))
+    return PreparedRun(request=request, image=image, model=model, target=target, options=options,
+                       methods=methods, metrics=metrics, inputs=inputs, class_name=class_name,
+                       device=device, warnings=warnings)
+
+
+def _load_model(path, inputs: List[Tuple[str, Path]]):
+    from . import models
+
+    if path is None:
+        model = models.load_default_model()
+    else:
+        check_readable(path, "model")
+        model = models.load_model(path)
+    for role, file in model_files(model, path):
+        inputs.append((role, file))
+    return model
+
+
+def model_files(model, given) -> List[Tuple[str, Path]]:
+    """Files a model was loaded from (the file given, and a card's weights file), for checksums."""
+    path = getattr(model, "path", None) or given
+    if path is None or not Path(path).is_file():
+        return []
+    files = [("model", Path(path))]
+    weights = getattr(model.card, "weights", None)
+    if str(path).lower().endswith(".json") and weights:
+        weights_path = Path(path).parent / weights
+        if weights_path.is_file():
+            files.append(("model weights", weights_path))
+    return files
+
+
+def resolve_metrics(metrics: Union[str, Sequence[str], None]) -> Union[str, List[str]]:
+    """'none' | 'all' | 'default' | names -> 'none' or the metric names (checked by EsegetaLib.metrics).
+
+    Runtime, device and peak memory per method are written whatever is chosen."""
+    names = split_list(metrics if metrics is not None else "none")
+    if [n.lower() for n in names] in (["none"], []):
+        return "none"
+    try:
+        from .metrics import parse_metrics
+    except ImportError as exc:
+        if [n.lower() for n in names] == ["default"]:
+            return "none"
+        raise EsegetaError(f"--metrics {','.join(names)}: the metrics module cannot be loaded here ({exc}); "
+                           "use --metrics none.") from None
+    chosen = parse_metrics(None if [n.lower() for n in names] == ["default"] else names)
+    return chosen or "none"
+
+
+# ---------------------------------------------------------------------------------- execute
+def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = False,
+            progress: Optional[ProgressFn] = None, cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None,
+            note: Callable[[str], None] = lambda text: None, command: str = "explain",
+            argv: Optional[List[str]] = None) -> Path:
+    """Run the engine and write the result directory; returns its path. Nothing is left behind on
+    failure or cancellation (the directory is as it was)."""
+    from . import provenance
+    from .outputs import ResultDirectory
+
+    progress = progress or (lambda fraction, message: None)
+    started = provenance.utc_now()
+    t0 = time.perf_counter()
+    with ResultDirectory(out_dir, overwrite=overwrite, inputs=[p for _, p in prepared.inputs]) as result:
+        explanation, session, peaks, engine_seconds = _run_engine(prepared, progress, cancel, note,
+                                                                  with_metrics=prepared.metrics != "none")
+        t_engine = time.perf_counter()
+        folder = result.path
+        written = write_images(folder, prepared.image, explanation)
+        metric_rows = _metrics(prepared, explanation, session, peaks, folder, progress, cancel)
+        t_metrics = time.perf_counter()
+        scene_note = _scene(prepared, explanation, folder, note)
+        _check_cancel(cancel)
+        timings = {"engine_seconds": engine_seconds, "total_seconds": None,
+                   "metrics_seconds": t_metrics - t_engine,
+                   "methods": {name: r.seconds for name, r in explanation.results.items()}}
+        record = _run_json(prepared, explanation, command, argv, started, timings, metric_rows, written, scene_note)
+        timings["total_seconds"] = time.perf_counter() - t0
+        record["outputs"] = provenance.output_records(folder)
+        provenance.write_json(folder / "run.json", record)
+        progress(1.0, "done")
+        return result.commit()
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is None:
+        return
+    flag = cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel())
+    if flag:
+        raise EsegetaCancelled("cancelled")
+
+
+def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, note, with_metrics: bool):
+    """One engine session, methods one after another (as `api.explain` does), so that each method
+    gets its own runtime and peak memory."""
+    from .api import describe_grid
+    from .engine import ExplainSession
+    from .methods import get_method
+    from .results import Explanation
+
+    image = prepared.image
+    network = prepared.model.network_for(image.array)
+    specs = [get_method(name) for name, _ in prepared.methods]
+    # Progress: segmentation counts as one unit, each method by its relative cost; metrics after.
+    weights = [1.0] + [max(float(spec.cost), 1.0) for spec in specs]
+    share = 0.8 if with_metrics else 1.0
+    edges = share * np.cumsum([0.0] + weights) / sum(weights)
+    t0 = time.perf_counter()
+    session = ExplainSession(image.array, network, prepared.target, prepared.options, spacing=image.spacing,
+                             progress=progress, cancel=cancel, progress_span=(edges[0], edges[1]))
+    results, peaks = {}, {}
+    for i, (spec, (name, params)) in enumerate(zip(specs, prepared.methods)):
+        session.check_cancel()
+        session.progress_span = (edges[i + 1], edges[i + 2])
+        meter = _meter(session.device)
+        with meter.measure():
+            results[spec.name] = session.attribute(spec, params)
+        peaks[spec.name] = {"attribution_peak_mb": meter.peak_mb}
+    engine = {"device": str(session.device), "precision": prepared.options.precision,
+              "dtype": str(session.dtype).replace("torch.", ""), "batch_size": session.batch_size,
+              "divisor": prepared.options.divisor, "overlap": prepared.options.overlap,
+              "seed": prepared.options.seed, "patch_size_requested": prepared.options.patch_size,
+              "n_windows": len(session.windows)}
+    engine.update(describe_grid(session))
+    explanation = Explanation(segmentation=session.segmentation, region=session.region, results=results,
+                              target=_target_record(prepared, session), engine=engine,
+                              seconds=time.perf_counter() - t0)
+    return explanation, session, peaks, explanation.seconds
+
+
+def _meter(device):
+    """Wall time and peak memory of a block: the metrics package's Meter (CUDA peak allocated; on
+    Linux CPUs the process's peak resident set, reset per block), or a plain clock without it."""
+    try:
+        from .metrics.context import Meter
+
+        return Meter(device)
+    except ImportError:
+        return _ClockOnly()
+
+
+class _ClockOnly:
+    peak_mb = float("nan")
+
+    @contextlib.contextmanager
+    def measure(self):
+        yield self
+
+
+def _target_record(prepared: PreparedRun, session) -> Dict[str, Any]:
+    t = prepared.target
+    record = {"class_index": t.class_index, "class_name": prepared.class_name, "region": prepared.request.region,
+              "score": t.score, "activation": t.activation, "reduction": t.reduction, "head": t.head,
+              "region_voxels": int(session.region_voxels)}
+    if t.point is not None:
+        record["point"] = list(t.point)
+    return record
+
+
+def write_images(folder: Path, image, explanation) -> Dict[str, str]:
+    """Attribution maps (float32) and the label map on the input grid, in the input's format family."""
+    from .io import extension_for, write_image
+
+    ext = extension_for(image)
+    written = {}
+    (folder / "attributions").mkdir()
+    for name, result in explanation.results.items():
+        path = folder / "attributions" / f"{name}{ext}"
+        write_image(path, np.asarray(result.map, dtype=np.float32), image, dtype=np.float32)
+        written[name] = path.relative_to(folder).as_posix()
+    seg_path = folder / f"segmentation{ext}"
+    write_image(seg_path, np.asarray(explanation.segmentation).astype(np.uint8), image, dtype=np.uint8)
+    written["segmentation"] = seg_path.relative_to(folder).as_posix()
+    return written
+
+
+# ---------------------------------------------------------------------------------- metrics
+BASIC_COLUMNS = ("method", "attribution_s", "attribution_peak_mb", "device")
+
+
+def basic_rows(explanation, peaks: Dict[str, Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
+    """Runtime, peak memory and device per method (and the IG convergence delta where there is one)."""
+    rows = []
+    for name, result in explanation.results.items():
+        row = {"method": name, "attribution_s": float(result.seconds), "device": device}
+        row.update(peaks.get(name, {}))
+        delta = (result.diagnostics or {}).get("convergence_delta")
+        if delta is not None:
+            row["convergence_delta"] = float(np.max(np.abs(np.asarray(delta, dtype=float))))
+        rows.append(row)
+    return rows
+
+
+def _scaled(progress: ProgressFn, start: float, stop: float, prefix: str = "") -> ProgressFn:
+    def report(fraction: float, message: str = "") -> None:
+        text = f"{prefix}: {message}" if prefix and message else (prefix or message)
+        progress(start + (stop - start) * min(max(float(fraction), 0.0), 1.0), text)
+
+    return report
+
+
+def _metrics(prepared: PreparedRun, explanation, session, peaks, folder: Path, progress: ProgressFn, cancel):
+    """metrics.csv/json: the metrics module's report when metrics were asked for, with runtime,
+    device and peak memory of each attribution merged in."""
+    rows = basic_rows(explanation, peaks, str(session.device))
+    if prepared.metrics != "none":
+        from . import metrics as metrics_module
+
+        report = metrics_module.evaluate(session, explanation, metrics=prepared.metrics,
+                                         progress=_scaled(progress, 0.8, 0.98, "metrics"), cancel=cancel)
+        extra = {row["method"]: row for row in rows}
+        for row in report.rows:
+            for key, value in extra.get(row.get("method"), {}).items():
+                row.setdefault(key, value)
+        report.write(folder)
+        return report.rows
+    write_metrics_tables(folder, rows)
+    return rows
+
+
+def write_metrics_tables(folder: Path, rows: List[Dict[str, Any]]) -> None:
+    """metrics.csv and metrics.json (same layout as the metrics module's report) without metrics."""
+    from .provenance import write_json
+
+    columns = list(BASIC_COLUMNS) + sorted({k for row in rows for k in row} - set(BASIC_COLUMNS))
+    write_json(folder / "metrics.json", {"columns": columns, "rows": rows})
+    with open(folder / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None or row.get(k) != row.get(k) else row.get(k))
+                             for k in columns})
+
+
+# ---------------------------------------------------------------------------------- scene
+def _scene(prepared: PreparedRun, explanation, folder: Path, note) -> Optional[str]:
+    """`esegeta.mrb` and `previews/` through the scene bridge when it is importable."""
+    try:
+        from . import scene
+    except ImportError as exc:
+        return f"scene bridge not available ({exc})"
+    writer = getattr(scene, "write_result_scene", None) or getattr(scene, "export_result", None)
+    if writer is None:
+        return "scene bridge has no result writer"
+    writer(folder, prepared.image, explanation)
+    return None
+
+
+# ---------------------------------------------------------------------------------- run.json
+def _run_json(prepared: PreparedRun, explanation, command, argv, started, timings, rows, written, scene_note):
+    from . import provenance
+
+    request = prepared.request
+    inputs = [provenance.file_record(path, role) for role, path in prepared.inputs]
+    card = prepared.model.card
+    parameters = {
+        "volume": str(Path(request.volume).resolve()),
+        "model": str(Path(request.model).resolve()) if request.model else "bundled default model",
+        "methods": {name: explanation.results[name].params for name, _ in prepared.methods},
+        "methods_given": {name: params for name, params in prepared.methods},
+        "class_index": prepared.target.class_index, "class_name": prepared.class_name,
+        "region": request.region, "device": request.device, "precision": request.precision,
+        "patch_size": request.patch_size, "overlap": request.overlap, "batch_size": request.batch_size,
+        "metrics": prepared.metrics, "seed": request.seed,
+        "model_card": _card_record(card),
+    }
+    return provenance.run_record(
+        command=command, argv=argv, inputs=inputs, parameters=parameters,
+        engine=explanation.engine, device=explanation.engine.get("device", prepared.device), timings=timings,
+        started=started, target=explanation.target,
+        input_geometry={"shape": list(prepared.image.array.shape), "ijk_to_ras": prepared.image.ijk_to_ras.tolist(),
+                        "spacing": list(prepared.image.spacing), "format": prepared.image.format},
+        results={name: {"file": written.get(name), "seconds": r.seconds, "diagnostics": r.diagnostics,
+                        "metadata": {k: r.metadata.get(k) for k in ("family", "signed", "approximation")
+                                     if k in (r.metadata or {})}}
+                 for name, r in explanation.results.items()},
+        segmentation=written.get("segmentation"), warnings=prepared.warnings,
+        scene=scene_note or "esegeta.mrb",
+    )
+
+
+def _card_record(card) -> Dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(card):
+        return {k: v for k, v in asdict(card).items() if not k.startswith("_")}
+    if isinstance(card, dict):
+        return dict(card)
+    return {k: v for k, v in vars(card).items() if not k.startswith("_")} if hasattr(card, "__dict__") else {}

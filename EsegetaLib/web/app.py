@@ -1,0 +1,242 @@
+"""The `esegeta view` page: Slicer's slice and 3D views (trame-slicer) with the run's overlays.
+
+Layout as in Slicer (axial, coronal, sagittal, 3D; or one of them large) with slice sliders; the
+input as background, the segmentation as an outline, the selected attribution map as a foreground
+overlay and as a volume rendering in 3D; method, opacity and threshold controls; the run's metrics
+table, deletion/insertion plot and parameters beside the views. All rendering is Slicer's own
+displayable managers, served as images by trame-slicer's remote-controlled areas.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Dict, List
+
+from trame.app import TrameApp
+from trame.widgets import client, html
+from trame.widgets import vuetify3 as v3
+from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+from .result import ViewerResult, flatten, format_value
+from .scene_setup import LoadedScene, MapLayer, load_directory, load_mrb, set_threshold
+
+DEFAULT_OPACITY = 0.6
+# The run.json entries worth showing as "parameters" (checksums and outputs lists are noise here).
+HIDDEN_RUN_KEYS = ("outputs", "schema")
+
+LAYOUT_NAMES = ["Four views", "Axial", "Coronal", "Sagittal", "3D"]
+VIEW_TAGS = {"Axial": "Red", "Coronal": "Green", "Sagittal": "Yellow", "3D": "ThreeD"}
+
+
+def viewer_layouts() -> Dict[str, Layout]:
+    """Slicer's "Four-up" arrangement and each view alone (the "one large view" choice)."""
+    axial, coronal = ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view()
+    sagittal, threed = ViewLayoutDefinition.sagittal_view(), ViewLayoutDefinition.threed_view()
+    four = Layout(LayoutDirection.Vertical, [
+        Layout(LayoutDirection.Horizontal, [axial, threed]),
+        Layout(LayoutDirection.Horizontal, [coronal, sagittal]),
+    ])
+    alone = {name: Layout(LayoutDirection.Vertical, [view])
+             for name, view in zip(LAYOUT_NAMES[1:], (axial, coronal, sagittal, threed))}
+    return {"Four views": four, **alone}
+
+
+def mark_view(server, view_id, view, fill=None) -> None:
+    """An invisible box covering each view, tagged with its Slicer name, so tests and users'
+    scripts can find a view on the page (`.esegeta-view[data-view=Red]`)."""
+    html.Div(classes="esegeta-view", raw_attrs=[f'data-view="{view.get_singleton_tag()}"'],
+             style="position:absolute;inset:0;pointer-events:none;")
+
+
+class EsegetaViewer(TrameApp):
+    """One result on one page. Build with a scene already loaded (errors come before serving)."""
+
+    def __init__(self, result: ViewerResult, server=None):
+        super().__init__(server=server, client_type="vue3")
+        from trame_slicer import module as trame_slicer_module
+        from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
+
+        self.server.enable_module(trame_slicer_module)
+        self.result = result
+        self.slicer_app = SlicerApp()
+        register_rca_factories(
+            self.slicer_app.view_manager, self.server,
+            slice_view_ui_f=lambda s, i, v: (create_vertical_slice_view_gutter_ui(s, i, v), mark_view(s, i, v)),
+            three_d_view_ui_f=lambda s, i, v: (create_vertical_view_gutter_ui(s, i, v), mark_view(s, i, v)),
+        )
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout_dict(viewer_layouts())
+        self.layout_manager.set_layout(LAYOUT_NAMES[0])
+        self.scene: LoadedScene = self._load_scene()
+        self._show_scene()
+        self._init_state()
+        self._build_ui()
+
+    # -- scene -------------------------------------------------------------------------------
+    def _load_scene(self) -> LoadedScene:
+        if self.result.mrb_path is not None:
+            return load_mrb(self.slicer_app, self.result)
+        return load_directory(self.slicer_app, self.result)
+
+    @property
+    def slice_views(self):
+        return self.slicer_app.view_manager.get_slice_views()
+
+    def _show_scene(self) -> None:
+        display = self.slicer_app.display_manager
+        display.show_volume_in_slice_background(self.scene.input_node)
+        for view in self.slice_views:
+            view.fit_view_to_content()
+        self.select_method(self.methods[0])
+        self.set_opacity(DEFAULT_OPACITY)
+        display.reset_views()
+
+    @property
+    def methods(self) -> List[str]:
+        return list(self.scene.maps)
+
+    @property
+    def current(self) -> MapLayer:
+        return self.scene.maps[self.state.method] if self.state.has("method") else self.scene.maps[self.methods[0]]
+
+    def select_method(self, name: str) -> None:
+        """Show map `name` as the slices' foreground and alone in 3D."""
+        layer = self.scene.maps[name]
+        self.slicer_app.display_manager.show_volume_in_slice_foreground(layer.node)
+        for other in self.scene.maps.values():
+            if other.vr_display is not None:
+                other.vr_display.SetVisibility(other is layer and self._show_3d())
+        self._render()
+
+    def _show_3d(self) -> bool:
+        return bool(self.state.show_3d) if self.state.has("show_3d") else True
+
+    def set_opacity(self, opacity: float) -> None:
+        for view in self.slice_views:
+            view.set_foreground_opacity(float(opacity))
+        self._render()
+
+    def _render(self) -> None:
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
+
+    # -- state -------------------------------------------------------------------------------
+    def _init_state(self) -> None:
+        state, layer = self.state, self.scene.maps[self.methods[0]]
+        state.trame__title = f"Esegeta: {self.result.title}"
+        state.methods = self.methods
+        state.method = self.methods[0]
+        state.layout_names = LAYOUT_NAMES
+        state.layout_name = LAYOUT_NAMES[0]
+        state.opacity = DEFAULT_OPACITY
+        state.show_3d = True
+        state.metrics_columns, state.metrics_rows = self._metrics()
+        state.plot_src = self._plot_src()
+        state.parameters = self._parameters()
+        self._publish_layer(layer)
+        state.change("method")(self._on_method)
+        state.change("opacity")(lambda opacity, **_: self.set_opacity(opacity))
+        state.change("threshold")(self._on_threshold)
+        state.change("layout_name")(lambda layout_name, **_: self.layout_manager.set_layout(layout_name))
+        state.change("show_3d")(lambda **_: self.select_method(self.state.method))
+
+    def _publish_layer(self, layer: MapLayer) -> None:
+        self.state.update({
+            "threshold": layer.threshold, "threshold_max": layer.top, "threshold_step": layer.top / 200.0,
+            "legend": f"{layer.color_node.GetName()} over [{layer.low:.3g}, {layer.high:.3g}]",
+            "color_node_id": layer.color_node.GetID(),
+        })
+
+    def _on_method(self, method, **_):
+        if method in self.scene.maps:
+            self.select_method(method)
+            self._publish_layer(self.scene.maps[method])
+
+    def _on_threshold(self, threshold, **_):
+        layer = self.current
+        if abs(float(threshold) - layer.threshold) > 1e-12:
+            set_threshold(layer, float(threshold))
+            self._render()
+
+    def _metrics(self):
+        columns, rows = self.result.metrics_columns, self.result.metrics_rows
+        if not columns and self.scene.metrics is not None:
+            columns, rows = self.scene.metrics
+        return list(columns), [list(r) for r in rows]
+
+    def _plot_src(self) -> str:
+        """The plot inline (one file, no static route to configure)."""
+        path = self.result.plot_path
+        if path is None:
+            return ""
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+    def _parameters(self) -> List[List[str]]:
+        run = self.result.run or {"parameters": self.scene.parameters or {}}
+        run = {k: v for k, v in run.items() if k not in HIDDEN_RUN_KEYS}
+        if isinstance(run.get("inputs"), list):  # one line per input file: role -> path
+            run["inputs"] = {str(r.get("role", i)): r.get("path") for i, r in enumerate(run["inputs"])
+                             if isinstance(r, dict)}
+        return [[key, format_value(value) if not isinstance(value, list) else json.dumps(value)]
+                for key, value in flatten(run).items()]
+
+    # -- page --------------------------------------------------------------------------------
+    def _build_ui(self) -> None:
+        with SinglePageWithDrawerLayout(self.server, full_height=True) as self.ui:
+            client.Style(".esegeta-table td, .esegeta-table th { font-size: 12px !important; "
+                         "padding: 0 6px !important; height: 24px !important; }")
+            self.ui.title.set_text(f"Esegeta · {self.result.title}")
+            self.ui.footer.hide()
+            with self.ui.toolbar:
+                v3.VSpacer()
+                v3.VSelect(label="Method", v_model=("method",), items=("methods",), classes="esegeta-method mx-2",
+                           density="compact", hide_details=True, style="max-width: 280px;")
+                v3.VSelect(label="Layout", v_model=("layout_name",), items=("layout_names",),
+                           classes="esegeta-layout mx-2", density="compact", hide_details=True,
+                           style="max-width: 180px;")
+            with self.ui.drawer as drawer:
+                drawer.width = 380
+                self._build_controls()
+                self._build_metrics()
+                self._build_parameters()
+            with self.ui.content:
+                with html.Div(style="position: relative; width: 100%; height: calc(100vh - 64px);"):
+                    self.layout_manager.initialize_layout_grid(self.ui)
+
+    def _build_controls(self) -> None:
+        with v3.VCard(flat=True, classes="pa-3"):
+            v3.VCardSubtitle("Overlay")
+            html.Div("{{ legend }}", classes="text-caption esegeta-legend mb-2")
+            v3.VSlider(label="Opacity", v_model=("opacity",), min=0, max=1, step=0.05, thumb_label=True,
+                       hide_details=True, density="compact", classes="esegeta-opacity")
+            v3.VSlider(label="Hide |value| <", v_model=("threshold",), min=0, max=("threshold_max",),
+                       step=("threshold_step",), hide_details=True, density="compact",
+                       classes="esegeta-threshold")
+            html.Div("{{ Number(threshold).toPrecision(3) }}", classes="text-caption text-right")
+            v3.VCheckbox(label="Volume rendering of the map in 3D", v_model=("show_3d",), density="compact",
+                         hide_details=True)
+
+    def _build_metrics(self) -> None:
+        with v3.VCard(flat=True, classes="pa-3", v_if=("metrics_columns.length || plot_src",)):
+            v3.VCardSubtitle("Metrics")
+            with v3.VTable(density="compact", classes="esegeta-table esegeta-metrics",
+                           v_if=("metrics_columns.length",)):
+                with html.Thead(), html.Tr():
+                    html.Th("{{ c }}", v_for="c in metrics_columns", key="c")
+                with html.Tbody():
+                    with html.Tr(v_for="(row, i) in metrics_rows", key="i"):
+                        html.Td("{{ cell }}", v_for="(cell, j) in row", key="j")
+            html.Img(src=("plot_src",), v_if=("plot_src",), classes="esegeta-plot mt-2",
+                     style="width: 100%;")
+
+    def _build_parameters(self) -> None:
+        with v3.VCard(flat=True, classes="pa-3", v_if=("parameters.length",)):
+            v3.VCardSubtitle("Run")
+            with v3.VTable(density="compact", classes="esegeta-table esegeta-parameters"):
+                with html.Tbody():
+                    with html.Tr(v_for="(p, i) in parameters", key="i"):
+                        html.Td("{{ p[0] }}", style="white-space: nowrap;")
+                        html.Td("{{ p[1] }}", style="word-break: break-all;")

@@ -1,0 +1,436 @@
+"""Run one explanation job in its own process: ``python -m EsegetaLib.worker JOB.json``.
+
+Why a separate process (the Slicer module's way of running the engine, usable by any front end):
+the application stays responsive, Cancel is real (the process is terminated, whatever it is doing),
+and all GPU memory returns to the driver when the process exits.  Inputs and outputs are files:
+the input volume (and an optional region mask) written with `EsegetaLib.io`, a JSON job, and a
+result folder that appears whole or not at all (`outputs.ResultDirectory`), so a cancelled or
+failed run leaves nothing at the result location.
+
+Protocol: the worker prints one event per line on stdout, ``@esegeta {json}``; anything else on
+stdout (a library's print) is passed on as a log line.  Events:
+
+  {"event": "started", "pid": 1234}
+  {"event": "progress", "fraction": 0.42, "message": "Saliency: window 3/8"}
+  {"event": "done", "output": "/path/to/result", "seconds": 12.3}
+  {"event": "error", "kind": "user" | "memory" | "cancelled" | "internal",
+   "message": "one line", "details": "traceback"}
+
+Exit status: 0 done, 2 user error, 3 out of memory, 4 cancelled, 1 internal error.
+
+The result folder is what `esegeta explain` writes (`runner.execute`): `run.json`, `attributions/`,
+`segmentation.*`, `metrics.json`; `read_result` loads it back.
+
+`WorkerProcess` is the caller's side (no Qt): start, `poll()` without blocking (a timer calls it),
+`cancel()` (terminates the whole process tree), `read_result()`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+JOB_FORMAT = "esegeta-job/1"
+EVENT_PREFIX = "@esegeta "
+EXIT_CODES = {"done": 0, "internal": 1, "user": 2, "memory": 3, "cancelled": 4}
+RESULT_FILE = "run.json"  # written last by runner.execute
+
+# ----------------------------------------------------------------------------------------------- job
+
+# The fields of `runner.ExplainRequest` a job may set (the same request the CLI builds).
+REQUEST_FIELDS = ("volume", "model", "methods", "params", "class_index", "region", "device", "precision",
+                  "patch_size", "overlap", "batch_size", "metrics", "seed")
+
+
+def make_job(request: Dict[str, Any], output: str, review_scene: bool = False) -> Dict[str, Any]:
+    """A job description (JSON-ready): `request` holds `runner.ExplainRequest` fields (volume and
+    model are file paths; region is predicted | whole | roi:MASKFILE | point:I,J,K); `output` is
+    the result folder to create.  `review_scene`: also write esegeta.mrb and previews (the CLI's
+    extras; the Slicer module builds its scene itself, so it leaves this off)."""
+    unknown = sorted(set(request) - set(REQUEST_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown request field(s) {', '.join(unknown)}")
+    for key in ("volume", "model"):
+        if request.get(key) is not None:
+            request = {**request, key: str(request[key])}
+    return {"format": JOB_FORMAT, "request": dict(request), "output": str(output),
+            "review_scene": bool(review_scene)}
+
+
+def write_job(path: str, job: Dict[str, Any]) -> str:
+    from .provenance import jsonable
+
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(jsonable(job), handle, indent=1)
+    return str(path)
+
+
+def read_job(path: str) -> Dict[str, Any]:
+    from .errors import EsegetaError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            job = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise EsegetaError(f"cannot read the job file {path}: {exc}") from exc
+    if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
+        raise EsegetaError(f"{path} is not an Esegeta job ({JOB_FORMAT}); write it with EsegetaLib.worker.make_job.")
+    if not job.get("output") or not (job.get("request") or {}).get("volume"):
+        raise EsegetaError(f"the job file {path} names no volume or no output folder.")
+    return job
+
+
+# -------------------------------------------------------------------------------------- worker side
+
+
+class _Terminated(BaseException):
+    """Raised in the worker by SIGTERM, so `finally` blocks remove partial results."""
+
+
+def _emit(event: str, **fields: Any) -> None:
+    from .provenance import jsonable
+
+    line = json.dumps({"event": event, **jsonable(fields)})
+    sys.__stdout__.write(EVENT_PREFIX + line + "\n")
+    sys.__stdout__.flush()
+
+
+class _ProgressThrottle:
+    """Forward engine progress, at most every `interval` seconds unless the message changes: the
+    caller polls a few times a second and a flood of lines would only cost time."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.last_time = 0.0
+        self.last_message = None
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if message == self.last_message and now - self.last_time < self.interval and fraction < 1.0:
+            return
+        self.last_time, self.last_message = now, message
+        _emit("progress", fraction=float(fraction), message=str(message))
+
+
+def run_job(job: Dict[str, Any], progress: Callable[[float, str], None], cancel: threading.Event) -> Path:
+    """Do the work of one job with the CLI's own pipeline (`runner.prepare` checks and loads,
+    `runner.execute` runs the engine and metrics and commits the result folder)."""
+    from . import runner
+
+    request = runner.ExplainRequest(**job["request"])
+    prepared = runner.prepare(request)
+    for warning in prepared.warnings:
+        _emit("warning", message=warning)
+    if not job.get("review_scene", False):
+        # The review scene and previews are the CLI's extras; inside Slicer the module builds the
+        # nodes in the application's own scene, and the worker (PythonSlicer) must not touch MRML.
+        runner._scene = lambda *args: "not written (the Slicer module builds the scene itself)"
+    return runner.execute(prepared, job["output"], overwrite=False, progress=progress, cancel=cancel,
+                          note=lambda text: _emit("log", message=text), command="slicer-worker",
+                          argv=[job.get("path", "")])
+
+
+def worker_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the worker process; prints events, returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m EsegetaLib.worker JOB.json\n")
+        return EXIT_CODES["user"]
+    cancel = threading.Event()
+
+    def on_term(signum, frame):  # a terminate from the caller: clean up, then leave
+        cancel.set()
+        raise _Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    _emit("started", pid=os.getpid())
+    started = time.monotonic()
+    device = None
+    try:
+        job = read_job(argv[0])
+        job["path"] = argv[0]
+        device = (job.get("request") or {}).get("device")
+        output = run_job(job, _ProgressThrottle(), cancel)
+        _emit("done", output=str(output), seconds=time.monotonic() - started)
+        return EXIT_CODES["done"]
+    except (_Terminated, KeyboardInterrupt):
+        _emit("error", kind="cancelled", message="Cancelled.", details="")
+        return EXIT_CODES["cancelled"]
+    except BaseException as exc:  # report everything in one event; the caller shows it
+        kind, message = classify_error(exc, device)
+        _emit("error", kind=kind, message=message, details=traceback.format_exc())
+        return EXIT_CODES[kind]
+    finally:
+        _release_gpu()
+
+
+def classify_error(exc: BaseException, device: Optional[str] = None):
+    """(kind, one-line message) for an exception raised while running a job."""
+    from .errors import EsegetaCancelled, EsegetaError
+
+    if isinstance(exc, EsegetaCancelled):
+        return "cancelled", "Cancelled."
+    if _is_out_of_memory(exc):
+        return "memory", out_of_memory_message(device)
+    if isinstance(exc, EsegetaError):
+        return "user", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip().splitlines()
+    return "internal", f"{type(exc).__name__}: {text[0] if text else 'internal error'}"
+
+
+def out_of_memory_message(device: Optional[str] = None) -> str:
+    where = "the GPU" if device in (None, "auto", "cuda", "gpu") else "this computer"
+    return (f"Out of memory on {where}: choose device CPU, a smaller patch size, precision bf16, "
+            "or cheaper methods, then Apply again.")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    if "torch" in sys.modules:
+        from .device import is_out_of_memory
+
+        return is_out_of_memory(exc)
+    return False
+
+
+def _release_gpu() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------------------- caller side
+
+
+def read_result(folder: str) -> Dict[str, Any]:
+    """A committed result folder, read back: {"run": run.json, "segmentation": uint8 (I,J,K),
+    "maps": {method: float32 (I,J,K)}, "signed": {method: bool}, "metrics": [rows], "folder": path}.
+    Arrays come through `EsegetaLib.io`, on the input's grid."""
+    import numpy as np
+
+    from .errors import EsegetaError
+    from .io import read_image
+
+    folder = Path(folder)
+    try:
+        run = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EsegetaError(f"no readable result in {folder}: {exc}") from exc
+    maps, signed = {}, {}
+    for name, entry in (run.get("results") or {}).items():
+        maps[name] = read_image(folder / entry["file"]).array[0].astype(np.float32)
+        meta = entry.get("metadata") or {}
+        signed[name] = bool(meta["signed"]) if "signed" in meta else bool(np.any(maps[name] < 0))
+    segmentation = None
+    if run.get("segmentation"):
+        segmentation = read_image(folder / run["segmentation"]).array[0].astype(np.uint8)
+    metrics: List[Dict[str, Any]] = []
+    metrics_path = folder / "metrics.json"
+    if metrics_path.is_file():
+        data = json.loads(metrics_path.read_text(encoding="utf-8"))
+        table = data.get("methods", data.get("rows")) if isinstance(data, dict) else data
+        metrics = list(table or [])
+    return {"run": run, "segmentation": segmentation, "maps": maps, "signed": signed,
+            "metrics": metrics, "folder": str(folder)}
+
+
+def default_python() -> str:
+    """The interpreter that runs the worker: Slicer's `PythonSlicer` launcher inside Slicer (it sets
+    up Slicer's library paths), else this interpreter."""
+    import shutil
+
+    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable
+
+
+def library_root() -> str:
+    """The folder that holds the `EsegetaLib` package (the worker's working directory, so that
+    `-m EsegetaLib.worker` imports this very copy, installed or from source)."""
+    return str(Path(__file__).resolve().parents[1])
+
+
+class WorkerProcess:
+    """Start the worker, read its events without blocking, cancel it for real.
+
+    Events are read by a thread into a queue; `poll()` (called by a timer on the caller's main
+    thread) returns those that arrived.  stderr goes to a log file beside the job (a pipe nobody
+    reads could fill up and stall the worker).
+    """
+
+    def __init__(self, job_path: str, python: Optional[str] = None, env: Optional[Dict[str, str]] = None):
+        self.job_path = str(job_path)
+        self.python = python or default_python()
+        self.env = env
+        self.log_path = str(Path(self.job_path).with_suffix(".log"))
+        self.process: Optional[subprocess.Popen] = None
+        self.cancelled = False
+        self.final_event: Optional[Dict[str, Any]] = None
+        self.last_progress: Optional[Dict[str, Any]] = None
+        self.log_lines: List[str] = []
+        self._events: "queue.Queue[Dict[str, Any]]" = queue.Queue()
+        self._reader: Optional[threading.Thread] = None
+        self._log_handle = None
+
+    # -- lifecycle
+    def start(self) -> "WorkerProcess":
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        # `-m` puts the working directory first on sys.path: the worker imports the EsegetaLib that
+        # sits next to this file, whatever else is installed.
+        command = [self.python, "-m", "EsegetaLib.worker", self.job_path]
+        kwargs: Dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True  # its own process group: cancel reaches every child
+        self._log_handle = open(self.log_path, "w", encoding="utf-8")
+        self.process = subprocess.Popen(command, cwd=library_root(), env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=self._log_handle, text=True,
+                                        encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        self._reader = threading.Thread(target=self._read, name="esegeta-worker-reader", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        stream = self.process.stdout
+        for line in iter(stream.readline, ""):
+            line = line.rstrip("\r\n")
+            if line.startswith(EVENT_PREFIX):
+                try:
+                    self._events.put(json.loads(line[len(EVENT_PREFIX):]))
+                    continue
+                except ValueError:
+                    pass
+            self._events.put({"event": "log", "message": line})
+        stream.close()
+        code = self.process.wait()
+        self._events.put({"event": "exit", "returncode": code})
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.final_event is None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.process is None else self.process.poll()
+
+    def poll(self) -> List[Dict[str, Any]]:
+        """Events that arrived since the last call (never blocks).  The last event of a run is
+        `done`, `error` or, for a process that died without a word, an `error` made from its exit."""
+        events = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            events.append(self._settle(event))
+        return [e for e in events if e is not None]
+
+    def _settle(self, event: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        kind = event.get("event")
+        if kind == "progress":
+            self.last_progress = event
+        elif kind == "log":
+            self.log_lines.append(event.get("message", ""))
+        elif kind in ("done", "error"):
+            if self.cancelled:
+                event = {"event": "error", "kind": "cancelled", "message": "Cancelled.", "details": ""}
+            if self.final_event is None:
+                self.final_event = event
+            self._close_log()
+        elif kind == "exit":
+            if self.final_event is not None:
+                return None
+            if self.cancelled:
+                event = {"event": "error", "kind": "cancelled", "message": "Cancelled.", "details": ""}
+            else:
+                event = {"event": "error", "kind": "internal",
+                         "message": f"The worker process stopped unexpectedly (exit status {event['returncode']}).",
+                         "details": self.log_tail()}
+            self.final_event = event
+            self._close_log()
+        return event
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> List[Dict[str, Any]]:
+        """Poll until the run ends (for scripts and tests; a GUI uses a timer instead)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        events: List[Dict[str, Any]] = []
+        while self.final_event is None:
+            events.extend(self.poll())
+            if self.final_event is not None:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the worker did not finish within {timeout} s")
+            time.sleep(interval)
+        return events
+
+    def cancel(self, grace: float = 5.0) -> None:
+        """Terminate the worker and everything it started; returns when they are gone.  The worker
+        removes its partial result on SIGTERM; after `grace` seconds it is killed outright."""
+        if self.process is None or self.process.poll() is not None:
+            self.cancelled = self.cancelled or self.final_event is None
+            return
+        self.cancelled = True
+        _terminate_tree(self.process, grace)
+        if self._reader is not None:
+            self._reader.join(timeout=grace)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the worker's stderr and stray stdout (the details of an error)."""
+        text = ""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+                text = handle.read()
+        except OSError:
+            pass
+        tail = text.splitlines()[-lines:] + self.log_lines[-lines:]
+        return "\n".join(tail)
+
+    def _close_log(self) -> None:
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+
+def _terminate_tree(process: subprocess.Popen, grace: float) -> None:
+    """Stop `process` and its children.  PythonSlicer is a launcher that starts the real Python as
+    a child, so stopping the launcher alone would leave the computation running."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], capture_output=True)
+        process.wait(timeout=grace)
+        return
+    try:
+        group = os.getpgid(process.pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # the group may still hold children that ignored SIGTERM
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

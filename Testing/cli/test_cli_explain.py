@@ -1,0 +1,198 @@
+"""`esegeta explain` end to end on a small generated volume with real models: every output read
+back (geometry voxel for voxel, one float32 file per method, checksums), the model card's settings
+in effect, and cancellation (in process and by Ctrl-C) leaving the output directory as it was."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+from EsegetaLib.cli import main
+from EsegetaLib.errors import EsegetaCancelled
+from EsegetaLib.io import read_image
+
+from helpers import REPO, SHAPE, oblique_affine, siblings, snapshot, write_model_card, write_torchscript, write_volume
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    return {
+        "folder": folder,
+        "nifti": write_volume(folder / "volume.nii.gz"),
+        "nrrd": write_volume(folder / "volume.nrrd"),
+        "model": write_torchscript(folder / "unet.pt"),
+        "card": write_model_card(folder),
+    }
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_explain_writes_every_output_on_the_input_grid(inputs, tmp_path, capsys):
+    out = tmp_path / "result"
+    code = main(["explain", str(inputs["nifti"]), "--model", str(inputs["model"]), "--out", str(out),
+                 "--methods", "Saliency,InputXGradient", "--param", "Saliency.absolute=false", "--region", "whole", "--metrics", "none",
+                 "--device", "auto"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "warning: no CUDA GPU" in captured.err or "cuda" in json.loads((out / "run.json").read_text())["device"]["device"]
+    assert f"Results written to {out}" in captured.out
+
+    source = read_image(inputs["nifti"])
+    files = sorted(p.name for p in (out / "attributions").iterdir())
+    assert files == ["InputXGradient.nii.gz", "Saliency.nii.gz"]
+    maps = {}
+    for name in ("Saliency", "InputXGradient"):
+        path = out / "attributions" / f"{name}.nii.gz"
+        image = read_image(path)
+        assert image.array.shape == (1,) + SHAPE
+        np.testing.assert_allclose(image.ijk_to_ras, source.ijk_to_ras, atol=1e-6)
+        assert nib.load(str(path)).get_data_dtype() == np.float32
+        assert np.isfinite(image.array).all() and np.ptp(image.array) > 0
+        maps[name] = image.array[0]
+    # InputXGradient = input x gradient (Saliency is the signed gradient): a fact about the maps, not the files.
+    np.testing.assert_allclose(maps["InputXGradient"], maps["Saliency"] * source.array[0], rtol=1e-4,
+                               atol=1e-6 * np.abs(maps["InputXGradient"]).max())
+
+    segmentation = read_image(out / "segmentation.nii.gz")
+    assert segmentation.array.shape == (1,) + SHAPE
+    np.testing.assert_allclose(segmentation.ijk_to_ras, source.ijk_to_ras, atol=1e-6)
+    assert nib.load(str(out / "segmentation.nii.gz")).get_data_dtype() == np.uint8
+    assert set(np.unique(segmentation.array)) <= {0, 1}
+
+    run = json.loads((out / "run.json").read_text())
+    by_role = {item["role"]: item for item in run["inputs"]}
+    assert by_role["volume"]["sha256"] == sha256(inputs["nifti"])
+    assert by_role["model"]["sha256"] == sha256(inputs["model"])
+    assert by_role["volume"]["path"] == str(inputs["nifti"].resolve())
+    for record in run["outputs"]:
+        assert record["sha256"] == sha256(out / record["path"])
+    assert {r["path"] for r in run["outputs"]} >= {"attributions/Saliency.nii.gz", "segmentation.nii.gz",
+                                                   "metrics.csv", "metrics.json"}
+    assert run["parameters"]["region"] == "whole" and run["parameters"]["seed"] == 0
+    assert set(run["parameters"]["methods"]) == {"Saliency", "InputXGradient"}
+    assert run["versions"]["torch"] and run["versions"]["captum"] and run["versions"]["python"]
+    assert run["device"]["device"] == "cpu"
+    assert run["timings"]["total_seconds"] >= run["timings"]["engine_seconds"] > 0
+
+    with open(out / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == ["Saliency", "InputXGradient"]
+    assert all(float(row["attribution_s"]) > 0 and row["device"] == "cpu" for row in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [row["method"] for row in metrics["rows"]] == ["Saliency", "InputXGradient"]
+    assert siblings(out) == ["result"]  # no temporary folder left beside it
+
+
+def test_nrrd_in_nrrd_out_and_model_card_settings(inputs, tmp_path, capsys):
+    """The card's class names, activation, patch size and divisor are what the engine used."""
+    out = tmp_path / "nrrd_result"
+    code = main(["explain", str(inputs["nrrd"]), "--model", str(inputs["card"]), "--out", str(out),
+                 "--methods", "IntegratedGradients", "--param", "IntegratedGradients.n_steps=4",
+                 "--class", "vessel", "--region", "point:12,10,8", "--metrics", "none", "--quiet",
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.err == ""  # --quiet and an explicit device: nothing to say
+    source = read_image(inputs["nrrd"])
+    path = out / "attributions" / "IntegratedGradients.nrrd"
+    image = read_image(path)
+    np.testing.assert_allclose(image.ijk_to_ras, source.ijk_to_ras, atol=1e-6)
+    assert image.array.shape == (1,) + SHAPE
+    assert nrrd.read_header(str(path))["type"] == "float"
+    assert (out / "segmentation.nrrd").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["parameters"]["class_index"] == 1 and run["parameters"]["class_name"] == "vessel"
+    assert run["parameters"]["methods"]["IntegratedGradients"]["n_steps"] == 4
+    assert run["target"]["activation"] == "softmax" and run["target"]["point"] == [12, 10, 8]
+    assert run["engine"]["divisor"] == 4
+    assert run["engine"]["n_windows"] > 1  # the card's 16^3 patch on a 24x20x16 volume
+    roles = {item["role"]: item for item in run["inputs"]}
+    assert roles["model"]["sha256"] == sha256(inputs["card"])
+    assert roles["model weights"]["sha256"] == sha256(inputs["folder"] / "unet_weights.pt")
+
+
+def test_overwrite_replaces_an_earlier_result(inputs, tmp_path, capsys):
+    out = tmp_path / "again"
+    argv = ["explain", str(inputs["nifti"]), "--model", str(inputs["model"]), "--out", str(out), "--quiet",
+            "--methods", "Saliency", "--region", "whole", "--metrics", "none", "--device", "cpu"]
+    assert main(argv) == 0
+    first = json.loads((out / "run.json").read_text())["started"]
+    (out / "attributions" / "Stale.nii.gz").write_bytes(b"from another run")
+    assert main(argv) == 2  # refuses without --overwrite
+    assert (out / "attributions" / "Stale.nii.gz").exists()
+    time.sleep(1.1)
+    assert main(argv + ["--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "attributions").iterdir()) == ["Saliency.nii.gz"]
+    assert json.loads((out / "run.json").read_text())["started"] != first
+    capsys.readouterr()
+
+
+def test_cancel_mid_run_leaves_the_directory_as_it_was(inputs, tmp_path):
+    """The engine's cancel flag, set after the first progress report of a method: nothing written."""
+    from EsegetaLib.runner import ExplainRequest, execute, prepare
+
+    out = tmp_path / "cancelled"
+    out.mkdir()
+    (out / "run.json").write_text('{"earlier": true}')
+    before = snapshot(out)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(fraction, message):
+        seen.append((fraction, message))
+        if "IntegratedGradients" in message:
+            cancel.set()
+
+    request = ExplainRequest(volume=inputs["nifti"], model=inputs["model"],
+                             methods=["Saliency", "IntegratedGradients"], region="whole", metrics="none",
+                             device="cpu")
+    with pytest.raises(EsegetaCancelled):
+        execute(prepare(request), out, overwrite=True, progress=progress, cancel=cancel)
+    assert any("Saliency" in m for _, m in seen)  # it was mid-way, after the first method
+    assert snapshot(out) == before
+    assert siblings(out) == ["cancelled"]
+
+
+def test_ctrl_c_leaves_the_directory_as_it_was(inputs, tmp_path):
+    """A real SIGINT to `python -m EsegetaLib explain` mid-way: exit 130, nothing left behind."""
+    out = tmp_path / "interrupted"
+    out.mkdir()
+    (out / "run.json").write_text('{"earlier": true}')
+    before = snapshot(out)
+    argv = [sys.executable, "-m", "EsegetaLib", "explain", str(inputs["nifti"]), "--model", str(inputs["model"]),
+            "--out", str(out), "--overwrite", "--methods", "IntegratedGradients", "--param",
+            "IntegratedGradients.n_steps=1024", "--region", "whole", "--metrics", "none", "--device", "cpu",
+            "--batch-size", "1"]
+    process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in process.stderr:  # progress lines arrive once the method runs
+            lines.append(line)
+            if "IntegratedGradients" in line and "%]" in line:
+                break
+        time.sleep(0.5)
+        assert process.poll() is None, "".join(lines)
+        assert any(p.name.startswith(".esegeta-") for p in tmp_path.iterdir())  # work in progress exists
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, "".join(lines) + rest
+    assert "cancelled" in rest and "Traceback" not in rest
+    assert snapshot(out) == before
+    assert siblings(out) == ["interrupted"]

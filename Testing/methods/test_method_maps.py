@@ -1,0 +1,47 @@
+"""Every registered method returns a finite, non-constant map of the input's shape, on 1- and
+2-channel input, on the InstanceNorm+PReLU UNet and the BatchNorm+ReLU net (16^3, cheap params)."""
+import pytest
+import torch
+
+from EsegetaLib.methods import all_methods
+from method_helpers import make_context, make_net_batchnorm_relu, make_unet_instancenorm_prelu, run_method, structured_volume
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CHEAP = {  # fewer steps/samples keep the suite fast; defaults are exercised elsewhere
+    "IntegratedGradients": {"n_steps": 4}, "GradientShap": {"n_samples": 3, "n_baselines": 2},
+    "DeepLiftShap": {"n_baselines": 2}, "SmoothGrad": {"nt_samples": 2}, "SmoothGradSquared": {"nt_samples": 2},
+    "VarGrad": {"nt_samples": 2}, "LayerConductance": {"n_steps": 4}, "InternalInfluence": {"n_steps": 4},
+    "LayerIntegratedGradients": {"n_steps": 4}, "LayerGradientShap": {"n_samples": 3, "n_baselines": 2},
+    "Occlusion": {"window_fraction": 0.25}, "FeatureAblation": {"block_fraction": 0.25},
+    "ShapleyValueSampling": {"n_samples": 1, "block_fraction": 0.5}, "Lime": {"n_samples": 24, "block_fraction": 0.5},
+    "KernelShap": {"n_samples": 24, "block_fraction": 0.5}, "RISE": {"n_masks": 24},
+}
+RECTIFIED = {"GradCAM", "GradCAM++", "GuidedGradCam"}
+NETWORKS = {"unet_in_prelu": make_unet_instancenorm_prelu, "bn_relu": make_net_batchnorm_relu}
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("net_name", list(NETWORKS))
+@pytest.mark.parametrize("name", [m.name for m in all_methods()])
+def test_method_gives_finite_nonconstant_map(name, net_name, channels):
+    network = NETWORKS[net_name](in_channels=channels)
+    x = structured_volume(16, channels)
+    spec, ctx = make_context(name, network, x, CHEAP.get(name))
+    attr, diag = run_method(spec, ctx)
+    assert attr.shape == x.shape
+    assert torch.isfinite(attr).all()
+    if name in RECTIFIED and float(attr.std()) == 0:
+        # A CAM of a random network may be rectified away entirely: then the unrectified map must
+        # be non-positive everywhere (so zero is the right answer) and itself non-constant.
+        spec, ctx = make_context(name, network, x, {"relu": False})
+        raw, _ = run_method(spec, ctx)
+        cam = raw if name != "GuidedGradCam" else None
+        assert float(attr.abs().max()) == 0.0
+        assert float(raw.std()) > 0
+        if cam is not None:
+            assert float(cam.max()) <= 0.0
+        return
+    assert float(attr.std()) > 0, f"{name} gave a constant map"
+    for value in diag.values():
+        assert value == value  # no NaN diagnostics

@@ -1,0 +1,216 @@
+"""The background worker for real: `python -m EsegetaLib.worker JOB.json` in a subprocess on a small
+generated volume and a small TorchScript UNet; progress read while it runs, results read back and
+compared with the engine run in this process, a cancel midway that leaves nothing behind, a user
+error reported in one line; then the Slicer module's run (`SceneRun`) on a real slicer-core scene."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("captum")
+
+from EsegetaLib.io import Image, read_image, write_image  # noqa: E402
+from EsegetaLib.outputs import leftovers  # noqa: E402
+from EsegetaLib.worker import EXIT_CODES, WorkerProcess, make_job, read_result, write_job  # noqa: E402
+
+SHAPE = (32, 32, 24)
+METHODS = ["Saliency", "InputXGradient"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """An oblique, anisotropic volume with bright tubes (NRRD) and a traced MONAI UNet (.pt)."""
+    from conftest import make_unet_instancenorm_prelu
+
+    folder = tmp_path_factory.mktemp("worker")
+    net = make_unet_instancenorm_prelu()
+    model = folder / "unet.pt"
+    torch.jit.trace(net, torch.zeros(1, 1, 32, 32, 32)).save(str(model))
+    rng = np.random.default_rng(3)
+    volume = rng.normal(0.0, 0.3, size=(1,) + SHAPE).astype(np.float32)
+    volume[0, 10:14, :, 8:12] += 2.0
+    volume[0, :, 20:23, 14:17] += 2.0
+    angle = np.deg2rad(20)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                               [0, 0, 1]]) @ np.diag([0.4, 0.5, 0.8])
+    affine[:3, 3] = [12.5, -30.0, 7.25]
+    image = Image(volume, affine, "nrrd")
+    path = folder / "volume.nrrd"
+    write_image(path, volume, image)
+    return {"folder": folder, "model": model, "volume": path, "image": read_image(path)}
+
+
+def start(files, tmp_path, **request):
+    fields = {"volume": files["volume"], "model": files["model"], "methods": METHODS, "region": "whole",
+              "metrics": "none", "device": "cpu"}
+    fields.update(request)
+    output = tmp_path / "result"
+    job = write_job(str(tmp_path / "job.json"), make_job(fields, str(output)))
+    return WorkerProcess(job).start(), output
+
+
+def test_worker_reports_progress_and_its_results_read_back_equal_the_engine(files, tmp_path):
+    worker, output = start(files, tmp_path)
+    events = worker.wait(timeout=600)
+    assert worker.final_event["event"] == "done", worker.final_event
+    assert worker.returncode == EXIT_CODES["done"]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "done"
+    progress = [e for e in events if e["event"] == "progress"]
+    fractions = [e["fraction"] for e in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    for method in METHODS:  # the current method is named while it runs
+        assert any(method in e["message"] for e in progress), [e["message"] for e in progress]
+
+    result = read_result(worker.final_event["output"])
+    assert sorted(result["maps"]) == sorted(METHODS)
+    assert result["segmentation"].shape == SHAPE and result["segmentation"].dtype == np.uint8
+    # maps on the input grid, voxel for voxel: the written files carry the input's geometry
+    for name, entry in result["run"]["results"].items():
+        written = read_image(output / entry["file"])
+        np.testing.assert_allclose(written.ijk_to_ras, files["image"].ijk_to_ras, atol=1e-6)
+        assert written.spatial_shape == SHAPE
+
+    # the same request run by the engine in this process gives the same maps
+    from EsegetaLib import runner
+
+    prepared = runner.prepare(runner.ExplainRequest(volume=str(files["volume"]), model=str(files["model"]),
+                                                    methods=METHODS, region="whole", metrics="none", device="cpu"))
+    explanation, *_ = runner._run_engine(prepared, lambda f, m: None, None, lambda t: None, with_metrics=False)
+    for name in METHODS:
+        reference = explanation.results[name].map
+        scale = float(np.abs(reference).max())
+        assert scale > 0
+        np.testing.assert_allclose(result["maps"][name], reference, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_array_equal(result["segmentation"], explanation.segmentation)
+
+
+def test_cancel_midway_terminates_and_leaves_nothing_at_the_result_location(files, tmp_path):
+    worker, output = start(files, tmp_path, methods=["IntegratedGradients"],
+                           params={"IntegratedGradients": {"n_steps": 400}})
+    deadline = time.monotonic() + 300
+    working = False
+    while time.monotonic() < deadline and worker.final_event is None:
+        working = any(e["event"] == "progress" and "IntegratedGradients" in e["message"] for e in worker.poll())
+        if working:
+            break
+        time.sleep(0.05)
+    assert working, "the worker never started the method"
+    group = os.getpgid(worker.process.pid) if os.name != "nt" else None
+    t0 = time.monotonic()
+    worker.cancel()
+    assert time.monotonic() - t0 < 10
+    worker.poll()
+    assert worker.final_event["kind"] == "cancelled"
+    assert worker.returncode is not None  # the process is gone
+    if group is not None:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)  # and so is every process it started
+    assert not output.exists()
+    assert leftovers(output) == []  # the worker removed its partial result on SIGTERM
+
+
+def test_user_error_is_one_line_and_writes_nothing(files, tmp_path):
+    worker, output = start(files, tmp_path, model=str(tmp_path / "missing.pt"))
+    worker.wait(timeout=300)
+    event = worker.final_event
+    assert event["kind"] == "user" and worker.returncode == EXIT_CODES["user"]
+    assert "missing.pt" in event["message"] and "\n" not in event["message"]
+    assert "Traceback" in event["details"]
+    assert not output.exists() and leftovers(output) == []
+
+
+def test_out_of_memory_is_recognised_and_suggests_cpu_or_a_smaller_patch():
+    from EsegetaLib.worker import classify_error
+
+    kind, message = classify_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda")
+    assert kind == "memory" and "CPU" in message and "smaller patch" in message
+    assert classify_error(RuntimeError("boom"))[0] == "internal"
+
+
+# ------------------------------------------------------------------------------------ SceneRun
+@pytest.fixture
+def scene_with_volume(files):
+    pytest.importorskip("slicer", reason="slicer-core is not installed (pip install esegeta[scene])")
+    from EsegetaLib import scene as bridge
+
+    scene = bridge.new_scene()
+    image = files["image"]
+    volume = bridge.volume_from_array(scene, image.array[0], image.ijk_to_ras, "TOF")
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[10:14, 4:28, 8:12] = 1
+    segmentation = bridge.add_segmentation(scene, labels, volume, "my vessel", {1: "vessel"})
+    yield scene, volume, segmentation
+    bridge.release_scene(scene)
+
+
+def node_ids(scene):
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def test_scene_run_imports_maps_on_the_input_grid(files, scene_with_volume, tmp_path):
+    from EsegetaLib import colors
+    from EsegetaLib import scene as bridge
+    from EsegetaLib.slicer_run import SceneRun
+
+    scene, volume, segmentation = scene_with_volume
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    request = {"model": str(files["model"]), "methods": METHODS, "params": {}, "class_index": 1,
+               "region": "roi", "device": "cpu", "precision": "fp32", "patch_size": None, "overlap": 0.25,
+               "metrics": "none"}
+    before = node_ids(scene)
+    run = SceneRun(scene, volume, request, segmentation_node=segmentation, segment_id=segment_id,
+                   class_name="vessel", workdir=str(tmp_path)).start()
+    workdir = run.workdir
+    assert (workdir / "input.nrrd").is_file() and (workdir / "region.nrrd").is_file()
+    written_mask = read_image(workdir / "region.nrrd").array[0] > 0
+    np.testing.assert_array_equal(written_mask, bridge.segment_mask(segmentation, volume, segment_id))
+    assert run.wait(timeout=600) == "done", run.failure
+    assert node_ids(scene) == before  # nothing added while it ran
+    nodes = run.import_result(opacity=0.4)
+    assert not workdir.exists()
+
+    assert sorted(nodes["maps"]) == sorted(METHODS)
+    for method, node in nodes["maps"].items():
+        assert node.GetName() == f"TOF - {method} - vessel"
+        values, ijk_to_ras = bridge.array_from_volume(node)
+        np.testing.assert_array_equal(values, run.result["maps"][method])
+        np.testing.assert_allclose(ijk_to_ras, files["image"].ijk_to_ras, atol=1e-9)
+        table = colors.SIGNED_TABLE if run.result["signed"][method] else colors.UNSIGNED_TABLE
+        assert node.GetScalarVolumeDisplayNode().GetColorNodeID() == colors.color_node_id(table)
+    rows = bridge.table_rows(nodes["table"])
+    assert [row["method"] for row in rows] == list(run.result["maps"])
+    sh = scene.GetSubjectHierarchyNode()
+    assert sh.GetItemName(nodes["folder"]) == "Esegeta - TOF - vessel"
+    assert "roi" in sh.GetItemAttribute(nodes["folder"], "Esegeta.parameters")
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    if composite is not None:
+        assert composite.GetForegroundVolumeID() == nodes["shown"].GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+
+
+def test_scene_run_cancel_leaves_the_scene_exactly_as_it_was(files, scene_with_volume, tmp_path):
+    from EsegetaLib.slicer_run import SceneRun
+
+    scene, volume, _ = scene_with_volume
+    request = {"model": str(files["model"]), "methods": ["IntegratedGradients"],
+               "params": {"IntegratedGradients": {"n_steps": 400}}, "region": "whole", "device": "cpu",
+               "metrics": "none"}
+    before = node_ids(scene)
+    modified = volume.GetMTime()
+    run = SceneRun(scene, volume, request, workdir=str(tmp_path)).start()
+    workdir = run.workdir
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.state == "running":
+        if any(e["event"] == "progress" and "IntegratedGradients" in e["message"] for e in run.poll()):
+            break
+        time.sleep(0.05)
+    run.cancel()
+    assert run.state == "cancelled"
+    assert node_ids(scene) == before and volume.GetMTime() == modified
+    assert not workdir.exists()

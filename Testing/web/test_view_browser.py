@@ -1,0 +1,199 @@
+"""`esegeta view` end to end: a real server in a subprocess, headless Chromium, pixels of Slicer's views.
+
+The result (see web_fixtures) has attribution blocks over black background, so a block's pixels are
+exactly the colour table's entry for the block's value times the overlay opacity. Expected colours
+come from the scene bridge's display rule (range) and colour tables, independently of the viewer.
+Screenshots go to Testing/artifacts/web/.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from web_browser import (ViewerProcess, centroid, color_mask, launch_browser, save_screenshot, view_pixels,
+                         wait_until, chromium_path)
+from web_fixtures import arrays, write_result
+
+MIN_BLOCK_PIXELS = 1500  # an 8x8 mm block in a ~350 px tall view of 32 mm is ~7000 px
+
+
+def table_colour(table: str, value: float, low: float, high: float) -> np.ndarray:
+    """RGB 0-255 that Slicer shows for `value` with window [low, high] and colour table `table`
+    (built from the same matplotlib map as the scene bridge's table): entry floor(fraction * N)."""
+    from EsegetaLib import colors
+
+    rgba = colors.colormap_rgba(table)
+    index = int(np.clip(np.floor((value - low) / (high - low) * len(rgba)), 0, len(rgba) - 1))
+    return rgba[index, :3] * 255.0
+
+
+def expected_colours():
+    """Block colours at opacity 1 for each method, from the bridge's display rule."""
+    from EsegetaLib import colors
+    from EsegetaLib.scene import display_range
+
+    _, _, maps = arrays()
+    sal = display_range(maps["Saliency"], signed=False)
+    ig = display_range(maps["IntegratedGradients"], signed=True)
+    return {
+        "saliency": table_colour(colors.UNSIGNED_TABLE, 0.5, sal["low"], sal["high"]),
+        "positive": table_colour(colors.SIGNED_TABLE, 0.5, ig["low"], ig["high"]),
+        "negative": table_colour(colors.SIGNED_TABLE, -0.5, ig["low"], ig["high"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory):
+    chromium_path()  # skip before starting anything when there is no browser
+    folder = write_result(tmp_path_factory.mktemp("view") / "result")
+    process = ViewerProcess(str(folder), "--port", "0")
+    process.wait_for_url()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def page(viewer):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch_browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(viewer.url)
+        page.locator('.esegeta-view[data-view="Red"]').wait_for(timeout=60_000)
+        yield page
+        browser.close()
+
+
+def block_mask(page, view: str, colour, opacity: float):
+    return color_mask(view_pixels(page, view), opacity * np.asarray(colour))
+
+
+def select(page, field_class: str, option: str) -> None:
+    """Choose `option` in a Vuetify select, as a user does (open the menu, click the item)."""
+    page.locator(f".{field_class}").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def press_on_slider(page, slider_class: str, key: str) -> None:
+    thumb = page.locator(f".{slider_class} [role=slider]")
+    thumb.focus()
+    page.keyboard.press(key)
+
+
+def test_address_is_loopback_and_printed(viewer):
+    assert viewer.url.startswith("http://127.0.0.1:")
+    assert int(viewer.url.rsplit(":", 1)[1].strip("/")) > 0  # --port 0 became a real port
+
+
+def test_overlay_shows_colour_table_where_attribution_is_high(page):
+    colours = expected_colours()
+    wait_until(lambda: block_mask(page, "Red", colours["saliency"], 0.6).sum() > MIN_BLOCK_PIXELS,
+               what="the Saliency block in the axial view")
+    save_screenshot(page, "01_saliency")
+    mask = block_mask(page, "Red", colours["saliency"], 0.6)
+    x, y = centroid(mask)
+    # +I is patient right = screen left; +J is anterior = screen top (Slicer's axial convention).
+    assert x < 0.5 and y < 0.5, (x, y)
+    rows, cols = np.nonzero(mask)
+    assert cols.max() < mask.shape[1] / 2 and rows.max() < mask.shape[0] / 2  # nowhere else
+    # The block lies off the central sagittal and coronal slices: no overlay there.
+    for view in ("Green", "Yellow"):
+        assert block_mask(page, view, colours["saliency"], 0.6).sum() < 20
+    # The segmentation outline (the bridge's first segment colour) is drawn around the centre.
+    from EsegetaLib.scene import default_segment_colors
+
+    outline = color_mask(view_pixels(page, "Red"), np.asarray(default_segment_colors(1)[0]) * 255, 40)
+    assert outline.sum() > 50
+    ox, oy = centroid(outline)
+    assert abs(ox - 0.5) < 0.1 and abs(oy - 0.5) < 0.1
+    assert "Inferno" in page.locator(".esegeta-legend").inner_text()
+
+
+def test_method_selector_switches_overlay(page):
+    colours = expected_colours()
+    select(page, "esegeta-method", "IntegratedGradients")
+    wait_until(lambda: block_mask(page, "Red", colours["positive"], 0.6).sum() > MIN_BLOCK_PIXELS,
+               what="the IntegratedGradients blocks")
+    save_screenshot(page, "02_integrated_gradients")
+    pixels = view_pixels(page, "Red")
+    positive = color_mask(pixels, 0.6 * colours["positive"])
+    negative = color_mask(pixels, 0.6 * colours["negative"])
+    assert negative.sum() > MIN_BLOCK_PIXELS
+    assert color_mask(pixels, 0.6 * colours["saliency"]).sum() < 20  # the Saliency overlay is gone
+    px, py = centroid(positive)
+    nx, ny = centroid(negative)
+    assert px > 0.5 and py > 0.5, (px, py)  # low I, low J: screen right, bottom
+    assert nx < 0.5 and ny > 0.5, (nx, ny)  # high I, low J: screen left, bottom
+    assert "DivergingBlueRed" in page.locator(".esegeta-legend").inner_text()
+
+
+def test_opacity_slider_changes_overlay(page):
+    colours = expected_colours()
+    press_on_slider(page, "esegeta-opacity", "End")  # opacity 1: the table's own colour
+    wait_until(lambda: block_mask(page, "Red", colours["positive"], 1.0).sum() > MIN_BLOCK_PIXELS,
+               what="the overlay at opacity 1")
+    save_screenshot(page, "03_opacity_1")
+    assert block_mask(page, "Red", colours["positive"], 0.6).sum() < 20
+    press_on_slider(page, "esegeta-opacity", "Home")  # opacity 0: background only (black there)
+    wait_until(lambda: block_mask(page, "Red", colours["positive"], 1.0).sum() < 20
+               and block_mask(page, "Red", colours["negative"], 1.0).sum() < 20, what="no overlay at opacity 0")
+    save_screenshot(page, "04_opacity_0")
+    pixels = view_pixels(page, "Red")
+    h, w = pixels.shape[:2]
+    # Where the positive block was (screen right, bottom) the input is black.
+    assert np.all(pixels[int(0.70 * h):int(0.80 * h), int(0.62 * w):int(0.68 * w)] < 30)
+    press_on_slider(page, "esegeta-opacity", "End")
+
+
+def test_threshold_slider_hides_weak_values(page):
+    colours = expected_colours()
+    wait_until(lambda: block_mask(page, "Red", colours["negative"], 1.0).sum() > MIN_BLOCK_PIXELS,
+               what="the overlay back at opacity 1")
+    press_on_slider(page, "esegeta-threshold", "End")  # hide |value| below the window's top (1.0)
+    wait_until(lambda: block_mask(page, "Red", colours["positive"], 1.0).sum() < 20
+               and block_mask(page, "Red", colours["negative"], 1.0).sum() < 20,
+               what="|0.5| blocks hidden by the threshold")
+    save_screenshot(page, "05_threshold_max")
+    press_on_slider(page, "esegeta-threshold", "Home")
+    wait_until(lambda: block_mask(page, "Red", colours["negative"], 1.0).sum() > MIN_BLOCK_PIXELS,
+               what="blocks shown again at threshold 0")
+
+
+def test_one_large_view_and_volume_rendering(page):
+    four = page.locator('.esegeta-view[data-view="Red"]').bounding_box()
+    select(page, "esegeta-layout", "3D")
+    wait_until(lambda: page.locator('.esegeta-view[data-view="ThreeD"]').bounding_box() is not None
+               and page.locator('.esegeta-view[data-view="ThreeD"]').bounding_box()["width"] > 1.5 * four["width"],
+               what="the 3D view alone")
+    colours = expected_colours()
+
+    def rendered_map():
+        pixels = view_pixels(page, "ThreeD")
+        saturation = pixels.max(axis=-1) - pixels.min(axis=-1)  # the background is grey
+        return (saturation > 60).sum() > 500
+
+    wait_until(rendered_map, timeout=90, what="the map's volume rendering in the 3D view")
+    save_screenshot(page, "06_volume_rendering")
+    assert colours  # colour reference unchanged; the 3D view shows coloured (non-grey) voxels
+    select(page, "esegeta-layout", "Four views")
+    wait_until(lambda: page.locator('.esegeta-view[data-view="Red"]').bounding_box() is not None,
+               what="the four views back")
+    wait_until(lambda: block_mask(page, "Red", colours["negative"], 1.0).sum() > MIN_BLOCK_PIXELS,
+               what="the axial view after the layout change")
+    save_screenshot(page, "07_four_views")
+
+
+def test_metrics_plot_and_parameters_on_page(page):
+    metrics = page.locator(".esegeta-metrics").inner_text()
+    assert "deletion_auc" in metrics and "IntegratedGradients" in metrics and "0.81" in metrics
+    plot = page.locator(".esegeta-plot")
+    assert plot.evaluate("img => img.naturalWidth") > 100  # the PNG decoded in the browser
+    parameters = page.locator(".esegeta-parameters").inner_text()
+    assert "parameters.methods.IntegratedGradients.n_steps" in parameters and "predicted" in parameters
+
+
+def test_ctrl_c_stops_the_server(viewer, page):
+    assert viewer.interrupt() == 0
+    assert any("stopped" in line for line in viewer.stdout)
+    assert not any("Traceback" in line for line in viewer.stderr), "".join(viewer.stderr)[-2000:]

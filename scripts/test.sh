@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything the tests need, then run the whole test suite.
+# Usage: bash scripts/test.sh [extra pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${ESEGETA_VENV:-.venv}
+
+# Headless Chromium (browser test of `esegeta view`) and Mesa EGL (offscreen 3D previews).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium libegl1 libegl-mesa0 libgl1-mesa-dri >/dev/null
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# CPU build of torch pinned (a bare `torch` pulls a multi-GB CUDA build); GPU users keep theirs.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[full,scene,study,test]"
+exec "$VENV/bin/python" -m pytest Testing -q "$@"
