@@ -160,6 +160,7 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.metricCheckBoxes = {}
         self.pollTimer = None
         self._shownState = None
+        self._shownModelPath = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -245,6 +246,8 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.regionPointSelector.enabled = region == "point"
         self.ui.resultsCollapsibleButton.enabled = pn.shownMap is not None or pn.metricsTable is not None
         self.ui.metricsTableView.setMRMLTableNode(pn.metricsTable)
+        if pn.modelPath != self._shownModelPath:  # e.g. restored from a saved scene
+            self.updateModelCard()
         self.updateResultDisplay()
 
     def updateResultDisplay(self) -> None:
@@ -261,7 +264,8 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.showIn3D(pn.shownMap, pn.showIn3D)
 
     def updateModelCard(self) -> None:
-        summary = self.logic.modelSummary(self.ui.modelPathLineEdit.text)
+        self._shownModelPath = self.ui.modelPathLineEdit.text
+        summary = self.logic.modelSummary(self._shownModelPath)
         self.ui.modelCardLabel.text = summary["text"]
         classes = summary.get("classes")
         self.ui.targetClassSpinBox.toolTip = (

@@ -35,7 +35,6 @@ from .targets import (TargetScore, check_class, check_target, labels_from, proba
 from .windows import WindowGrid, choose_patch, describe
 
 ProgressFn = Callable[[float, str], Any]
-NOISE_TUNNEL_PARAMS = ("base_method", "nt_type", "nt_samples", "stdev")
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -451,41 +450,32 @@ class ExplainSession:
         return out.to(self.device, self.dtype)
 
     def _noise_tunnel(self, spec, params, x, generator) -> Tuple[torch.Tensor, Dict]:
+        """Global noise per sample; the base method additive over the windows of x + noise; the
+        base's finalize per sample map; then the catalogue's aggregator (Captum's formulas)."""
+        from .methods import noise as nt
+
         base = get_method(params["base_method"])
         if base.patching != "additive":
             raise EsegetaError(f"{spec.name} needs an additive gradient method as base; {base.name} is {base.patching}.")
-        known = {p.name for p in base.params}
-        base_params = base.resolve_params({k: v for k, v in params.items() if k in known and k not in NOISE_TUNNEL_PARAMS})
-        samples = int(params.get("nt_samples", 8))
-        sigma = noise_sigma(params, self.stats)
-        layer, layer_name = self._layer(base, base_params)
-        total = torch.zeros(x.shape, dtype=torch.float64)
-        squares = torch.zeros(x.shape, dtype=torch.float64)
-        diag: Dict[str, Any] = {"noise_sigma": sigma, "base_method": base.name}
+        inner = nt.base_params(params)
+        kind = params.get("nt_type") or nt.NT_TYPES.get(spec.name, "smoothgrad")
+        samples = int(params["nt_samples"])
+        sigma = nt.stdev(self.stats, params)
+        layer, layer_name = self._layer(base, inner)
+        prepared = self._prepare(base, inner, x, generator)  # baselines from the clean volume, like Captum
+        aggregator = nt.Aggregator(kind)
+        diag: Dict[str, Any] = {"noise_stdev": sigma, "base_method": base.name, "nt_type": kind}
         if layer_name:
             diag["layer"] = layer_name
-        for s in range(samples):
-            noise = torch.randn(x.shape, generator=generator, dtype=self.dtype)
-            noisy = x + sigma * noise
-            prepared = self._prepare(base, base_params, noisy, generator)
-            acc, _ = self._windows_pass(base, base_params, self.grid.pad(noisy[None]), prepared, layer, generator,
-                                        report_base=(s / samples, (s + 1) / samples))
+        for j in range(samples):
+            noisy = x + nt.draw(x[None], sigma, 1, generator)[0].to(x.dtype)
+            acc, _ = self._windows_pass(base, inner, self.grid.pad(noisy[None]), prepared, layer, generator,
+                                        report_base=(j / samples, (j + 1) / samples))
             sample = self.grid.fold(acc)[0]
             if base.finalize is not None:
-                sample = base.finalize(sample, base_params)
-            sample = sample.double().cpu()
-            total += sample
-            squares += sample * sample
-        mean = total / samples
-        kind = params.get("nt_type", "smoothgrad")
-        if kind == "smoothgrad":
-            out = mean
-        elif kind == "smoothgrad_sq":
-            out = squares / samples
-        elif kind == "vargrad":
-            out = squares / samples - mean * mean
-        else:
-            raise EsegetaError(f"nt_type must be smoothgrad, smoothgrad_sq or vargrad; got {kind!r}.")
+                sample = base.finalize(sample, inner)
+            aggregator.add(sample.to(torch.float64))
+        out = aggregator.result()
         if spec.finalize is not None:
             out = spec.finalize(out, params)
         return out, diag
@@ -505,14 +495,6 @@ class ExplainSession:
         if spec.finalize is not None:
             attribution = spec.finalize(attribution, params)
         return attribution, diag
-
-
-def noise_sigma(params: Dict[str, Any], stats: VolumeStats) -> float:
-    """Noise standard deviation: `stdev` is a fraction of the intensity spread (p99 - p1)."""
-    spread = stats.high - stats.low
-    if not spread > 0:
-        spread = stats.std if stats.std > 0 else 1.0
-    return float(params.get("stdev", 0.1)) * spread
 
 
 def _relative_delta(diag: Dict[str, Any], attribution: torch.Tensor) -> None:

@@ -183,6 +183,20 @@ class NormalizedNetwork(torch.nn.Module):
     def forward(self, x):
         return self.network(self.normalize(x))
 
+    def train(self, mode: bool = True):
+        # torch.export programs refuse train()/eval() (their mode is fixed at export): skip them.
+        self.training = mode
+        self.normalize.train(mode)
+        _set_mode(self.network, mode)
+        return self
+
+
+def _set_mode(network, training: bool) -> None:
+    try:
+        network.train(training)
+    except NotImplementedError:  # an exported program's module: already in its exported mode
+        pass
+
 
 @dataclass
 class LoadedModel:
@@ -240,7 +254,7 @@ def load_model(path, normalization=None) -> LoadedModel:
                            "(.pt2) or a model card (.json)")
     if normalization is not None:
         card.normalization = _normalization_spec(normalization, "normalization")
-    network.eval()
+    _set_mode(network, False)
     return LoadedModel(card=card, network=network, path=path)
 
 

@@ -45,7 +45,8 @@ def strongest_point(map_node) -> Tuple[Tuple[int, int, int], Tuple[float, float,
     from .scene import array_from_volume
 
     values, ijk_to_ras = array_from_volume(map_node)
-    strength = uniform_filter(np.abs(np.nan_to_num(values.astype(np.float64))), size=3, mode="constant")
+    magnitude = np.abs(np.nan_to_num(values.astype(np.float32, copy=False)))
+    strength = uniform_filter(magnitude, size=3, mode="constant")
     ijk = tuple(int(v) for v in np.unravel_index(int(np.argmax(strength)), strength.shape))
     local = ijk_to_ras @ np.array([*ijk, 1.0])
     world = _node_to_world(map_node).TransformPoint(local[:3])
@@ -79,8 +80,8 @@ def render_slice(scene, orientation: str, background, foreground=None, opacity: 
     slice_node = slice_logic.AddSliceNode(layout)
     composite = slice_logic.GetSliceCompositeNode()
     try:
-        if scene.GetNodeByID("vtkMRMLSliceNode" + layout) is None and slice_node.GetScene() is None:
-            raise EsegetaError("could not create a slice view for the preview")  # pragma: no cover
+        if slice_node is None or composite is None:  # pragma: no cover - MRML always makes them
+            raise EsegetaError("could not create a slice view for the preview")
         slice_node.SetOrientation(orientation)
         slice_node.SetDimensions(int(size[0]), int(size[1]), 1)
         slice_node.SetUseLabelOutline(True)
@@ -175,6 +176,7 @@ def render_3d(scene, map_node, segmentation=None, size: Tuple[int, int] = (512, 
     renderer = vtk.vtkRenderer()
     renderer.SetBackground(0.0, 0.0, 0.0)
     mapper = vtk.vtkSmartVolumeMapper()
+    mapper.SetRequestedRenderModeToRayCast()
     mapper.SetInputData(map_node.GetImageData())
     volume = vtk.vtkVolume()
     volume.SetMapper(mapper)
@@ -222,6 +224,7 @@ def render_3d(scene, map_node, segmentation=None, size: Tuple[int, int] = (512, 
     renderer.ResetCamera()
     camera.Azimuth(30)
     camera.Elevation(15)
+    camera.Zoom(1.4)
     renderer.ResetCameraClippingRange()
     window.Render()
     grab = vtk.vtkWindowToImageFilter()

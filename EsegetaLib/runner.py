@@ -56,6 +56,7 @@ class ExplainRequest:
     batch_size: Union[int, str] = "auto"
     metrics: Union[str, Sequence[str]] = "default"  # names | "all" | "none" | "default"
     seed: int = 0
+    scene: bool = True  # esegeta.mrb + previews/ when slicer-core is installed
 
 
 @dataclass
@@ -176,12 +177,25 @@ def check_readable(path: Union[str, Path], what: str) -> Path:
     return path
 
 
+def read_volume(path: Path):
+    """io.read_image, with what to do added when the file is not a readable image."""
+    from .io import read_image
+
+    try:
+        return read_image(path)
+    except EsegetaError as exc:
+        if str(exc).startswith("cannot read"):
+            raise EsegetaError(f"{exc}; give a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage "
+                               "(.mha, .mhd) volume.") from exc
+        raise
+
+
 def read_mask(path: Path, image) -> np.ndarray:
     """A region mask from a file on exactly the volume's grid (shape and geometry)."""
     from .io import read_image
 
     check_readable(path, "mask")
-    mask = read_image(path)
+    mask = read_volume(path)
     if mask.spatial_shape != image.spatial_shape or not np.allclose(mask.ijk_to_ras, image.ijk_to_ras, atol=1e-3):
         raise EsegetaError(
             f"Mask '{path}' is on another grid (shape {mask.spatial_shape}) than the volume (shape "
@@ -255,7 +269,7 @@ def prepare(request: ExplainRequest) -> PreparedRun:
     metrics = resolve_metrics(request.metrics)
 
     volume_path = check_readable(request.volume, "volume")
-    image = read_image(volume_path)
+    image = read_volume(volume_path)
     if not np.all(np.isfinite(image.array)):
         raise EsegetaError(f"Volume '{volume_path}' contains NaN or infinite voxels; fix or mask them first.")
     inputs: List[Tuple[str, Path]] = [("volume", volume_path)]
@@ -345,7 +359,8 @@ def resolve_metrics(metrics: Union[str, Sequence[str], None]) -> Union[str, List
 # ---------------------------------------------------------------------------------- execute
 def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = False,
             progress: Optional[ProgressFn] = None, cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None,
-            note: Callable[[str], None] = lambda text: None, command: str = "explain",
+            note: Callable[[str], None] = lambda text: None, warn: Callable[[str], None] = lambda text: None,
+            command: str = "explain",
             argv: Optional[List[str]] = None) -> Path:
     """Run the engine and write the result directory; returns its path. Nothing is left behind on
     failure or cancellation (the directory is as it was)."""
@@ -363,12 +378,14 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
         written = write_images(folder, prepared.image, explanation)
         metric_rows = _metrics(prepared, explanation, session, peaks, folder, progress, cancel)
         t_metrics = time.perf_counter()
-        scene_note = _scene(prepared, explanation, folder, note)
+        _check_cancel(cancel)
+        progress(0.93, "writing the Slicer review scene and previews")
+        scene_record = _scene(prepared, explanation, folder, metric_rows, note, warn)
         _check_cancel(cancel)
         timings = {"engine_seconds": engine_seconds, "total_seconds": None,
-                   "metrics_seconds": t_metrics - t_engine,
+                   "metrics_seconds": t_metrics - t_engine, "scene_seconds": time.perf_counter() - t_metrics,
                    "methods": {name: r.seconds for name, r in explanation.results.items()}}
-        record = _run_json(prepared, explanation, command, argv, started, timings, metric_rows, written, scene_note)
+        record = _run_json(prepared, explanation, command, argv, started, timings, metric_rows, written, scene_record)
         timings["total_seconds"] = time.perf_counter() - t0
         record["outputs"] = provenance.output_records(folder)
         provenance.write_json(folder / "run.json", record)
@@ -397,7 +414,7 @@ def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, note, with_
     specs = [get_method(name) for name, _ in prepared.methods]
     # Progress: segmentation counts as one unit, each method by its relative cost; metrics after.
     weights = [1.0] + [max(float(spec.cost), 1.0) for spec in specs]
-    share = 0.8 if with_metrics else 1.0
+    share = 0.75 if with_metrics else 0.9
     edges = share * np.cumsum([0.0] + weights) / sum(weights)
     t0 = time.perf_counter()
     session = ExplainSession(image.array, network, prepared.target, prepared.options, spacing=image.spacing,
@@ -410,6 +427,7 @@ def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, note, with_
         with meter.measure():
             results[spec.name] = session.attribute(spec, params)
         peaks[spec.name] = {"attribution_peak_mb": meter.peak_mb}
+    session.progress = None  # metrics report their own progress; their reruns would jump the bar back
     engine = {"device": str(session.device), "precision": prepared.options.precision,
               "dtype": str(session.dtype).replace("torch.", ""), "batch_size": session.batch_size,
               "divisor": prepared.options.divisor, "overlap": prepared.options.overlap,
@@ -501,7 +519,7 @@ def _metrics(prepared: PreparedRun, explanation, session, peaks, folder: Path, p
         from . import metrics as metrics_module
 
         report = metrics_module.evaluate(session, explanation, metrics=prepared.metrics,
-                                         progress=_scaled(progress, 0.8, 0.98, "metrics"), cancel=cancel)
+                                         progress=_scaled(progress, 0.75, 0.92, "metrics"), cancel=cancel)
         extra = {row["method"]: row for row in rows}
         for row in report.rows:
             for key, value in extra.get(row.get("method"), {}).items():
@@ -527,21 +545,52 @@ def write_metrics_tables(folder: Path, rows: List[Dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------- scene
-def _scene(prepared: PreparedRun, explanation, folder: Path, note) -> Optional[str]:
-    """`esegeta.mrb` and `previews/` through the scene bridge when it is importable."""
+def _scene(prepared: PreparedRun, explanation, folder: Path, rows, note, warn) -> Dict[str, Any]:
+    """`esegeta.mrb` and `previews/` through the scene bridge (slicer-core) when it is installed.
+
+    The maps, segmentation and tables are the result; the review scene is a convenience, so a
+    missing slicer-core is a note and a scene that fails to build is a warning, not a lost run."""
+    if not prepared.request.scene:
+        return {"written": False, "note": "not requested (--no-scene)"}
     try:
         from . import scene
-    except ImportError as exc:
-        return f"scene bridge not available ({exc})"
-    writer = getattr(scene, "write_result_scene", None) or getattr(scene, "export_result", None)
-    if writer is None:
-        return "scene bridge has no result writer"
-    writer(folder, prepared.image, explanation)
-    return None
+        from .slicer_env import slicer_module
+
+        slicer_module()
+    except (ImportError, EsegetaError) as exc:
+        message = f"no Slicer scene or previews: {exc}"
+        note(message)
+        return {"written": False, "note": message}
+    card = prepared.model.card
+    names = {i: str(n) for i, n in enumerate(getattr(card, "classes", None) or [])}
+    if getattr(card, "activation", "softmax") == "softmax":
+        names.pop(0, None)  # softmax class 0 is the background: no segment for it
+    volume_name = Path(str(prepared.request.volume)).name.split(".")[0] or "input"
+    try:
+        written = scene.write_review(folder, prepared.image, explanation, rows,
+                                     {"esegeta_run": "see run.json beside esegeta.mrb"},
+                                     volume_name=volume_name, class_name=prepared.class_name,
+                                     segment_names=names)
+    except (KeyboardInterrupt, EsegetaCancelled):
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        for leftover in (folder / "esegeta.mrb", folder / "previews"):
+            if leftover.is_dir():
+                import shutil
+
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.exists():
+                leftover.unlink()
+        message = f"the Slicer review scene could not be written ({type(exc).__name__}: {exc}); the maps are complete."
+        warn(message)
+        return {"written": False, "note": message}
+    return {"written": True, "mrb": "esegeta.mrb",
+            "previews": [Path(p).relative_to(folder).as_posix() for p in written.get("previews", [])],
+            "notes": written.get("notes", [])}
 
 
 # ---------------------------------------------------------------------------------- run.json
-def _run_json(prepared: PreparedRun, explanation, command, argv, started, timings, rows, written, scene_note):
+def _run_json(prepared: PreparedRun, explanation, command, argv, started, timings, rows, written, scene_record):
     from . import provenance
 
     request = prepared.request
@@ -569,7 +618,7 @@ def _run_json(prepared: PreparedRun, explanation, command, argv, started, timing
                                      if k in (r.metadata or {})}}
                  for name, r in explanation.results.items()},
         segmentation=written.get("segmentation"), warnings=prepared.warnings,
-        scene=scene_note or "esegeta.mrb",
+        scene=scene_record,
     )
 
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,6 +38,8 @@ DEFAULT_THRESHOLD_FRACTION = 0.1
 # Robust upper end of the display range: this percentile of |map| over its non-zero voxels.
 DEFAULT_PERCENTILE = 99.5
 ATTRIBUTE_PREFIX = "Esegeta."
+# Non-zero voxels beyond which the display percentile is estimated on a regular subsample.
+_PERCENTILE_SAMPLE = 4_000_000
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -230,10 +232,14 @@ def display_range(values: np.ndarray, signed: bool, percentile: float = DEFAULT_
     """Fixed display settings for a map: window [low, high] from a robust percentile of |map| over
     its non-zero voxels (symmetric for signed maps) and, for unsigned maps, a lower threshold that
     hides near-zero values. Robust so that a few extreme voxels do not wash out the rest."""
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float32).reshape(-1)
     finite = v[np.isfinite(v)]
     nonzero = np.abs(finite[finite != 0])
-    high = float(np.percentile(nonzero, percentile)) if nonzero.size else 1.0
+    if nonzero.size > _PERCENTILE_SAMPLE:
+        # A regular subsample estimates the percentile of a 50 M-voxel map to well within what a
+        # display range needs, without sorting it all.
+        nonzero = nonzero[:: nonzero.size // _PERCENTILE_SAMPLE + 1]
+    high = float(np.percentile(nonzero.astype(np.float64), percentile)) if nonzero.size else 1.0
     if high <= 0:
         high = float(nonzero.max()) if nonzero.size else 1.0
     vmax = float(finite.max()) if finite.size else high
@@ -447,19 +453,50 @@ def show_volume_rendering(scene, map_node, visible_fraction: float = 0.5, opacit
 
 
 # ----------------------------------------------------------------------------------- tables
-# Known columns: title, unit, description. Unknown metrics get their key as title and no unit.
+# Known columns: title, unit, description (keys as the CLI runner and `EsegetaLib.metrics` name them).
+# Unknown metrics get their key as title and no unit.
 COLUMN_INFO = {
     "method": ("Method", "", "Attribution method"),
     "runtime_s": ("Runtime", "s", "Wall-clock time of the method"),
+    "attribution_s": ("Runtime", "s", "Wall-clock time of the attribution"),
+    "attribution_peak_mb": ("Peak memory", "MB", "Peak memory while attributing"),
     "device": ("Device", "", "Where the method ran"),
+    "convergence_delta": ("IG delta", "", "Integrated Gradients completeness error (max |delta|)"),
+    "infidelity": ("Infidelity", "", "Captum infidelity (lower is better)"),
+    "infidelity_rel": ("Infidelity (rel.)", "", "Infidelity / mean squared score change (0 best, 1 = "
+                       "no better than predicting no change)"),
+    "sensitivity_max": ("Max-sensitivity", "", "Captum sensitivity_max (lower is better)"),
+    "sensitivity_avg": ("Avg-sensitivity", "", "Mean sensitivity (lower is better)"),
+    "deletion_auc": ("Deletion AUC", "", "Area under the deletion curve (lower is better)"),
+    "insertion_auc": ("Insertion AUC", "", "Area under the insertion curve (higher is better)"),
+    "relevance_mass": ("Relevance mass", "", "Share of positive relevance inside the segmentation"),
+    "relevance_rank": ("Relevance rank", "", "Share of top-ranked voxels inside the segmentation"),
+    "sparseness": ("Sparseness", "", "Gini index of |map| (higher is sparser)"),
+    "complexity": ("Complexity", "nats", "Entropy of |map| / sum |map| (lower is simpler)"),
+    "randomisation_spearman": ("Randomisation rho", "", "Spearman rank correlation with the map of a "
+                               "randomised model (lower is better)"),
+    "randomisation_ssim": ("Randomisation SSIM", "", "SSIM with the map of a randomised model"),
+    "randomisation_pass": ("Randomisation pass", "", "1 if the map changed under weight randomisation"),
 }
+_LAST_COLUMNS = ("runtime_s", "attribution_s", "attribution_peak_mb", "device")
+
+
+def _six_digits(value: float) -> float:
+    """Slicer's table files keep 6 significant digits; rounding when the table is made means the
+    scene holds the same numbers before and after saving (full precision is in metrics.json)."""
+    return float(f"{value:.6g}")
+
+
+def _is_number(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, np.integer, np.floating))
 
 
 def add_metrics_table(scene, rows: Sequence[Mapping[str, Any]], name: str = "Esegeta metrics",
                       columns: Optional[Mapping[str, Tuple[str, str, str]]] = None,
                       folder: Optional[int] = None):
-    """A table node: one row per method (`rows[i]["method"]`), a column per metric (numbers), plus
-    runtime and device. `columns`: key -> (title, unit, description) for metrics."""
+    """A table node: one row per method (`rows[i]["method"]`), a column per metric (numbers), then
+    runtime, memory and device. `columns`: key -> (title, unit, description), added to
+    `COLUMN_INFO`. Missing values are NaN; text (or anything not a number) is a string column."""
     vtk = _vtk()
     info = dict(COLUMN_INFO)
     info.update(columns or {})
@@ -469,20 +506,21 @@ def add_metrics_table(scene, rows: Sequence[Mapping[str, Any]], name: str = "Ese
             if key not in keys:
                 keys.append(key)
     front = [k for k in ("method",) if k in keys]
-    back = [k for k in ("runtime_s", "device") if k in keys]
+    back = [k for k in _LAST_COLUMNS if k in keys]
     keys = front + [k for k in keys if k not in front + back] + back
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = table_node.GetTable()
     for key in keys:
-        textual = any(isinstance(row.get(key), str) for row in rows)
+        textual = not all(_is_number(row.get(key)) for row in rows)
         column = vtk.vtkStringArray() if textual else vtk.vtkDoubleArray()
         column.SetName(key)
         for row in rows:
             value = row.get(key)
             if textual:
-                column.InsertNextValue("" if value is None else str(value))
+                text = value if isinstance(value, str) else json.dumps(_json_ready(value))
+                column.InsertNextValue("" if value is None else text)
             else:
-                column.InsertNextValue(float("nan") if value is None else float(value))
+                column.InsertNextValue(float("nan") if value is None else _six_digits(float(value)))
         table.AddColumn(column)
     for key in keys:
         title, unit, description = info.get(key, (key, "", ""))
@@ -580,10 +618,13 @@ def _class_name(explanation, class_name: Optional[str]) -> str:
 
 
 def _is_signed(result) -> bool:
+    """Signed as the method declares it; a map declared unsigned that still has clearly negative
+    values is shown as signed too, so the display never hides half of the evidence."""
     meta = getattr(result, "metadata", {}) or {}
-    if "signed" in meta:
-        return bool(meta["signed"])
-    return bool(np.any(result.map < 0))
+    values = result.map
+    peak = float(np.nanmax(np.abs(values))) if values.size else 0.0
+    has_negative = peak > 0 and float(np.nanmin(values)) < -1e-3 * peak
+    return bool(meta.get("signed", False)) or has_negative
 
 
 def build_review_scene(image, explanation, metrics_rows: Sequence[Mapping[str, Any]] = (),

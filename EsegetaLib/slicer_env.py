@@ -17,8 +17,10 @@ from .errors import EsegetaError
 # scene (VTK would otherwise free them) and a vtkMRMLScene has no slot to hang them on.
 _CONTEXTS: Dict[str, Dict[str, Any]] = {}
 
-# The desktop Slicer release whose version string review scenes carry (slicer-core 5.11 is built
-# from the same sources), so desktop Slicer opens them without a version warning.
+# The version string review scenes carry. Desktop Slicer's scene reader warns when a scene was
+# saved by another application ("slicer-core", what the wheel writes) or by a newer Slicer than
+# itself, so scenes claim "Slicer" 5.8.1: no warning in Slicer 5.8 or later (not checked against a
+# desktop Slicer here; the reader's rule is in Slicer's qSlicerSceneReader).
 SLICER_VERSION = "Slicer5.8.1 33241"
 
 
@@ -46,9 +48,9 @@ def _register(app_logic, scene, logic, name: str):
 
 
 def new_scene():
-    """A fresh scene with Slicer's logics and colour tables. In desktop Slicer: `slicer.mrmlScene`
-    cleared is NOT what you want, so this always makes a new, independent slicer-core style scene
-    there too (for export); the application's own scene is used by passing `slicer.mrmlScene`."""
+    """A fresh, independent scene with Slicer's logics (volumes, segmentations, subject hierarchy,
+    tables, volume rendering, data IO for .mrb) and the colour tables. Inside desktop Slicer work
+    on the application's scene instead: pass `slicer.mrmlScene` to the bridge's functions."""
     from . import colors
 
     slicer = slicer_module()

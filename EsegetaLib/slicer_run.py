@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,6 +43,22 @@ def write_volume_node(node, path: str) -> Any:
     image = Image(array=np.ascontiguousarray(array[None], dtype=np.float32), ijk_to_ras=ijk_to_ras, format="nrrd")
     write_image(path, image.array, image, dtype=np.float32)
     return image
+
+
+@contextmanager
+def _no_trace(scene):
+    """Remove any node added to `scene` inside the block. Reading a segment onto the volume's grid
+    goes through Slicer's exporter, which leaves helper nodes behind (a colour table for its
+    temporary label map); the user's scene must not change until the results are imported."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())
+                 if scene.GetNthNode(i).GetID() not in before]
+        for node in added:
+            if node.GetScene() is scene:
+                scene.RemoveNode(node)
 
 
 class SceneRun:
@@ -84,7 +101,8 @@ class SceneRun:
             write_volume_node(self.volume_node, request["volume"])
             region = str(request.get("region", "predicted"))
             if region == "roi":
-                request["region"] = "roi:" + self._write_roi_mask()
+                with _no_trace(self.scene):
+                    request["region"] = "roi:" + self._write_roi_mask()
             elif region == "point":
                 request["region"] = "point:" + ",".join(str(v) for v in self._point_voxel())
             job_path = str(self.workdir / "job.json")

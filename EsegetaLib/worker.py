@@ -11,7 +11,8 @@ Protocol: the worker prints one event per line on stdout, ``@esegeta {json}``; a
 stdout (a library's print) is passed on as a log line.  Events:
 
   {"event": "started", "pid": 1234}
-  {"event": "progress", "fraction": 0.42, "message": "Saliency: window 3/8"}
+  {"event": "progress", "fraction": 0.42, "message": "Saliency (1/2): window 3/8"}
+  {"event": "warning", "message": "..."}   {"event": "log", "message": "..."}
   {"event": "done", "output": "/path/to/result", "seconds": 12.3}
   {"event": "error", "kind": "user" | "memory" | "cancelled" | "internal",
    "message": "one line", "details": "traceback"}
@@ -48,22 +49,23 @@ RESULT_FILE = "run.json"  # written last by runner.execute
 
 # The fields of `runner.ExplainRequest` a job may set (the same request the CLI builds).
 REQUEST_FIELDS = ("volume", "model", "methods", "params", "class_index", "region", "device", "precision",
-                  "patch_size", "overlap", "batch_size", "metrics", "seed")
+                  "patch_size", "overlap", "batch_size", "metrics", "seed", "scene")
 
 
-def make_job(request: Dict[str, Any], output: str, review_scene: bool = False) -> Dict[str, Any]:
+def make_job(request: Dict[str, Any], output: str) -> Dict[str, Any]:
     """A job description (JSON-ready): `request` holds `runner.ExplainRequest` fields (volume and
     model are file paths; region is predicted | whole | roi:MASKFILE | point:I,J,K); `output` is
-    the result folder to create.  `review_scene`: also write esegeta.mrb and previews (the CLI's
-    extras; the Slicer module builds its scene itself, so it leaves this off)."""
+    the result folder to create.  `scene` defaults to False: the review scene and previews are the
+    CLI's extras, and inside Slicer the module builds the nodes in the application's own scene
+    (the worker, run by PythonSlicer, must not touch MRML)."""
     unknown = sorted(set(request) - set(REQUEST_FIELDS))
     if unknown:
         raise ValueError(f"unknown request field(s) {', '.join(unknown)}")
+    request = {"scene": False, **request}
     for key in ("volume", "model"):
         if request.get(key) is not None:
-            request = {**request, key: str(request[key])}
-    return {"format": JOB_FORMAT, "request": dict(request), "output": str(output),
-            "review_scene": bool(review_scene)}
+            request[key] = str(request[key])
+    return {"format": JOB_FORMAT, "request": request, "output": str(output)}
 
 
 def write_job(path: str, job: Dict[str, Any]) -> str:
@@ -130,13 +132,10 @@ def run_job(job: Dict[str, Any], progress: Callable[[float, str], None], cancel:
     prepared = runner.prepare(request)
     for warning in prepared.warnings:
         _emit("warning", message=warning)
-    if not job.get("review_scene", False):
-        # The review scene and previews are the CLI's extras; inside Slicer the module builds the
-        # nodes in the application's own scene, and the worker (PythonSlicer) must not touch MRML.
-        runner._scene = lambda *args: "not written (the Slicer module builds the scene itself)"
     return runner.execute(prepared, job["output"], overwrite=False, progress=progress, cancel=cancel,
-                          note=lambda text: _emit("log", message=text), command="slicer-worker",
-                          argv=[job.get("path", "")])
+                          note=lambda text: _emit("log", message=text),
+                          warn=lambda text: _emit("warning", message=text),
+                          command="slicer-worker", argv=[job.get("path", "")])
 
 
 def worker_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -376,6 +375,9 @@ class WorkerProcess:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the worker did not finish within {timeout} s")
             time.sleep(interval)
+        # The last event comes just before the process exits: wait for the exit too.
+        remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
+        self.process.wait(timeout=remaining)
         return events
 
     def cancel(self, grace: float = 5.0) -> None:

@@ -65,6 +65,8 @@ def add_run_arguments(parser, methods_default: str) -> None:
     out = parser.add_argument_group("outputs")
     out.add_argument("--metrics", default="default", metavar="LIST|none|all",
                      help="evaluation metrics per method (default: the metrics module's default set)")
+    out.add_argument("--no-scene", dest="scene", action="store_false",
+                     help="skip esegeta.mrb and previews/ (the Slicer review scene)")
     out.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output directory")
 
 
@@ -87,7 +89,7 @@ def request_from(args, volume, model):
                           params=parse_param_assignments(args.param), class_index=args.class_index,
                           region=args.region, device=args.device, precision=args.precision,
                           patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size,
-                          metrics=args.metrics, seed=args.seed)
+                          metrics=args.metrics, seed=args.seed, scene=args.scene)
 
 
 def run_request(args, request, out: Path, command: str) -> Path:
@@ -106,6 +108,7 @@ def run_request(args, request, out: Path, command: str) -> Path:
         progress.note(f"explaining class {prepared.target.class_index} ({prepared.class_name}), region "
                       f"{request.region}, on {prepared.device}: {methods}")
         folder = execute(prepared, out, overwrite=args.overwrite, progress=progress, note=progress.note,
+                         warn=progress.warn,
                          command=command, argv=getattr(args, "argv", None))
     return folder
 

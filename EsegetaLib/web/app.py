@@ -117,10 +117,11 @@ class EsegetaViewer(TrameApp):
     def set_opacity(self, opacity: float) -> None:
         for view in self.slice_views:
             view.set_foreground_opacity(float(opacity))
-        self._render()
+        self._render(slices_only=True)  # the 3D view does not change: spare its (slow) re-render
 
-    def _render(self) -> None:
-        for view in self.slicer_app.view_manager.get_views():
+    def _render(self, slices_only: bool = False) -> None:
+        views = self.slice_views if slices_only else self.slicer_app.view_manager.get_views()
+        for view in views:
             view.schedule_render()
 
     # -- state -------------------------------------------------------------------------------

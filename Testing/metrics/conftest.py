@@ -18,11 +18,9 @@ import helpers  # noqa: E402
 
 @pytest.fixture(scope="module")
 def small_case():
-    """16^3 tube volume, the conftest MONAI UNet (random weights) in float64, its predicted-style
+    """16^3 tube volume, the MONAI UNet (random weights) in float64, its predicted-style
     region, the score module and a context on the CPU."""
-    from conftest import make_unet_instancenorm_prelu
-
-    net = make_unet_instancenorm_prelu().double()
+    net = helpers.make_tube_net(seed=1).double().eval()
     vol, mask = helpers.tube_volume(16, seed=3)
     x = torch.from_numpy(vol).double()
     score = helpers.RegionScore(net, mask).double()

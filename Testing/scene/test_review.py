@@ -113,6 +113,11 @@ def test_mrb_round_trip_every_node(tmp_path):
         tables = nodes_by_class(loaded, "vtkMRMLTableNode")
         assert list(tables) == ["TOF - metrics"]
         rows = S.table_rows(tables["TOF - metrics"])
+        saved = S.table_rows(built["table"])
+        assert [list(r) for r in rows] == [list(r) for r in saved]
+        for got, want in zip(rows, saved):
+            for key, value in want.items():
+                assert got[key] == value or (value != value and got[key] != got[key]), (key, got, want)
         assert [r["method"] for r in rows] == ["Saliency", "IntegratedGradients"]
         assert rows[0]["sparseness"] == pytest.approx(0.61) and np.isnan(rows[0]["infidelity"])
         assert rows[1]["infidelity"] == pytest.approx(0.03) and rows[1]["device"] == "cpu"
@@ -266,3 +271,26 @@ def test_review_without_segmentation_and_with_two_channels(tmp_path):
         assert composite.GetForegroundVolumeID() == shown.GetID()
     finally:
         S.release_scene(loaded)
+
+
+def test_previews_cut_through_the_strongest_attribution(tmp_path):
+    """A small blob far from the volume's centre: every preview must pass through it."""
+    from PIL import Image
+
+    scene = S.new_scene()
+    try:
+        affine = oblique_affine(spacing=(0.8, 0.9, 1.4))
+        background = S.add_image(scene, None, "mr", array=np.full(SHAPE, 50.0, np.float32), ijk_to_ras=affine)[0]
+        values = np.zeros(SHAPE, np.float32)
+        values[3:6, 14:17, 1:4] = 1.0  # centred on voxel (4, 15, 2)
+        values[20, 2, 12] = 0.3  # weaker, isolated: must not win
+        node = S.add_map(scene, values, background, "mr - m - c", signed=False)
+        ijk, world = P.strongest_point(node)
+        assert ijk == (4, 15, 2)
+        np.testing.assert_allclose(world, (affine @ [4, 15, 2, 1])[:3], atol=1e-9)
+        result = P.write_previews(scene, tmp_path, background, node, three_d=False)
+        for path in result["paths"]:
+            image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+            assert (np.abs(image[..., 0] - image[..., 2]) > 30).sum() > 20, f"{path} misses the blob"
+    finally:
+        S.release_scene(scene)

@@ -217,7 +217,31 @@ def test_metrics_table_rows_titles_units(scene):
     assert table.GetColumnTitle("runtime_s") == "Runtime" and table.GetColumnUnitLabel("runtime_s") == "s"
     assert table.GetColumnTitle("infidelity") == "Infidelity"
     assert table.GetColumnDescription("infidelity") == "lower is better"
-    assert table.GetColumnTitle("sparseness") == "sparseness"
+    assert table.GetColumnTitle("sparseness") == "Sparseness"
+    # The CLI runner's column names, odd values (bool, list) and no unit knowledge needed.
+    other = S.add_metrics_table(scene, [{"method": "Saliency", "attribution_s": 0.25, "attribution_peak_mb": 12.5,
+                                         "randomisation_pass": True, "new_metric": 3, "curve": [1, 2],
+                                         "device": "cpu"}])
+    assert S.table_rows(other) == [{"method": "Saliency", "randomisation_pass": 1.0, "new_metric": 3.0,
+                                    "curve": "[1, 2]", "attribution_s": 0.25, "attribution_peak_mb": 12.5,
+                                    "device": "cpu"}]
+    assert list(S.table_rows(other)[0])[-3:] == ["attribution_s", "attribution_peak_mb", "device"]
+    assert other.GetColumnUnitLabel("attribution_peak_mb") == "MB" and other.GetColumnTitle("new_metric") == "new_metric"
+
+
+def test_table_numbers_survive_saving_exactly(scene, tmp_path):
+    rng = np.random.default_rng(3)
+    values = [0.123456789123, 123456.789, -9.87654321e-12, 3.3e15, 1.0 / 3.0, 0.0, *rng.normal(size=20)]
+    rows = [{"method": f"m{i}", "value": v} for i, v in enumerate(values)]
+    table = S.add_metrics_table(scene, rows)
+    before = S.table_rows(table)
+    for row, v in zip(before, values):
+        assert row["value"] == pytest.approx(v, rel=5e-6, abs=0)  # 6 significant digits
+    loaded = S.read_review(S.export_review(scene, tmp_path / "t.mrb"))
+    try:
+        assert S.table_rows(loaded.GetFirstNodeByClass("vtkMRMLTableNode")) == before  # bit for bit
+    finally:
+        S.release_scene(loaded)
 
 
 def test_run_folder_holds_parameters(scene):

@@ -140,6 +140,7 @@ def scene_with_volume(files):
     from EsegetaLib import scene as bridge
 
     scene = bridge.new_scene()
+    bridge.ensure_slice_views(scene)  # Red/Yellow/Green, as desktop Slicer's layout has
     image = files["image"]
     volume = bridge.volume_from_array(scene, image.array[0], image.ijk_to_ras, "TOF")
     labels = np.zeros(SHAPE, dtype=np.uint8)
@@ -163,13 +164,17 @@ def test_scene_run_imports_maps_on_the_input_grid(files, scene_with_volume, tmp_
     request = {"model": str(files["model"]), "methods": METHODS, "params": {}, "class_index": 1,
                "region": "roi", "device": "cpu", "precision": "fp32", "patch_size": None, "overlap": 0.25,
                "metrics": "none"}
+    expected_mask = bridge.segment_mask(segmentation, volume, segment_id)
+    assert expected_mask.sum() == 4 * 24 * 4
     before = node_ids(scene)
     run = SceneRun(scene, volume, request, segmentation_node=segmentation, segment_id=segment_id,
                    class_name="vessel", workdir=str(tmp_path)).start()
     workdir = run.workdir
-    assert (workdir / "input.nrrd").is_file() and (workdir / "region.nrrd").is_file()
-    written_mask = read_image(workdir / "region.nrrd").array[0] > 0
-    np.testing.assert_array_equal(written_mask, bridge.segment_mask(segmentation, volume, segment_id))
+    assert node_ids(scene) == before  # reading the segment left nothing behind
+    written = read_image(workdir / "input.nrrd")
+    np.testing.assert_array_equal(written.array[0], files["image"].array[0])
+    np.testing.assert_allclose(written.ijk_to_ras, files["image"].ijk_to_ras, atol=1e-9)
+    np.testing.assert_array_equal(read_image(workdir / "region.nrrd").array[0] > 0, expected_mask)
     assert run.wait(timeout=600) == "done", run.failure
     assert node_ids(scene) == before  # nothing added while it ran
     nodes = run.import_result(opacity=0.4)
@@ -188,8 +193,11 @@ def test_scene_run_imports_maps_on_the_input_grid(files, scene_with_volume, tmp_
     sh = scene.GetSubjectHierarchyNode()
     assert sh.GetItemName(nodes["folder"]) == "Esegeta - TOF - vessel"
     assert "roi" in sh.GetItemAttribute(nodes["folder"], "Esegeta.parameters")
-    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
-    if composite is not None:
+    composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+                  for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    assert len(composites) == 3
+    for composite in composites:
+        assert composite.GetBackgroundVolumeID() == volume.GetID()
         assert composite.GetForegroundVolumeID() == nodes["shown"].GetID()
         assert composite.GetForegroundOpacity() == pytest.approx(0.4)
 

@@ -1,0 +1,85 @@
+"""`esegeta methods`, `esegeta --help`, subcommand discovery, and `esegeta demo`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from EsegetaLib.cli import build_parser, command_modules, main
+from EsegetaLib.methods import all_methods
+
+from helpers import REPO
+
+
+def test_methods_json_lists_every_registered_method(capsys):
+    assert main(["methods", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    specs = all_methods()
+    assert [m["name"] for m in listed] == [s.name for s in specs]
+    for meta, spec in zip(listed, specs):
+        assert meta["family"] == spec.family and meta["signed"] == spec.signed
+        assert meta["needs_baseline"] == spec.needs_baseline
+        assert {p["name"]: p["default"] for p in meta["params"]} == json.loads(json.dumps(spec.defaults()))
+
+
+def test_methods_table_has_a_row_per_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["method", "family", "signed", "baseline"]
+    rows = {line.split()[0]: line.split() for line in out[1:] if line.strip() and not line.startswith(" ")}
+    for spec in all_methods():
+        assert rows[spec.name][1] == spec.family
+        assert rows[spec.name][2] == ("signed" if spec.signed else "unsigned")
+    ig = next(line for line in out if line.startswith("IntegratedGradients "))
+    assert "n_steps=" in ig and "baseline=" in ig
+
+
+def test_subcommands_are_discovered_from_their_modules():
+    names = command_modules()
+    assert {"explain", "methods", "demo"} <= set(names)
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert set(names) <= set(choices)
+
+
+def test_help_and_version_are_fast_and_exit_zero():
+    """`esegeta --help` must not import torch (the Slicer module and shells call it)."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", "import sys; from EsegetaLib.cli import main; "
+                             "code = main(['--help']); print('torch' in sys.modules); sys.exit(code)"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "explain" in result.stdout and "methods" in result.stdout and "demo" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False"
+    assert main(["--version"]) == 0
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_bundled_sample_and_model(tmp_path):
+    """The first experience: the bundled sample and model, one cheap method, and how to open it."""
+    from EsegetaLib.sample import resource_path
+    from EsegetaLib.models import DEFAULT_CARD
+    from EsegetaLib.io import read_image
+
+    if not resource_path(DEFAULT_CARD).is_file():
+        pytest.skip(f"the bundled default model {resource_path(DEFAULT_CARD)} is not in this checkout yet")
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "EsegetaLib", "demo", "--out", str(out), "--methods", "Saliency",
+                             "--metrics", "none", "--no-scene", "--device", "cpu"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"Results: {out}" in result.stdout and "Slicer" in result.stdout
+    sample = read_image(resource_path("sample_tof.nii.gz"))
+    saliency = read_image(out / "attributions" / "Saliency.nii.gz")
+    assert saliency.array.shape == sample.array.shape
+    assert (abs(saliency.ijk_to_ras - sample.ijk_to_ras) < 1e-6).all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "demo" and run["parameters"]["class_name"]
+    segmentation = read_image(out / "segmentation.nii.gz").array
+    assert segmentation.any()  # the bundled model finds vessels in the bundled sample

@@ -1,0 +1,66 @@
+"""Every registered method runs through `explain` on both reference networks, for every region,
+and returns a finite, non-constant map of the input's shape (cheap parameters keep it fast)."""
+import numpy as np
+import pytest
+
+from conftest import make_net_batchnorm_relu, make_unet_instancenorm_prelu
+from engine_helpers import tube_volume
+from EsegetaLib.api import explain
+from EsegetaLib.methods import all_methods
+from EsegetaLib.options import EngineOptions, Target
+
+CHEAP = {"n_steps": 4, "nt_samples": 2, "n_samples": 4, "n_baselines": 2, "n_masks": 8,
+         "block_fraction": 0.5, "window_fraction": 0.5, "cell_fraction": 0.5}
+IMAGE, TUBES = tube_volume((16, 16, 16), seed=5)
+
+
+def _cheap(spec):
+    names = {p.name for p in spec.params}
+    params = {k: v for k, v in CHEAP.items() if k in names}
+    if spec.name in ("Lime", "KernelShap"):
+        params["n_samples"] = 12
+    return params
+
+
+def _methods():
+    specs = all_methods()
+    assert len(specs) >= 27, [s.name for s in specs]
+    return [(spec.name, _cheap(spec)) for spec in specs]
+
+
+def _class_predicted(net):
+    """A foreground class the random network predicts on IMAGE (for the 'predicted' region)."""
+    expl = explain(IMAGE, net, [("Saliency", {})], Target(class_index=1, region="whole"), EngineOptions(divisor=4))
+    counts = np.bincount(expl.segmentation.ravel(), minlength=2)
+    return 1 if counts[1] > 0 else int(counts.argmax())
+
+
+def _check(expl, methods):
+    assert len(expl.results) == len(methods)
+    for name, result in expl.results.items():
+        a = result.attribution
+        assert a.shape == (1, 16, 16, 16), (name, a.shape)
+        assert np.isfinite(a).all(), name
+        assert float(a.std()) > 0, f"{name}: constant map"
+        assert result.seconds >= 0 and result.diagnostics["n_windows"] >= 1
+
+
+@pytest.mark.parametrize("factory", [make_unet_instancenorm_prelu, make_net_batchnorm_relu],
+                         ids=["instancenorm_prelu", "batchnorm_relu"])
+def test_every_method_every_region(factory):
+    net = factory()
+    methods = _methods()
+    c = _class_predicted(net)
+    targets = [Target(class_index=c, region="predicted"), Target(class_index=c, region="whole"),
+               Target(class_index=c, region="roi", mask=TUBES), Target(class_index=c, region="point", point=(8, 8, 8), radius=1)]
+    for target in targets:
+        seen = []
+        expl = explain(IMAGE, net, methods, target, EngineOptions(divisor=4),
+                       progress=lambda f, m: seen.append(f))
+        _check(expl, methods)
+        assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+    # Several overlapping windows: every patching mode on the patched model.
+    expl = explain(IMAGE, net, methods, Target(class_index=c, region="roi", mask=TUBES),
+                   EngineOptions(divisor=4, patch_size=8))
+    assert expl.engine["n_windows"] == 8
+    _check(expl, methods)

@@ -1,0 +1,126 @@
+"""What the viewer puts in its MRML scene (slicer-core, no server): geometry, values, display.
+
+A result directory (plain files, read by Slicer's readers) and the same result as a `.mrb` written by
+the scene bridge must give the same maps with the same colour tables and display windows.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from web_fixtures import AFFINE, METHODS, arrays, write_mrb, write_result
+
+pytest.importorskip("trame_slicer", reason="`esegeta view` needs trame-slicer (pip install esegeta[scene])")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_result(tmp_path_factory.mktemp("scene") / "result")
+
+
+def new_app():
+    from trame_slicer.core import SlicerApp
+
+    return SlicerApp()
+
+
+def test_result_directory_loads_exactly(folder):
+    from EsegetaLib.scene import array_from_volume, display_range
+    from EsegetaLib.web.result import load_result
+    from EsegetaLib.web.scene_setup import load_directory
+
+    result = load_result(folder)
+    assert result.methods == list(METHODS)  # the run's order (run.json parameters.methods)
+    loaded = load_directory(new_app(), result)
+    volume, segmentation, maps = arrays()
+    values, ijk_to_ras = array_from_volume(loaded.input_node)
+    np.testing.assert_array_equal(values, volume)
+    np.testing.assert_allclose(ijk_to_ras, AFFINE, atol=1e-9)  # NIfTI geometry as Slicer reads it
+    for name in METHODS:
+        layer = loaded.maps[name]
+        map_values, map_affine = array_from_volume(layer.node)
+        np.testing.assert_array_equal(map_values, maps[name])
+        np.testing.assert_allclose(map_affine, AFFINE, atol=1e-9)
+        expected = display_range(maps[name], signed=name != "Saliency")
+        assert (layer.low, layer.high) == pytest.approx((expected["low"], expected["high"]))
+    assert loaded.maps["Saliency"].color_node.GetID() == "vtkMRMLColorTableNodeFileInferno.txt"
+    assert loaded.maps["IntegratedGradients"].color_node.GetID() == "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
+    display = loaded.segmentation_node.GetDisplayNode()
+    assert display.GetVisibility2DOutline() and not display.GetVisibility2DFill()
+    labelmap = loaded.segmentation_node.GetSegmentation().GetNumberOfSegments()
+    assert labelmap == 1
+
+
+def test_mrb_gives_the_same_display_as_the_directory(folder, tmp_path):
+    from EsegetaLib.web.result import load_result
+    from EsegetaLib.web.scene_setup import load_directory, load_mrb
+
+    from_dir = load_directory(new_app(), load_result(folder))
+    from_mrb = load_mrb(new_app(), load_result(write_mrb(tmp_path / "review.mrb")))
+    assert set(from_mrb.maps) == set(METHODS)
+    for name in METHODS:
+        a, b = from_dir.maps[name], from_mrb.maps[name]
+        assert a.color_node.GetID() == b.color_node.GetID()
+        assert (a.low, a.high, a.signed) == pytest.approx((b.low, b.high, b.signed))
+        assert a.threshold == pytest.approx(b.threshold)
+    assert from_mrb.metrics[0][:2] == ["method", "deletion_auc"]
+    assert [row[0] for row in from_mrb.metrics[1]] == list(METHODS)
+    assert from_mrb.parameters["methods"] == list(METHODS)
+    assert from_mrb.segmentation_node is not None
+
+
+def test_threshold_hides_values_in_slices_and_3d(folder):
+    from EsegetaLib.web.result import load_result
+    from EsegetaLib.web.scene_setup import load_directory, set_threshold
+
+    loaded = load_directory(new_app(), load_result(folder))
+    saliency = loaded.maps["Saliency"]
+    set_threshold(saliency, 0.6)
+    display = saliency.node.GetScalarVolumeDisplayNode()
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.6)
+    opacity = saliency.vr_display.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+    assert opacity.GetValue(0.5) == 0.0 and opacity.GetValue(0.9) > 0.0
+    # Signed map: a copy of the run's table, transparent for |value| < t, same colours elsewhere.
+    gradients = loaded.maps["IntegratedGradients"]
+    set_threshold(gradients, 0.6)
+    band = gradients.node.GetScalarVolumeDisplayNode().GetColorNode()
+    assert band.GetID() != gradients.color_node.GetID()
+    base, table = gradients.color_node.GetLookupTable(), band.GetLookupTable()
+    count = table.GetNumberOfTableValues()
+    values = gradients.low + (np.arange(count) + 0.5) / count * (gradients.high - gradients.low)
+    for index in range(count):
+        assert table.GetTableValue(index)[:3] == pytest.approx(base.GetTableValue(index)[:3])
+        assert (table.GetTableValue(index)[3] == 0.0) == (abs(values[index]) < 0.6)
+    opacity = gradients.vr_display.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+    assert opacity.GetValue(-0.5) == 0.0 and opacity.GetValue(-0.9) > 0.0 and opacity.GetValue(0.9) > 0.0
+    set_threshold(gradients, 0.0)
+    assert gradients.node.GetScalarVolumeDisplayNode().GetColorNodeID() == gradients.color_node.GetID()
+
+
+def test_metrics_json_and_relative_input(tmp_path):
+    """metrics.json in the runner's {"columns", "rows"} layout; an input path relative to the result."""
+    from EsegetaLib.web.result import load_result
+
+    folder = write_result(tmp_path / "result", with_plot=False)
+    (folder / "metrics.csv").unlink()
+    (folder / "metrics.json").write_text(json.dumps({"columns": ["method", "auc"],
+                                                     "rows": [{"method": "Saliency", "auc": 0.123456}]}))
+    run = json.loads((folder / "run.json").read_text())
+    volume = folder / "volume.nii.gz"
+    (tmp_path / "result_input.nii.gz").rename(volume)
+    run["inputs"] = [{"role": "model", "path": "/elsewhere/model.pt"}, {"role": "volume", "path": "volume.nii.gz"}]
+    run["parameters"]["volume"] = "volume.nii.gz"
+    (folder / "run.json").write_text(json.dumps(run))
+    result = load_result(folder)
+    assert result.input_path == volume.resolve()
+    assert result.metrics_columns == ["method", "auc"] and result.metrics_rows == [["Saliency", "0.1235"]]
+    assert result.plot_path is None
+
+
+def test_loopback_hosts():
+    from EsegetaLib.web.command import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
