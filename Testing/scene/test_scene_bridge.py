@@ -30,10 +30,16 @@ def scene():
     S.release_scene(s)
 
 
-def test_volume_geometry_round_trip_voxel_for_voxel(scene):
+def left_handed_affine():
+    """A radiological (LAS-like) header: I runs right-to-left, determinant < 0."""
+    return oblique_affine() @ np.diag([-1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("make_affine", [oblique_affine, left_handed_affine])
+def test_volume_geometry_round_trip_voxel_for_voxel(scene, make_affine):
     rng = np.random.default_rng(0)
     values = rng.normal(size=(19, 23, 13)).astype(np.float32)  # distinct sizes: a transposition shows
-    affine = oblique_affine()
+    affine = make_affine()
     node = S.volume_from_array(scene, values, affine, "oblique")
 
     back, affine_back = S.array_from_volume(node)

@@ -207,3 +207,23 @@ def test_installed_library_imports_and_finds_its_resources(installed):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("captum")
+
+
+def _path_functions(module_file: Path):
+    """`_libraryFolder` and `resourcePath` from Esegeta.py, run as if that file were `module_file`
+    (Esegeta.py itself needs the Slicer application to import)."""
+    import ast
+
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("_libraryFolder", "resourcePath")]
+    namespace = {"os": os, "__file__": str(module_file)}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), str(MODULE), "exec"), namespace)
+    return namespace["_libraryFolder"], namespace["resourcePath"]
+
+
+def test_module_finds_library_and_resources_from_source_and_when_installed(installed):
+    for module_file, root in ((MODULE, REPO), (installed["modules"] / "Esegeta.py", installed["modules"])):
+        library_folder, resource_path = _path_functions(module_file)
+        assert Path(library_folder()) == root
+        assert Path(resource_path("UI/Esegeta.ui")) == root / "Resources" / "UI" / "Esegeta.ui"
+        assert Path(resource_path("requirements.txt")).is_file()

@@ -222,3 +222,31 @@ def test_scene_run_cancel_leaves_the_scene_exactly_as_it_was(files, scene_with_v
     assert run.state == "cancelled"
     assert node_ids(scene) == before and volume.GetMTime() == modified
     assert not workdir.exists()
+
+
+def test_scene_run_point_region_becomes_the_voxel_under_the_markup(files, scene_with_volume, tmp_path):
+    import json
+
+    from EsegetaLib.errors import EsegetaError
+    from EsegetaLib.slicer_run import SceneRun
+
+    scene, volume, _ = scene_with_volume
+    affine = files["image"].ijk_to_ras
+    point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "here")
+    point.AddControlPoint(*(affine @ np.array([5.2, 6.9, 7.0, 1.0]))[:3])
+    request = {"model": str(files["model"]), "methods": ["Saliency"], "region": "point", "device": "cpu",
+               "metrics": "none"}
+    run = SceneRun(scene, volume, request, point_node=point, workdir=str(tmp_path)).start()
+    try:
+        job = json.loads((run.workdir / "job.json").read_text())
+        assert job["request"]["region"] == "point:5,7,7"
+        assert job["request"]["volume"] == str(run.workdir / "input.nrrd") and job["request"]["scene"] is False
+    finally:
+        run.cancel()
+    outside = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "outside")
+    outside.AddControlPoint(*(affine @ np.array([-40.0, 6.0, 7.0, 1.0]))[:3])
+    with pytest.raises(EsegetaError, match="outside the input volume|outside"):
+        SceneRun(scene, volume, request, point_node=outside, workdir=str(tmp_path)).start()
+    with pytest.raises(EsegetaError, match="needs a markup point"):
+        SceneRun(scene, volume, request, point_node=None, workdir=str(tmp_path)).start()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left by the runs that failed to start
