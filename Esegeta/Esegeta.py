@@ -434,8 +434,12 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ dependencies
     def onInstallDependencies(self) -> None:
-        if self.ensureDependencies():
+        if not self.ensureDependencies():
+            return
+        try:
             self.populateMethodPanel()
+        except Exception as error:
+            showError("The packages are installed but the methods could not be loaded; restart Slicer.", error)
 
     def ensureDependencies(self) -> bool:
         try:
@@ -454,10 +458,10 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self.ensureDependencies():
             return
-        if self.catalog is None:
-            self.populateMethodPanel()
         pn = self._parameterNode
         try:
+            if self.catalog is None:
+                self.populateMethodPanel()
             self.run = self.logic.startRun(pn, self.catalog)
         except EsegetaError as error:
             slicer.util.errorDisplay(str(error), windowTitle="Esegeta")

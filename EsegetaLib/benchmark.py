@@ -150,3 +150,241 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--json", dest="json_path", default="benchmark.json")
     parser.add_argument("--skip", default="", help="comma list of runners to skip: captum,torchesegeta")
     return parser
+
+
+# --------------------------------------------------------------------------- the three runners
+def bench_params(method: str, quick: bool) -> Dict:
+    """The same parameters for every runner. Perturbations cover the whole volume (no region
+    restriction), since plain Captum and TorchEsegeta cannot restrict them."""
+    steps = 16 if quick else 50
+    return {
+        "Saliency": {"absolute": False},
+        "IntegratedGradients": {"n_steps": steps},
+        "SmoothGrad": {"nt_samples": 4 if quick else 16},
+        "GradCAM": {},
+        "Occlusion": {"restrict_to_region": False},
+        "KernelShap": {"n_samples": 32 if quick else 256, "restrict_to_region": False},
+    }[method]
+
+
+def _pad_to(x: torch.Tensor, divisor: int):
+    """Edge-pad the spatial axes to a multiple of `divisor`; returns (padded, crop slices)."""
+    shape = x.shape[2:]
+    target = [int(math.ceil(n / divisor) * divisor) for n in shape]
+    pads = []
+    for n, t in reversed(list(zip(shape, target))):
+        pads += [0, t - n]
+    padded = torch.nn.functional.pad(x, pads, mode="replicate") if any(pads) else x
+    return padded, (slice(None), slice(None)) + tuple(slice(0, n) for n in shape)
+
+
+def _context(spec, forward, network, x, params, stats, region, prepared, batch, forward_args=()):
+    from .methods.base import MethodContext
+
+    gen = torch.Generator().manual_seed(0)
+    return MethodContext(forward=forward, network=network, inputs=x, params=params, stats=stats,
+                         forward_args=forward_args, prepared=prepared, layer=None, region=region,
+                         generator=gen, internal_batch_size=batch)
+
+
+def run_captum_whole(session, spec, params, batch: int) -> torch.Tensor:
+    """Plain Captum on the whole (padded) volume: the catalogue's Captum call with a single
+    whole-volume score, Captum's NoiseTunnel for noise tunnels, internal batch `batch`."""
+    from captum.attr import NoiseTunnel, Saliency
+
+    from .methods import noise as nt
+    from .targets import TargetScore
+
+    x = session.volume[None].to(session.device, session.dtype)
+    region = torch.from_numpy(session.region)[None, None].to(session.device, session.dtype)
+    xp, crop = _pad_to(x, session.options.divisor)
+    rp, _ = _pad_to(region, session.options.divisor)
+    rp = rp * 0
+    rp[crop] = region
+    score = TargetScore(session.network, session.target, session.device)
+    if spec.patching == "noise_tunnel":
+        sigma = nt.stdev(session.stats, params)
+        attr = NoiseTunnel(Saliency(score)).attribute(
+            xp, nt_type=nt.NT_TYPES[spec.name], nt_samples=params["nt_samples"], stdevs=sigma,
+            nt_samples_batch_size=batch, additional_forward_args=(rp,), abs=True)
+        return attr[crop].detach()
+    prepared = spec.prepare(xp, session.stats, params, torch.Generator().manual_seed(0)) if spec.prepare else {}
+    if spec.patching == "global":
+        # perturbation methods call forward(x) alone: bind the region as a closure module
+        class WholeScore(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.score = score
+
+            def forward(self, v, *unused):
+                return self.score(v, rp.expand(v.shape[0], *rp.shape[1:]))
+
+        ctx = _context(spec, WholeScore(), session.network, xp, params, session.stats, rp, prepared, batch)
+    else:
+        ctx = _context(spec, score, session.network, xp, params, session.stats, rp, prepared, batch, (rp,))
+    out = spec.attribute(ctx)
+    out = out[0] if isinstance(out, tuple) else out
+    if spec.finalize is not None:
+        out = spec.finalize(out, params)
+    return out[crop].detach()
+
+
+def run_torchesegeta(session, spec, params, patch: int = 64, overlap: int = 12) -> torch.Tensor:
+    """TorchEsegeta's configuration: torchio grid patches (64^3, overlap 12), batch 1, each patch
+    scored on its own (its own predicted mask), Captum per patch, patches averaged."""
+    import torchio as tio
+    from captum.attr import NoiseTunnel, Saliency
+
+    from .methods import noise as nt
+    from .targets import TargetScore
+
+    x = session.volume.float()
+    subject = tio.Subject(image=tio.ScalarImage(tensor=x))
+    size = tuple(min(patch, n) for n in x.shape[1:])
+    size = tuple(max(session.options.divisor, (s // session.options.divisor) * session.options.divisor) for s in size)
+    sampler = tio.inference.GridSampler(subject, size, overlap if min(size) > overlap else 0)
+    aggregator = tio.inference.GridAggregator(sampler, overlap_mode="average")
+    loader = torch.utils.data.DataLoader(sampler, batch_size=1)
+    score = TargetScore(session.network, session.target, session.device)
+    full = x[None].to(session.device, session.dtype)
+    prepared_full = spec.prepare(full, session.stats, params, torch.Generator().manual_seed(0)) if spec.prepare else {}
+    for batch in loader:
+        xb = batch["image"][tio.DATA].to(session.device, session.dtype)
+        loc = batch[tio.LOCATION][0]
+        index = (slice(None), slice(None)) + tuple(slice(int(loc[a]), int(loc[a + 3])) for a in range(3))
+        with torch.no_grad():
+            logits = score.logits(xb)
+        own = (logits.argmax(1, keepdim=True) == session.target.class_index).to(xb.dtype)
+        if own.sum() == 0:  # TorchEsegeta scored every patch; an empty mask gives a zero map
+            own = torch.zeros_like(own)
+        prepared = {k: v[index] if v.shape[0] == 1 else v[(slice(None),) + index] for k, v in prepared_full.items()}
+        if spec.patching == "noise_tunnel":
+            attr = NoiseTunnel(Saliency(score)).attribute(
+                xb, nt_type=nt.NT_TYPES[spec.name], nt_samples=params["nt_samples"],
+                stdevs=nt.stdev(session.stats, params), nt_samples_batch_size=1,
+                additional_forward_args=(own,), abs=True)
+        elif spec.patching == "global":
+            class PatchScore(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.score = score
+
+                def forward(self, v, *unused):
+                    return self.score(v, own.expand(v.shape[0], *own.shape[1:]))
+
+            attr = spec.attribute(_context(spec, PatchScore(), session.network, xb, params, session.stats,
+                                           own, prepared, 1))
+        else:
+            attr = spec.attribute(_context(spec, score, session.network, xb, params, session.stats, own,
+                                           prepared, 1, (own,)))
+        attr = attr[0] if isinstance(attr, tuple) else attr
+        if spec.finalize is not None and spec.patching != "noise_tunnel":
+            attr = spec.finalize(attr, params)
+        aggregator.add_batch(attr.detach().float().cpu(), batch[tio.LOCATION])
+    return aggregator.get_output_tensor()[None]
+
+
+# --------------------------------------------------------------------------- the driver
+def make_volume(size: str, seed: int = 0):
+    """(array (C,I,J,K), spacing) for a size name: the bundled sample or a generated TOF-like cube."""
+    from .sample import generate_tof_like, load_sample
+
+    if size == "sample":
+        image = load_sample()
+        return image.array, tuple(image.spacing)
+    shape = (448, 448, 160) if size == "tof" else tuple(int(v) for v in size.split("x")) if "x" in size else (int(size),) * 3
+    image, _ = generate_tof_like(shape, (0.4, 0.4, 0.5), seed)
+    return image.array, tuple(image.spacing)
+
+
+def _passes(spec, params, result_diag: Dict) -> Dict[str, float]:
+    """(passes, backward?) a method needs per window: the floor's multiplier."""
+    if spec.patching == "global":
+        return {"window_passes": float(result_diag.get("windows_rerun", 0)), "backward": False}
+    steps = {"IntegratedGradients": params.get("n_steps", 1), "SmoothGrad": params.get("nt_samples", 1)}
+    return {"window_passes": float(steps.get(spec.name, 1)), "backward": True}
+
+
+def run(args) -> Dict:
+    from .api import explain
+    from .engine import ExplainSession
+    from .methods import get_method
+    from .models import load_default_model
+    from .options import EngineOptions, Target
+
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if args.memory_cap_gb and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
+    sizes = (args.sizes or ("sample,64,96" if args.quick or device.type == "cpu" else "sample,256,tof")).split(",")
+    skip = set(filter(None, args.skip.split(",")))
+    loaded = load_default_model()
+    rows: List[Row] = []
+    floors: Dict[str, Dict] = {}
+    for size in sizes:
+        array, spacing = make_volume(size)
+        options = EngineOptions(device=device.type, precision="fp32", divisor=loaded.card.divisor)
+        target = Target(class_index=1, region="predicted")
+        session = ExplainSession(array, loaded, target, options, spacing=spacing)
+        patch = tuple(session.grid.patch) if hasattr(session.grid, "patch") else tuple(
+            w.stop - w.start for w in session.windows[0])
+        n_windows = len(session.active)
+        window_voxels = int(np.prod(patch))
+        overlap_factor = n_windows * window_voxels / float(np.prod(array.shape[1:]))
+        costs = {b: pass_cost(session.network, patch, array.shape[0], device, backward=b) for b in (True, False)}
+        floors[size] = {"patch": list(patch), "windows": n_windows, "voxels_processed_over_volume": overlap_factor,
+                        "fwd_bwd_per_window_s": costs[True]["per_sample_s"], "fwd_per_window_s": costs[False]["per_sample_s"],
+                        "best_batch": costs[True]["best_batch"], "shape": list(array.shape[1:])}
+        label = "x".join(map(str, array.shape[1:]))
+        for name in args.methods.split(","):
+            spec = get_method(name)
+            params = spec.resolve_params(bench_params(spec.name, args.quick))
+            t, expl, peak = timed(lambda: explain(array, loaded, [(spec.name, params)], target, options,
+                                                  spacing=spacing), device)
+            result = expl.results[spec.name]
+            reference = result.attribution
+            need = _passes(spec, params, result.diagnostics)
+            per = costs[need["backward"]]["per_sample_s"]
+            windows = 1.0 if spec.patching == "global" else n_windows
+            # + the segmentation pass every explain run makes (one forward per window)
+            floor = need["window_passes"] * windows * per + n_windows * costs[False]["per_sample_s"]
+            rows.append(Row(label, spec.name, "esegeta", t, peak, floor, 1.0,
+                            note=f"{n_windows} windows of {'x'.join(map(str, patch))}"))
+            if "captum" not in skip:
+                best = None
+                for batch in ((1, 4) if args.quick else (1, 4, 16)):
+                    try:
+                        tc, out, pk = timed(lambda: run_captum_whole(session, spec, params, batch), device)
+                    except (torch.OutOfMemoryError, RuntimeError) as exc:
+                        if "out of memory" in str(exc).lower() or isinstance(exc, torch.OutOfMemoryError):
+                            rows.append(Row(label, spec.name, "captum", float("nan"), None, note=f"OOM at batch {batch}"))
+                            break
+                        raise
+                    if best is None or tc < best[0]:
+                        best = (tc, out, pk, batch)
+                if best:
+                    rows.append(Row(label, spec.name, "captum", best[0], best[2], None,
+                                    pearson(best[1].cpu().numpy(), reference), note=f"internal batch {best[3]}"))
+            if "torchesegeta" not in skip:
+                tt, out, pk = timed(lambda: run_torchesegeta(session, spec, params), device)
+                rows.append(Row(label, spec.name, "torchesegeta", tt, pk, None,
+                                pearson(out.numpy(), reference), note="64^3, overlap 12, batch 1, average"))
+            print(format_table([r for r in rows if r.size == label and r.method == spec.name]), flush=True)
+    report = {"environment": environment(), "device": str(device), "quick": bool(args.quick),
+              "memory_cap_gb": args.memory_cap_gb, "floors": floors,
+              "rows": [r.__dict__ for r in rows], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print()
+    print(format_table(rows))
+    with open(args.json_path, "w") as handle:
+        json.dump(report, handle, indent=1, default=str)
+    print(f"\nwrote {args.json_path}")
+    return report
+
+
+def main(argv=None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -81,7 +81,7 @@ def _grow_tree(shape, spacing, rng, n_roots, root_radius_mm, min_radius_mm):
 
     Each branch is a smooth random walk: the direction turns by a small random rotation each step
     (curvature varies per branch); the radius tapers slowly; branches split into two children whose
-    radii follow Murray-like ratios. Steps are a quarter of the smallest voxel size so that the
+    radii follow Murray-like ratios. Steps are a third of the smallest voxel size so that the
     rendered tube has no beads.
     """
     extent = (np.asarray(shape) - 1) * np.asarray(spacing)

@@ -141,6 +141,9 @@ class DependencyPlan:
 
 
 def dependency_plan(requirements: Sequence[str], minimum_torch: str = MINIMUM_TORCH) -> DependencyPlan:
+    import importlib
+
+    importlib.invalidate_caches()  # see packages that pip has just installed into this process's paths
     return DependencyPlan(torch_needed=not torch_satisfied(minimum_torch),
                           torch_requirement=f">={minimum_torch}",
                           pip_missing=missing_requirements(requirements))
@@ -163,7 +166,7 @@ def catalog_available() -> bool:
     """Whether the method registry can be loaded here (torch and captum importable)."""
     try:
         method_catalog()
-    except ImportError:
+    except Exception:  # ImportError, or a broken torch install (e.g. a DLL that fails to load)
         return False
     return True
 
@@ -429,11 +432,10 @@ def failure_view(event: Dict[str, Any]) -> FailureView:
     message = str(event.get("message") or "The run failed.")
     if kind == "cancelled":
         return FailureView("Cancelled. Nothing was added to the scene.", "", cancelled=True)
-    if kind == "memory":
+    if kind == "memory" and not message.startswith("Out of memory"):
         from .worker import out_of_memory_message
 
-        if "CPU" not in message:
-            message = out_of_memory_message()
+        message = out_of_memory_message()
     elif kind == "internal":
         message = "Esegeta failed: " + message + " (see details; please report it with them)."
     return FailureView(message, str(event.get("details") or ""))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -188,9 +187,13 @@ def classify_error(exc: BaseException, device: Optional[str] = None):
 
 
 def out_of_memory_message(device: Optional[str] = None) -> str:
-    where = "the GPU" if device in (None, "auto", "cuda", "gpu") else "this computer"
-    return (f"Out of memory on {where}: choose device CPU, a smaller patch size, precision bf16, "
-            "or cheaper methods, then Apply again.")
+    """What to do after running out of memory: on a GPU, the CPU (more memory, slower), smaller
+    windows or half precision; on the CPU, smaller windows or cheaper methods."""
+    if str(device or "auto").lower() in ("cpu", "mps"):
+        return ("Out of memory: choose a smaller patch size, cheaper methods or a smaller region, "
+                "then Apply again.")
+    return ("Out of memory on the GPU: choose device CPU, a smaller patch size or precision bf16, "
+            "then Apply again.")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

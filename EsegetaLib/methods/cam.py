@@ -103,7 +103,7 @@ SPECS = [
     ),
     MethodSpec(
         name="GuidedGradCam", family="layer", signed=True, needs_baseline=False, needs_layer=True, cost=2.0,
-        patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=guided_gradcam, captum="GuidedGradCam",
+        patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=guided_gradcam, captum="LayerGradCam",
         approximation=CAM_APPROX, description="guided backprop (any rectifier) times upsampled Grad-CAM",
     ),
 ]

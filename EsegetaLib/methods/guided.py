@@ -17,8 +17,8 @@ applies the modified backward rule:
 
 In-place variants (relu_, inplace=True modules) are computed out of place.  TorchScript models run
 their activations inside the TorchScript interpreter, where nothing can be intercepted: guided
-methods refuse them with an EsegetaError (use an eager `nn.Module` or a torch.export program
-loaded as a module).  As a guard, a run in which no rectifier was intercepted raises too, since its
+methods refuse them with an EsegetaError (use an eager `nn.Module`, or a torch.export program's
+`.module()`, whose ATen rectifier calls are intercepted by name).  As a guard, a run in which no rectifier was intercepted raises too, since its
 map would silently be the plain gradient.
 """
 from __future__ import annotations
@@ -78,7 +78,8 @@ class RectifierRules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
+        # torch.export programs call ATen overloads ("gelu.default"): same rule by base name
+        name = getattr(func, "__name__", "").split(".")[0]
         if name not in RECTIFIER_NAMES or not args or not isinstance(args[0], torch.Tensor):
             return func(*args, **kwargs)
         self.intercepted += 1

@@ -20,7 +20,7 @@ from .base import MethodContext, MethodSpec, ParamSpec, VolumeStats
 
 NT_TYPES = {"SmoothGrad": "smoothgrad", "SmoothGradSquared": "smoothgrad_sq", "VarGrad": "vargrad"}
 BASE_METHODS = ("Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop", "Deconvolution",
-                "DeepLift", "GradientShap")
+                "DeepLift", "DeepLiftShap", "GradientShap")
 
 
 def stdev(stats: VolumeStats, params: Dict[str, Any]) -> float:

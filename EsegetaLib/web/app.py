@@ -44,6 +44,24 @@ def viewer_layouts() -> Dict[str, Layout]:
     return {"Four views": four, **alone}
 
 
+SOFTWARE_OPENGL = ("llvmpipe", "softpipe", "swrast", "software rasterizer")
+
+
+def choose_volume_rendering_method(slicer_app) -> str:
+    """GPU ray casting where there is a GPU; CPU ray casting on software OpenGL (Mesa llvmpipe on a
+    server without one), where it is about ten times faster (measured: 0.4 s instead of 4 s for a
+    500x400 view of a 32^3 map on 2 cores)."""
+    method = "vtkMRMLGPURayCastVolumeRenderingDisplayNode"
+    views = slicer_app.view_manager.get_threed_views()
+    if views:
+        capabilities = views[0].render_window().ReportCapabilities() or ""
+        renderer = next((line for line in capabilities.splitlines() if "renderer string" in line.lower()), "")
+        if any(name in renderer.lower() for name in SOFTWARE_OPENGL):
+            method = "vtkMRMLCPURayCastVolumeRenderingDisplayNode"
+    slicer_app.volume_rendering.SetDefaultRenderingMethod(method)
+    return method
+
+
 def mark_view(server, view_id, view, fill=None) -> None:
     """An invisible box covering each view, tagged with its Slicer name, so tests and users'
     scripts can find a view on the page (`.esegeta-view[data-view=Red]`)."""
@@ -70,6 +88,7 @@ class EsegetaViewer(TrameApp):
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(viewer_layouts())
         self.layout_manager.set_layout(LAYOUT_NAMES[0])
+        choose_volume_rendering_method(self.slicer_app)
         self.scene: LoadedScene = self._load_scene()
         self._show_scene()
         self._init_state()

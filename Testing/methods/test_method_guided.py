@@ -81,6 +81,16 @@ def test_guided_on_any_rectifier(act):
     torch.testing.assert_close(ours, xr.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_guided_on_torch_export_program_equals_eager():
+    eager = FunctionalNet(nn.GELU()).eval()
+    x = structured_volume(12)
+    exported = torch.export.export(eager, (x,)).module()
+    ours_eager, plain, _ = _maps(eager, x, "GuidedBackprop")
+    ours_exported, _, _ = _maps(exported, x, "GuidedBackprop")
+    torch.testing.assert_close(ours_exported, ours_eager, rtol=1e-5, atol=1e-7)
+    assert float((ours_exported - plain).norm() / plain.norm()) > 0.05
+
+
 def test_torchscript_is_refused_clearly():
     network = torch.jit.script(make_net_batchnorm_relu())
     spec, ctx = make_context("GuidedBackprop", network, structured_volume(8))

@@ -141,3 +141,41 @@ def test_self_test_methods_are_registered_and_cheap():
     for name in methods:
         spec = get_method(name)
         assert spec.family == "gradient" and spec.cost <= 1.0
+
+
+def _attributes_used_on(tree, *owners):
+    """Attribute names used on `owner` expressions (e.g. `pn`, `self.logic`) anywhere in the module."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) in owners:
+            found.add(node.attr)
+    return found
+
+
+def test_names_the_module_uses_exist_where_it_looks_for_them():
+    """Typos in calls the desktop application would only reveal at run time."""
+    from EsegetaLib import slicer_logic
+    from EsegetaLib.slicer_run import SceneRun
+
+    tree = module_tree()
+    assert sorted(n for n in _attributes_used_on(tree, "slicer_logic") if not hasattr(slicer_logic, n)) == []
+
+    fields = set(parameter_node_fields(tree))
+    used = _attributes_used_on(tree, "pn", "self._parameterNode")
+    wrapper_api = {"connectGui", "disconnectGui"}
+    assert sorted(used - fields - wrapper_api) == []
+
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EsegetaLogic")
+    methods = {n.name for n in logic.body if isinstance(n, ast.FunctionDef)} | {"getParameterNode"}
+    assert sorted(_attributes_used_on(tree, "self.logic", "logic") - methods) == []
+
+    instance = set()
+    import inspect
+
+    init = next(n for n in ast.walk(ast.parse(inspect.getsource(SceneRun)))
+                if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    for node in ast.walk(init):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self":
+            instance.add(node.attr)
+    run_used = _attributes_used_on(tree, "run", "self.run")
+    assert sorted(n for n in run_used if not hasattr(SceneRun, n) and n not in instance) == []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from module_source import (CATALOG, LIBRARY, MODULE, MODULE_CMAKE, NOT_SHIPPED_PACKAGES, REPO, S4EXT,
+from module_source import (CATALOG, LIBRARY, MODULE, MODULE_CMAKE, NOT_SHIPPED_PACKAGES, REPO,
                            TOP_CMAKE, cmake_list, cmake_variable, lazy_import_closure, library_files_to_ship,
                            s4ext_fields)
 
@@ -82,6 +82,9 @@ def test_top_level_cmake_metadata():
                      "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         assert cmake_variable(text, variable)
     assert cmake_variable(text, "EXTENSION_ICONURL").endswith("Resources/Icons/Esegeta.png")
+    # the icon and screenshots the catalog shows are files of this repository (branch main)
+    for url in [cmake_variable(text, "EXTENSION_ICONURL")] + cmake_variable(text, "EXTENSION_SCREENSHOTURLS").split():
+        assert "/main/" in url and (REPO / url.split("/main/", 1)[1]).is_file(), url
 
 
 def test_s4ext_agrees_with_cmake():
@@ -207,6 +210,16 @@ def test_installed_library_imports_and_finds_its_resources(installed):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("captum")
+    # the worker entry point starts from the installed copy and answers in its protocol
+    job = installed["build"] / "not-a-job.json"
+    job.write_text("{}")
+    worker = subprocess.run([sys.executable, "-m", "EsegetaLib.worker", str(job)], cwd=str(modules), env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2, worker.stderr
+    events = [json.loads(line.split(" ", 1)[1]) for line in worker.stdout.splitlines() if line.startswith("@esegeta ")]
+    assert [e["event"] for e in events] == ["started", "error"]
+    assert events[1]["kind"] == "user" and "is not an Esegeta job" in events[1]["message"]
+    assert str(modules / "EsegetaLib" / "worker.py") in events[1]["details"]
 
 
 def _path_functions(module_file: Path):

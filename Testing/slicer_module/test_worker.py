@@ -129,7 +129,11 @@ def test_out_of_memory_is_recognised_and_suggests_cpu_or_a_smaller_patch():
     from EsegetaLib.worker import classify_error
 
     kind, message = classify_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda")
-    assert kind == "memory" and "CPU" in message and "smaller patch" in message
+    assert kind == "memory" and "device CPU" in message and "smaller patch" in message
+    kind, message = classify_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                "allocate 8 GB. Buy new RAM! out of memory"), "cpu")
+    assert kind == "memory" and "device CPU" not in message and "smaller patch" in message
+    assert classify_error(MemoryError(), "auto")[0] == "memory"
     assert classify_error(RuntimeError("boom"))[0] == "internal"
 
 

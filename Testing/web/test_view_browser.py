@@ -58,7 +58,7 @@ def page(viewer):
 
     with sync_playwright() as playwright:
         browser = launch_browser(playwright)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(viewer.url)
         page.locator('.esegeta-view[data-view="Red"]').wait_for(timeout=60_000)
         yield page

@@ -1,0 +1,102 @@
+"""Collect every case's tables into the study's: `study.csv`/`study.parquet` (one row per volume x
+model x method) and `summary.csv` (per model x method x metric: n, mean, median, quartiles, IQR).
+
+Everything is read back from the case folders on disk, not from the driver's memory, so a resumed
+study, or one whose cases ran on other machines, aggregates the same way.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+from .cases import case_dir, case_state
+
+ID_COLUMNS = ["volume", "model", "method", "status"]
+CASE_COLUMNS = ["attribution_s", "device", "case_seconds", "attempts", "seed", "error"]
+# +1: higher is better, -1: lower is better (see docs/readme/study.md); drives the ranking.
+DIRECTIONS: Dict[str, int] = {
+    "infidelity": -1, "infidelity_rel": -1, "sensitivity_max": -1, "sensitivity_avg": -1,
+    "deletion_auc": -1, "insertion_auc": +1, "relevance_mass": +1, "relevance_rank": +1,
+    "sparseness": +1, "complexity": -1, "complexity_rel": -1,
+    "randomisation_spearman": -1, "randomisation_spearman_signed": -1, "randomisation_ssim": -1,
+    "randomisation_pass": +1, "convergence_delta": -1,
+}
+
+
+def _case_rows(out: Path, task: Dict[str, Any], methods: List[str]) -> List[Dict[str, Any]]:
+    state = case_state(out, task)
+    base = {"volume": task["volume"], "model": task["model"], "status": state["status"], "seed": task["seed"],
+            "case_seconds": state.get("seconds"), "attempts": state.get("attempts"),
+            "error": state.get("error") or ""}
+    if state["status"] != "done":
+        return [dict(base, method=method, device=None) for method in methods]
+    tables = json.loads((case_dir(out, task["volume"], task["model"]) / "metrics.json").read_text())
+    rows = []
+    for row in tables["rows"]:
+        merged = dict(base)
+        merged.update({k: v for k, v in row.items()})
+        merged["device"] = row.get("device") or state.get("device")
+        rows.append(merged)
+    return rows
+
+
+def study_table(out: Path, tasks: List[Dict[str, Any]], methods: List[str]):
+    """A pandas DataFrame: one row per volume x model x method, in study order."""
+    import pandas as pd
+
+    rows = [row for task in tasks for row in _case_rows(Path(out), task, methods)]
+    frame = pd.DataFrame(rows)
+    metric_cols = [c for c in frame.columns if c not in ID_COLUMNS + CASE_COLUMNS
+                   and not c.endswith("_s") and not c.endswith("_peak_mb")]
+    timing_cols = sorted(c for c in frame.columns if c not in ID_COLUMNS + CASE_COLUMNS + metric_cols)
+    ordered = ID_COLUMNS + metric_cols + [c for c in CASE_COLUMNS if c in frame.columns] + timing_cols
+    frame = frame[ordered]
+    for column in metric_cols + ["attribution_s", "case_seconds"]:
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def metric_columns(frame) -> List[str]:
+    """The evaluation metrics present (not timings, standard errors or bookkeeping)."""
+    return [c for c in frame.columns if c in DIRECTIONS and frame[c].notna().any()]
+
+
+def summary_table(frame):
+    """Per model x method x metric over the finished volumes: n, mean, median, q1, q3, IQR."""
+    import pandas as pd
+
+    done = frame[frame["status"] == "done"]
+    rows = []
+    for column in metric_columns(frame) + ["attribution_s"]:
+        if column not in done.columns:
+            continue
+        for (model, method), group in done.groupby(["model", "method"], sort=False):
+            values = group[column].dropna().to_numpy(dtype=float)
+            if values.size:
+                q1, median, q3 = np.percentile(values, [25, 50, 75])
+                stats = {"n": int(values.size), "mean": float(values.mean()), "median": float(median),
+                         "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1)}
+            else:
+                stats = {"n": 0, "mean": np.nan, "median": np.nan, "q1": np.nan, "q3": np.nan, "iqr": np.nan}
+            rows.append(dict(model=model, method=method, metric=column, **stats))
+    return pd.DataFrame(rows, columns=["model", "method", "metric", "n", "mean", "median", "q1", "q3", "iqr"])
+
+
+def write_tables(out: Path, frame, summary) -> Dict[str, Path]:
+    """study.csv, study.parquet and summary.csv, each replaced atomically."""
+    out = Path(out)
+    paths = {"csv": out / "study.csv", "parquet": out / "study.parquet", "summary": out / "summary.csv"}
+    _atomic(paths["csv"], lambda p: frame.to_csv(p, index=False))
+    _atomic(paths["parquet"], lambda p: frame.to_parquet(p, index=False))
+    _atomic(paths["summary"], lambda p: summary.to_csv(p, index=False))
+    return paths
+
+
+def _atomic(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    temporary.replace(path)
