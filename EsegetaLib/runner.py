@@ -37,6 +37,9 @@ MethodList = List[Tuple[str, Dict[str, Any]]]
 # path integral with a completeness check, and a class-activation map.
 DEMO_METHODS = ("Saliency", "InputXGradient", "IntegratedGradients", "GradCAM")
 DEMO_PARAMS: Dict[str, Dict[str, Any]] = {"IntegratedGradients": {"n_steps": 16}}
+# Metrics that need no further model runs: the faithfulness curves and infidelity (default set)
+# rerun the model dozens of times per method and would multiply the demo's time by five.
+DEMO_METRICS = "relevance_mass,relevance_rank,sparseness,complexity"
 
 
 @dataclass

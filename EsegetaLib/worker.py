@@ -197,7 +197,11 @@ def out_of_memory_message(device: Optional[str] = None) -> str:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS out-of-memory (EsegetaLib.device), Python's MemoryError, or torch's CPU allocator
+    failing ("DefaultCPUAllocator: can't allocate memory")."""
     if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):
         return True
     if "torch" in sys.modules:
         from .device import is_out_of_memory
@@ -413,10 +417,15 @@ class WorkerProcess:
 
 def _terminate_tree(process: subprocess.Popen, grace: float) -> None:
     """Stop `process` and its children.  PythonSlicer is a launcher that starts the real Python as
-    a child, so stopping the launcher alone would leave the computation running."""
+    a child, so stopping the launcher alone would leave the computation running.  SIGTERM first
+    (the worker removes its partial result), SIGKILL for whatever is left after `grace` seconds."""
     if os.name == "nt":
         subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], capture_output=True)
-        process.wait(timeout=grace)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         return
     try:
         group = os.getpgid(process.pid)
@@ -426,15 +435,36 @@ def _terminate_tree(process: subprocess.Popen, grace: float) -> None:
         os.killpg(group, signal.SIGTERM)
     except ProcessLookupError:
         return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:  # until every process of the group has left
+        if process.poll() is not None and not _group_alive(group):
+            break
+        time.sleep(0.02)
     try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # the group may still hold children that ignored SIGTERM
         os.killpg(group, signal.SIGKILL)
     except ProcessLookupError:
         pass
     process.wait()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of `group` still runs.  Zombies do not count: a grandchild whose parent
+    (the launcher) died is reaped by init, which in some containers never happens."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for stat in proc.glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":
+                return True
+        return False
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ DEFAULT_OUT = "esegeta-demo"
 
 
 def add_parser(subparsers, common):
-    from ..runner import DEMO_METHODS
+    from ..runner import DEMO_METHODS, DEMO_METRICS
 
     parser = subparsers.add_parser(NAME, parents=[common], help="explain the bundled sample with the bundled model",
                                    description=__doc__.replace("\n", " "))
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"result directory (default: ./{DEFAULT_OUT})")
-    add_run_arguments(parser, methods_default=",".join(DEMO_METHODS))
+    add_run_arguments(parser, methods_default=",".join(DEMO_METHODS), metrics_default=DEMO_METRICS)
     parser.set_defaults(handler=run)
     return parser
 
@@ -51,5 +51,5 @@ def how_to_open(folder: Path) -> str:
                      f"{folder / 'attributions'}; set a map as foreground in the slice views.")
     if (folder / "previews").is_dir():
         lines.append(f"Previews: {folder / 'previews'}")
-    lines.append(f"Metrics: {folder / 'metrics.csv'}")
+    lines.append(f"Metrics: {folder / 'metrics.csv'} (faithfulness metrics too: --metrics default or all)")
     return "\n".join(lines)

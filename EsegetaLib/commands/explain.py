@@ -39,7 +39,7 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
-def add_run_arguments(parser, methods_default: str) -> None:
+def add_run_arguments(parser, methods_default: str, metrics_default: str = "default") -> None:
     """Options shared by `explain` and `demo` (what to explain, how the engine runs, outputs)."""
     what = parser.add_argument_group("what to explain")
     what.add_argument("--methods", default=methods_default, metavar="A,B|all",
@@ -63,8 +63,10 @@ def add_run_arguments(parser, methods_default: str) -> None:
                         help="windows per batch, or auto (largest that fits; default)")
     engine.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed (default: 0)")
     out = parser.add_argument_group("outputs")
-    out.add_argument("--metrics", default="default", metavar="LIST|none|all",
-                     help="evaluation metrics per method (default: the metrics module's default set)")
+    out.add_argument("--metrics", default=metrics_default, metavar="LIST|none|all",
+                     help="evaluation metrics per method (default: "
+                          + ("the metrics module's default set" if metrics_default == "default" else metrics_default)
+                          + "); runtime, device and peak memory are always recorded")
     out.add_argument("--no-scene", dest="scene", action="store_false",
                      help="skip esegeta.mrb and previews/ (the Slicer review scene)")
     out.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output directory")

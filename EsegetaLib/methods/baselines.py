@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import EsegetaError
 from .base import ParamSpec, VolumeStats
+from .common import randn_like_on
 
 BASELINE_CHOICES = ("blur", "constant_low", "zero", "mean", "noise", "user")
 DEFAULT_BASELINE = "blur"
@@ -114,8 +115,7 @@ def make_baseline(x: torch.Tensor, stats: VolumeStats, params: Dict[str, Any],
         return torch.full_like(x, float(stats.mean))
     if choice == "noise":
         # Gaussian noise with the volume's own mean and spread: no structure, same intensities.
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device="cpu")
-        return (noise.to(device=x.device, dtype=x.dtype) * float(stats.std) + float(stats.mean))
+        return randn_like_on(x, x.shape, generator) * float(stats.std) + float(stats.mean)
     if choice == "blur":
         sigma = float(params.get("blur_sigma_mm") or 0.0)
         if sigma <= 0.0:
@@ -144,6 +144,5 @@ def prepare_baseline_distribution(x_full: torch.Tensor, stats: VolumeStats, para
         spread = float(params.get("baseline_noise", 0.0)) * max(float(stats.high - stats.low), 1e-12)
         out = {"baselines": base}
         for k in range(1, count):
-            noise = torch.randn(x_full.shape, generator=generator, dtype=torch.float32, device="cpu")
-            out[f"baselines_{k}"] = base + noise.to(device=x_full.device, dtype=x_full.dtype) * spread
+            out[f"baselines_{k}"] = base + randn_like_on(x_full, x_full.shape, generator) * spread
         return out

@@ -43,6 +43,14 @@ def reduce_channels(layer_attr: torch.Tensor, how: str) -> torch.Tensor:
     return layer_attr.sum(dim=1, keepdim=True)
 
 
+def randn_like_on(like: torch.Tensor, shape, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (CPU when none: reproducible on any
+    accelerator), returned on `like`'s device and dtype."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device)
+    return noise.to(device=like.device, dtype=like.dtype)
+
+
 def first_tensor(value: Any) -> torch.Tensor:
     """Captum returns a tensor or a 1-tuple depending on the input; we always pass one tensor."""
     if isinstance(value, (tuple, list)):

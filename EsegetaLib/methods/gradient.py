@@ -43,28 +43,30 @@ def input_x_gradient(ctx: MethodContext):
 # --- Integrated Gradients ------------------------------------------------------------------------
 
 def completeness(attr: torch.Tensor, score_x: torch.Tensor, score_b: torch.Tensor) -> Dict[str, float]:
-    """Diagnostics of a path method.  `delta_sum` and `score_difference_sum` add up over patches
-    (the engine sums keys ending in `_sum` and recomputes `convergence_delta` from them, see
-    `merge_diagnostics`); `convergence_delta` = |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)|."""
-    diff = float((score_x - score_b).double().sum())
-    total = float(attr.double().sum())
-    delta = total - diff
+    """Diagnostics of a path method, in Captum's convention so that they add up over windows:
+    `convergence_delta` = sum(attr) - (F(x) - F(b)) (signed, absolute) and `score_change` =
+    F(x) - F(b) both sum over windows (F of the patched model is the sum of window scores);
+    `relative_convergence_delta` = |delta| / |F(x) - F(b)| is recomputed from the sums
+    (`merge_diagnostics`, or the engine's own equivalent)."""
+    change = float((score_x - score_b).double().sum())
+    delta = float(attr.double().sum()) - change
     return {
-        "convergence_delta": abs(delta) / max(abs(diff), 1e-12),
-        "delta_sum": delta,
-        "score_difference_sum": diff,
+        "convergence_delta": delta,
+        "score_change": change,
+        "relative_convergence_delta": abs(delta) / max(abs(change), 1e-12),
     }
 
 
 def merge_diagnostics(parts):
-    """Combine per-patch diagnostics of an additive method: sums of `_sum` keys, relative delta."""
+    """Combine per-window diagnostics of an additive path method: sum the additive keys, then the
+    relative delta from the sums."""
     parts = [p for p in parts if p]
     if not parts:
         return {}
-    merged = {k: sum(float(p.get(k, 0.0)) for p in parts) for k in parts[0] if k.endswith("_sum")}
-    if "delta_sum" in merged and "score_difference_sum" in merged:
-        merged["convergence_delta"] = abs(merged["delta_sum"]) / max(abs(merged["score_difference_sum"]), 1e-12)
-    return merged
+    delta = sum(float(p["convergence_delta"]) for p in parts)
+    change = sum(float(p["score_change"]) for p in parts)
+    return {"convergence_delta": delta, "score_change": change,
+            "relative_convergence_delta": abs(delta) / max(abs(change), 1e-12)}
 
 
 def integrated_gradients(ctx: MethodContext):

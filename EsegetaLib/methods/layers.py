@@ -16,10 +16,10 @@ import torch
 
 from ..errors import EsegetaError
 
-PROBE_SIZE = 32
+PROBE_SIZES = (32, 64, 128)  # tried in turn: some networks need sizes divisible by 2**k
 
 
-def _probe_input(network: torch.nn.Module) -> torch.Tensor:
+def _probe_input(network: torch.nn.Module, size: int) -> torch.Tensor:
     in_channels = 1
     for module in network.modules():
         if isinstance(module, (torch.nn.Conv3d, torch.nn.Conv2d, torch.nn.Conv1d)):
@@ -28,7 +28,7 @@ def _probe_input(network: torch.nn.Module) -> torch.Tensor:
     param = next(network.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.zeros(1, in_channels, PROBE_SIZE, PROBE_SIZE, PROBE_SIZE, device=device, dtype=dtype)
+    return torch.zeros(1, in_channels, size, size, size, device=device, dtype=dtype)
 
 
 def _record_outputs(network: torch.nn.Module, example: torch.Tensor) -> Tuple[List[str], Dict[str, Tuple[int, ...]]]:
@@ -63,10 +63,19 @@ def _descendants(name: str, names) -> List[str]:
 
 def default_layer_name(network: torch.nn.Module, example: Optional[torch.Tensor] = None) -> str:
     """The automatic layer (see module docstring)."""
-    if example is None:
-        example = _probe_input(network)
-    example = example[:1].detach()
-    order, shapes = _record_outputs(network, example)
+    if example is not None:
+        example = example[:1].detach()
+        order, shapes = _record_outputs(network, example)
+    else:
+        for size in PROBE_SIZES:
+            example = _probe_input(network, size)
+            try:
+                order, shapes = _record_outputs(network, example)
+                break
+            except RuntimeError:
+                if size == PROBE_SIZES[-1]:
+                    raise EsegetaError("could not run a probe input through the network to choose a layer; "
+                                       "name one with the 'layer' parameter.") from None
     modules = dict(network.named_modules())
     leaves = [n for n in order if len(list(modules[n].children())) == 0 and len(shapes[n]) == example.dim()]
     if not leaves:

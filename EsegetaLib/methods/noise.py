@@ -32,10 +32,12 @@ def stdev(stats: VolumeStats, params: Dict[str, Any]) -> float:
 
 def draw(like: torch.Tensor, std: float, n_samples: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Gaussian noise shaped (B * n_samples, C, *S), example-major like Captum's repeat_interleave:
-    row b * n_samples + j is sample j of example b.  Drawn on the CPU generator (reproducible on any
-    device), then moved to `like`'s device."""
+    row b * n_samples + j is sample j of example b.  Drawn on the generator's device (CPU when none:
+    reproducible on any accelerator), then moved to `like`'s device."""
     shape = (like.shape[0] * n_samples,) + tuple(like.shape[1:])
-    noise = torch.normal(0.0, torch.full(shape, float(std), dtype=torch.float32), generator=generator)
+    device = generator.device if generator is not None else torch.device("cpu")
+    # torch.normal with a std tensor: the same draws as Captum's NoiseTunnel for the same seed
+    noise = torch.normal(0.0, torch.full(shape, float(std), dtype=torch.float32, device=device), generator=generator)
     return noise.to(device=like.device, dtype=like.dtype)
 
 

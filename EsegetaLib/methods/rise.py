@@ -25,12 +25,14 @@ def make_masks(n: int, spatial: Sequence[int], cells: Sequence[int], p_keep: flo
     spatial = tuple(int(s) for s in spatial)
     cells = tuple(max(1, int(c)) for c in cells)
     cell_size = [math.ceil(s / c) for s, c in zip(spatial, cells)]
-    grid = (torch.rand((n, 1) + cells, generator=generator) < p_keep).float()
+    device = generator.device if generator is not None else torch.device("cpu")
+    grid = (torch.rand((n, 1) + cells, generator=generator, device=device) < p_keep).float().cpu()
     up_size = tuple((c + 1) * cs for c, cs in zip(cells, cell_size))
     up = F.interpolate(grid, size=up_size, mode="trilinear", align_corners=False) if len(spatial) == 3 else \
         F.interpolate(grid, size=up_size, mode="bilinear", align_corners=False)
     masks = torch.empty((n, 1) + spatial)
-    shifts = torch.stack([torch.randint(0, cs, (n,), generator=generator) for cs in cell_size], dim=1)
+    shifts = torch.stack([torch.randint(0, cs, (n,), generator=generator, device=device).cpu()
+                          for cs in cell_size], dim=1)
     for i in range(n):
         index = tuple(slice(int(o), int(o) + s) for o, s in zip(shifts[i], spatial))
         masks[i] = up[(i, slice(None)) + index]

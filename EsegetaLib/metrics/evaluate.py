@@ -189,6 +189,7 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
     method with its resolved parameters (randomisation on a re-initialised copy of the network, the
     region held fixed)."""
     from ..engine import ExplainSession
+    from ..methods.base import get_method
 
     items = _result_items(results)
     if not items:
@@ -203,8 +204,8 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
 
     def explain_fn_for(result):
         def explain_fn(xp: torch.Tensor) -> torch.Tensor:
-            out = session.attribute(result.metadata.get("name", result.name) if result.metadata else result.name,
-                                    result.params, inputs=xp.detach().cpu())
+            out = session.attribute((result.metadata or {}).get("name", result.name), result.params,
+                                    inputs=xp.detach().cpu())
             return torch.from_numpy(out.attribution)
         return explain_fn
 
@@ -214,17 +215,25 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
                                    cancel=cancel)
 
             def explain_fn(xp: torch.Tensor) -> torch.Tensor:
-                out = other.attribute(result.metadata.get("name", result.name) if result.metadata else result.name,
-                                      result.params, inputs=xp.detach().cpu())
+                out = other.attribute((result.metadata or {}).get("name", result.name), result.params,
+                                      inputs=xp.detach().cpu())
                 return torch.from_numpy(out.attribution)
             return explain_fn
         return make
 
+    def registered(result) -> bool:  # maps made elsewhere (e.g. a random control) cannot be rerun
+        try:
+            get_method((result.metadata or {}).get("name", result.name))
+            return True
+        except EsegetaError:
+            return False
+
+    rerun = {name: r for name, r in items.items() if registered(r)}
     report = evaluate_maps(
         x, {name: r.attribution for name, r in items.items()}, session.score,
         metrics=metrics, params=params, stats=session.stats, device=session.device,
-        explain_fns={name: explain_fn_for(r) for name, r in items.items()},
-        make_explain_fns={name: make_explain_fn_for(r) for name, r in items.items()},
+        explain_fns={name: explain_fn_for(r) for name, r in rerun.items()},
+        make_explain_fns={name: make_explain_fn_for(r) for name, r in rerun.items()},
         network=session.network, region=session.region, reference_mask=reference_mask, baseline=baseline,
         batch_size=batch_size, seed=seed, cancel=cancel, progress=progress,
         attribution_seconds={name: r.seconds for name, r in items.items()})

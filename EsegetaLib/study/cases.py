@@ -113,7 +113,13 @@ def _request(task: Dict[str, Any]):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """The error in one line. TorchScript puts the real message last, after its own tracebacks."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(exc):
+        text = lines[-1]
+    else:
+        text = " ".join(lines)
+    text = text[:400]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

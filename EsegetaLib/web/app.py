@@ -128,6 +128,8 @@ class EsegetaViewer(TrameApp):
         for other in self.scene.maps.values():
             if other.vr_display is not None:
                 other.vr_display.SetVisibility(other is layer and self._show_3d())
+            if other.legend is not None:
+                other.legend.SetVisibility(other is layer)
         self._render()
 
     def _show_3d(self) -> bool:

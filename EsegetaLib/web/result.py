@@ -81,6 +81,8 @@ def _load_mrb(path: Path) -> ViewerResult:
 
 
 def _load_directory(folder: Path) -> ViewerResult:
+    if not (folder / "run.json").exists() and (folder / MRB_NAME).is_file():
+        return _load_mrb((folder / MRB_NAME).resolve())  # a folder holding only the review scene
     run = _read_run(folder)
     attributions = _attribution_files(folder, run)
     result = ViewerResult(source=folder, title=folder.name, run=run, attribution_paths=attributions)

@@ -35,6 +35,7 @@ class MapLayer:
     threshold: float = 0.0  # |value| below this is hidden
     band_node: Optional[Any] = None  # signed maps: the table with a transparent band around 0
     vr_display: Optional[Any] = None
+    legend: Optional[Any] = None  # Slicer's colour legend (colour bar with the range) in the views
 
     @property
     def top(self) -> float:
@@ -209,8 +210,28 @@ def layer_from_node(slicer_app, name: str, node) -> MapLayer:
     display.SetInterpolate(False)  # show voxels as computed (a voxel's evidence is one value)
     layer.vr_display = slicer_app.volume_rendering.create_display_node(node)
     layer.vr_display.SetVisibility(False)
+    layer.legend = add_color_legend(node)
     set_threshold(layer, layer.threshold)
     return layer
+
+
+def add_color_legend(node):
+    """Slicer's colour legend for the map (hidden until the map is shown): the colour bar and the
+    range a reader needs to read the overlay. None where the logic lacks it."""
+    import slicer
+
+    add = getattr(getattr(slicer, "vtkSlicerColorLogic", None), "AddDefaultColorLegendDisplayNode", None)
+    if add is None:
+        return None
+    scene = node.GetScene()
+    if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):  # Slicer's Colors module does this
+        scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
+    legend = add(node)
+    if legend is not None:
+        legend.SetVisibility(False)
+        legend.SetTitleText(node.GetName())
+        legend.SetLabelFormat("%.3g")
+    return legend
 
 
 def set_threshold(layer: MapLayer, threshold: float) -> None:

@@ -19,6 +19,8 @@ def _cheap(spec):
     params = {k: v for k, v in CHEAP.items() if k in names}
     if spec.name in ("Lime", "KernelShap"):
         params["n_samples"] = 12
+    if spec.name == "ShapleyValueSampling":
+        params["n_samples"] = 1
     return params
 
 
@@ -45,22 +47,20 @@ def _check(expl, methods):
         assert result.seconds >= 0 and result.diagnostics["n_windows"] >= 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("region", ["predicted", "whole", "roi", "point"])
 @pytest.mark.parametrize("factory", [make_unet_instancenorm_prelu, make_net_batchnorm_relu],
                          ids=["instancenorm_prelu", "batchnorm_relu"])
-def test_every_method_every_region(factory):
+def test_every_method_every_region(factory, region):
     net = factory()
     methods = _methods()
     c = _class_predicted(net)
-    targets = [Target(class_index=c, region="predicted"), Target(class_index=c, region="whole"),
-               Target(class_index=c, region="roi", mask=TUBES), Target(class_index=c, region="point", point=(8, 8, 8), radius=1)]
-    for target in targets:
-        seen = []
-        expl = explain(IMAGE, net, methods, target, EngineOptions(divisor=4),
-                       progress=lambda f, m: seen.append(f))
-        _check(expl, methods)
-        assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
-    # Several overlapping windows: every patching mode on the patched model.
-    expl = explain(IMAGE, net, methods, Target(class_index=c, region="roi", mask=TUBES),
-                   EngineOptions(divisor=4, patch_size=8))
-    assert expl.engine["n_windows"] == 8
+    extra = {"roi": {"mask": TUBES}, "point": {"point": (8, 8, 8), "radius": 1}}.get(region, {})
+    target = Target(class_index=c, region=region, **extra)
+    # The roi run uses 8 overlapping 12^3 windows: every patching mode on the patched model.
+    options = EngineOptions(divisor=4, patch_size=12 if region == "roi" else None)
+    seen = []
+    expl = explain(IMAGE, net, methods, target, options, progress=lambda f, m: seen.append(f))
+    assert expl.engine["n_windows"] == (8 if region == "roi" else 1)
     _check(expl, methods)
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)

@@ -28,7 +28,7 @@ def _targets(session_probe):
 @pytest.mark.parametrize("factory", [make_unet_instancenorm_prelu, make_net_batchnorm_relu])
 def test_every_target_gives_nonzero_gradient(factory):
     net = factory()
-    options = EngineOptions(patch_size=8, divisor=4)  # 8 windows of 8^3 over 16^3
+    options = EngineOptions(patch_size=12, divisor=4)  # 8 windows of 12^3 over 16^3
     probe = ExplainSession(IMAGE, net, Target(region="whole"), options)
     for target in _targets(probe):
         session = ExplainSession(IMAGE, net, target, options)
@@ -61,12 +61,12 @@ def test_point_ball_and_roi_regions():
 
 def test_predicted_region_is_fixed_from_blended_model():
     net = make_unet_instancenorm_prelu()
-    session = ExplainSession(IMAGE, net, Target(class_index=1, region="predicted"), EngineOptions(patch_size=8, divisor=4))
+    session = ExplainSession(IMAGE, net, Target(class_index=1, region="predicted"), EngineOptions(patch_size=12, divisor=4))
     assert (session.region == (session.segmentation == 1)).all()
     assert np.allclose(session.probabilities.sum(axis=0), 1.0, atol=1e-5)
     # Sigmoid: a threshold per channel.
     sig = ExplainSession(IMAGE, net, Target(class_index=1, region="predicted", activation="sigmoid", threshold=0.5),
-                         EngineOptions(patch_size=8, divisor=4))
+                         EngineOptions(patch_size=12, divisor=4))
     assert (sig.region == (sig.probabilities[1] > 0.5)).all()
 
 
@@ -84,7 +84,7 @@ class _DeepSupervision(nn.Module):
 
 
 def test_heads_list_and_dict():
-    options = EngineOptions(patch_size=8, divisor=4)
+    options = EngineOptions(patch_size=12, divisor=4)
     plain = ExplainSession(IMAGE, make_unet_instancenorm_prelu(), Target(region="whole"), options)
     expected = plain.attribute(SALIENCY).attribution
     for net, head in ((_DeepSupervision(), 0), (_DeepSupervision(True), 0), (_DeepSupervision(True), "seg")):

@@ -72,7 +72,9 @@ def make_context(name, network, x, params=None, seed=0, internal_batch_size=4, r
     stats = stats_of(x)
     prepared = spec.prepare(x, stats, resolved, torch.Generator().manual_seed(seed)) if spec.prepare else {}
     weights = roi_weights(x)
-    ctx = MethodContext(forward=MaskedLogitSum(network).eval(), network=network, inputs=x, params=resolved,
+    forward = MaskedLogitSum(network)
+    forward.training = False  # not .eval(): exported programs refuse train()/eval() calls
+    ctx = MethodContext(forward=forward, network=network, inputs=x, params=resolved,
                         stats=stats, forward_args=(weights,), prepared=prepared,
                         region=weights[:1] if region else None, generator=torch.Generator().manual_seed(seed),
                         internal_batch_size=internal_batch_size)

@@ -151,5 +151,3 @@ def test_guided_on_real_meshnet_gelu_groupnorm():
     rel = float((ours - plain).norm() / plain.norm())
     print(f"GuidedBackprop vs plain gradient on MeshNet (GELU+GroupNorm): relative L2 difference {rel:.3f}")
     assert rel > 0.1
-    deconv, _, _ = _maps(network, x, "Deconvolution")
-    assert torch.isfinite(deconv).all() and float((deconv - plain).norm() / plain.norm()) > 0.1

@@ -13,7 +13,7 @@ CHEAP = {  # fewer steps/samples keep the suite fast; defaults are exercised els
     "DeepLiftShap": {"n_baselines": 2}, "SmoothGrad": {"nt_samples": 2}, "SmoothGradSquared": {"nt_samples": 2},
     "VarGrad": {"nt_samples": 2}, "LayerConductance": {"n_steps": 4}, "InternalInfluence": {"n_steps": 4},
     "LayerIntegratedGradients": {"n_steps": 4}, "LayerGradientShap": {"n_samples": 3, "n_baselines": 2},
-    "Occlusion": {"window_fraction": 0.25}, "FeatureAblation": {"block_fraction": 0.25},
+    "Occlusion": {"window_fraction": 0.5}, "FeatureAblation": {"block_fraction": 0.5},
     "ShapleyValueSampling": {"n_samples": 1, "block_fraction": 0.5}, "Lime": {"n_samples": 24, "block_fraction": 0.5},
     "KernelShap": {"n_samples": 24, "block_fraction": 0.5}, "RISE": {"n_masks": 24},
 }

@@ -23,7 +23,7 @@ SMALL = {"infidelity": {"n_samples": 4}, "sensitivity": {"n_samples": 2}, "delet
 
 @pytest.fixture(scope="module")
 def session_run(trained_case):
-    vol, _ = helpers.tube_volume(32, n_tubes=4, seed=11)
+    vol, _ = helpers.tube_volume(24, n_tubes=3, seed=11)  # 8 windows of 16^3
     options = EngineOptions(device="cpu", patch_size=16, overlap=0.25, batch_size=4, divisor=4)
     session = ExplainSession(vol, trained_case["net"], Target(class_index=1, region="predicted"), options)
     results = {m: session.attribute(m, p) for m, p in (("InputXGradient", None),
@@ -91,9 +91,10 @@ def test_batching_device_and_precision(session_run, trained_case):
         assert max(sizes) == 3
     finally:
         del session.score
-    for a, b in zip(one.rows, three.rows):  # same draws whatever the batching
-        assert a["infidelity"] == pytest.approx(b["infidelity"], rel=1e-9)
-        assert a["deletion_auc"] == pytest.approx(b["deletion_auc"], rel=1e-9)
+    for a, b in zip(one.rows, three.rows):  # same draws whatever the batching; float32 convolutions
+        # sum in a batch-dependent order (~1e-7 relative per score), hence 1e-5
+        assert a["infidelity"] == pytest.approx(b["infidelity"], rel=1e-5)
+        assert a["deletion_auc"] == pytest.approx(b["deletion_auc"], rel=1e-5)
     assert one.settings["device"] == str(session.device)
     # bf16 autocast: the same metrics, computed in the session's precision, stay close to fp32.
     vol = session.volume.numpy()
@@ -143,3 +144,28 @@ def test_metric_names_and_parameters():
         resolve_params({"sensitivity": {"n_samples": 1}})
     assert resolve_params(None)["infidelity"]["n_samples"] >= 10
     assert resolve_params(None)["sensitivity"]["n_samples"] >= 10
+
+
+def test_meter_measures_time_and_peak_memory():
+    from EsegetaLib.metrics.context import Meter
+
+    meter = Meter(torch.device("cpu"))
+    with meter.measure():
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+        del block
+    assert meter.seconds > 0
+    if np.isfinite(meter.peak_mb):  # Linux /proc available
+        assert meter.peak_mb >= 48
+
+
+def test_user_mistakes_are_one_line_errors(small_case):
+    from EsegetaLib.metrics import evaluate_maps
+
+    x = small_case["x"]
+    with pytest.raises(EsegetaError, match="does not match the input"):
+        evaluate_maps(x, {"bad": np.zeros((2, 3, 4))}, helpers.score_fn_of(small_case["score"]), metrics="sparseness")
+    with pytest.raises(EsegetaError, match="no intensity spread"):
+        evaluate_maps(torch.ones_like(x), {"m": x}, helpers.score_fn_of(small_case["score"]), metrics="sparseness")
+    with pytest.raises(EsegetaError, match="reference mask"):
+        evaluate_maps(x, {"m": x}, helpers.score_fn_of(small_case["score"]), metrics="relevance_mass")

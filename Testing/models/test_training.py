@@ -19,8 +19,8 @@ def load_script():
 
 def test_training_is_deterministic():
     script = load_script()
-    a, _ = script.train(iterations=2, batch=1, log_every=1000, train_seeds=[1000])
-    b, _ = script.train(iterations=2, batch=1, log_every=1000, train_seeds=[1000])
+    a, _ = script.train(iterations=2, batch=1, log_every=1000, train_seeds=[1000], empty_seeds=[3000])
+    b, _ = script.train(iterations=2, batch=1, log_every=1000, train_seeds=[1000], empty_seeds=[3000])
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in a.state_dict().values())

@@ -38,10 +38,13 @@ def test_cmake_lists_every_library_file_that_must_ship():
     scripts, data = library_files_to_ship()
     listed_scripts = cmake_list(text, "ESEGETA_LIBRARY_SCRIPTS")
     listed_data = cmake_list(text, "ESEGETA_LIBRARY_RESOURCES")
-    assert not set(scripts) - set(listed_scripts), (
-        "add to ESEGETA_LIBRARY_SCRIPTS in Esegeta/CMakeLists.txt:\n" + _missing_lines(scripts, listed_scripts))
-    assert not set(data) - set(listed_data), (
-        "add to ESEGETA_LIBRARY_RESOURCES in Esegeta/CMakeLists.txt:\n" + _missing_lines(data, listed_data))
+    fix = " (or run: python Testing/slicer_module/update_cmake_lists.py)"
+    missing = sorted(set(scripts) - set(listed_scripts))
+    assert missing == [], "add to ESEGETA_LIBRARY_SCRIPTS in Esegeta/CMakeLists.txt" + fix + ":\n" + \
+        _missing_lines(scripts, listed_scripts)
+    missing = sorted(set(data) - set(listed_data))
+    assert missing == [], "add to ESEGETA_LIBRARY_RESOURCES in Esegeta/CMakeLists.txt" + fix + ":\n" + \
+        _missing_lines(data, listed_data)
     for item in listed_scripts + listed_data:
         assert (REPO / item).is_file(), f"Esegeta/CMakeLists.txt lists {item}, which does not exist"
     assert cmake_list(text, "ESEGETA_MODULE_RESOURCES") == MODULE_RESOURCES

@@ -45,13 +45,45 @@ def files(tmp_path_factory):
     return {"folder": folder, "model": model, "volume": path, "image": read_image(path)}
 
 
-def start(files, tmp_path, **request):
+def start(files, tmp_path, python=None, **request):
     fields = {"volume": files["volume"], "model": files["model"], "methods": METHODS, "region": "whole",
               "metrics": "none", "device": "cpu"}
     fields.update(request)
     output = tmp_path / "result"
     job = write_job(str(tmp_path / "job.json"), make_job(fields, str(output)))
-    return WorkerProcess(job).start(), output
+    return WorkerProcess(job, python=python).start(), output
+
+
+def running_in_group(group):
+    """Live (not zombie) processes of a process group, from /proc (Linux) or `ps`."""
+    from pathlib import Path
+
+    if Path("/proc").is_dir():
+        live = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, rest = stat.read_text().split(" ", 1)
+                state, _ppid, pgid = rest.rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if int(pgid) == group and state != "Z":
+                live.append(int(pid))
+        return live
+    import subprocess
+
+    out = subprocess.run(["ps", "-A", "-o", "pid=,pgid=,stat="], capture_output=True, text=True).stdout
+    return [int(p) for p, g, st in (line.split()[:3] for line in out.splitlines()) if int(g) == group and "Z" not in st]
+
+
+def launcher(tmp_path):
+    """A stand-in for Slicer's PythonSlicer: a launcher that runs Python as its child process
+    (not exec), so that stopping the launcher alone would leave the computation running."""
+    import sys
+
+    path = tmp_path / "PythonLauncher"
+    path.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nexit $?\n')
+    path.chmod(0o755)
+    return str(path)
 
 
 def test_worker_reports_progress_and_its_results_read_back_equal_the_engine(files, tmp_path):
@@ -90,8 +122,9 @@ def test_worker_reports_progress_and_its_results_read_back_equal_the_engine(file
     np.testing.assert_array_equal(result["segmentation"], explanation.segmentation)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the launcher stand-in is a POSIX shell script")
 def test_cancel_midway_terminates_and_leaves_nothing_at_the_result_location(files, tmp_path):
-    worker, output = start(files, tmp_path, methods=["IntegratedGradients"],
+    worker, output = start(files, tmp_path, python=launcher(tmp_path), methods=["IntegratedGradients"],
                            params={"IntegratedGradients": {"n_steps": 400}})
     deadline = time.monotonic() + 300
     working = False
@@ -109,8 +142,7 @@ def test_cancel_midway_terminates_and_leaves_nothing_at_the_result_location(file
     assert worker.final_event["kind"] == "cancelled"
     assert worker.returncode is not None  # the process is gone
     if group is not None:
-        with pytest.raises(ProcessLookupError):
-            os.killpg(group, 0)  # and so is every process it started
+        assert running_in_group(group) == []  # and so is every process it started
     assert not output.exists()
     assert leftovers(output) == []  # the worker removed its partial result on SIGTERM
 
@@ -130,8 +162,10 @@ def test_out_of_memory_is_recognised_and_suggests_cpu_or_a_smaller_patch():
 
     kind, message = classify_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda")
     assert kind == "memory" and "device CPU" in message and "smaller patch" in message
-    kind, message = classify_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
-                                                "allocate 8 GB. Buy new RAM! out of memory"), "cpu")
+    try:  # a real allocation failure of torch's CPU allocator
+        torch.empty(2 ** 50, dtype=torch.uint8)
+    except RuntimeError as error:
+        kind, message = classify_error(error, "cpu")
     assert kind == "memory" and "device CPU" not in message and "smaller patch" in message
     assert classify_error(MemoryError(), "auto")[0] == "memory"
     assert classify_error(RuntimeError("boom"))[0] == "internal"

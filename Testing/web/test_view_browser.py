@@ -66,7 +66,14 @@ def page(viewer):
 
 
 def block_mask(page, view: str, colour, opacity: float):
-    return color_mask(view_pixels(page, view), opacity * np.asarray(colour))
+    return color_mask(view_pixels(page, view, square=True), opacity * np.asarray(colour))
+
+
+def box_of(page, tag: str):
+    """The view's box on the page, or None when the view is not shown (one query: no race with
+    the layout being rebuilt)."""
+    locator = page.locator(f'.esegeta-view[data-view="{tag}"]')
+    return locator.bounding_box(timeout=2000) if locator.count() else None
 
 
 def select(page, field_class: str, option: str) -> None:
@@ -103,11 +110,21 @@ def test_overlay_shows_colour_table_where_attribution_is_high(page):
     # The segmentation outline (the bridge's first segment colour) is drawn around the centre.
     from EsegetaLib.scene import default_segment_colors
 
-    outline = color_mask(view_pixels(page, "Red"), np.asarray(default_segment_colors(1)[0]) * 255, 40)
+    outline = color_mask(view_pixels(page, "Red", square=True), np.asarray(default_segment_colors(1)[0]) * 255, 40)
     assert outline.sum() > 50
     ox, oy = centroid(outline)
     assert abs(ox - 0.5) < 0.1 and abs(oy - 0.5) < 0.1
     assert "Inferno" in page.locator(".esegeta-legend").inner_text()
+    # Slicer's colour legend at the view's right edge: the table's top colour at full intensity.
+    assert legend_pixels(page, "Inferno") > 30
+
+
+def legend_pixels(page, table: str) -> int:
+    from EsegetaLib import colors
+
+    pixels = view_pixels(page, "Red")
+    strip = pixels[:, int(0.8 * pixels.shape[1]):]
+    return int(color_mask(strip, colors.colormap_rgba(table)[-1, :3] * 255).sum())
 
 
 def test_method_selector_switches_overlay(page):
@@ -116,7 +133,7 @@ def test_method_selector_switches_overlay(page):
     wait_until(lambda: block_mask(page, "Red", colours["positive"], 0.6).sum() > MIN_BLOCK_PIXELS,
                what="the IntegratedGradients blocks")
     save_screenshot(page, "02_integrated_gradients")
-    pixels = view_pixels(page, "Red")
+    pixels = view_pixels(page, "Red", square=True)
     positive = color_mask(pixels, 0.6 * colours["positive"])
     negative = color_mask(pixels, 0.6 * colours["negative"])
     assert negative.sum() > MIN_BLOCK_PIXELS
@@ -126,6 +143,7 @@ def test_method_selector_switches_overlay(page):
     assert px > 0.5 and py > 0.5, (px, py)  # low I, low J: screen right, bottom
     assert nx < 0.5 and ny > 0.5, (nx, ny)  # high I, low J: screen left, bottom
     assert "DivergingBlueRed" in page.locator(".esegeta-legend").inner_text()
+    assert legend_pixels(page, "DivergingBlueRed") > 30 and legend_pixels(page, "Inferno") < 10
 
 
 def test_opacity_slider_changes_overlay(page):
@@ -139,7 +157,7 @@ def test_opacity_slider_changes_overlay(page):
     wait_until(lambda: block_mask(page, "Red", colours["positive"], 1.0).sum() < 20
                and block_mask(page, "Red", colours["negative"], 1.0).sum() < 20, what="no overlay at opacity 0")
     save_screenshot(page, "04_opacity_0")
-    pixels = view_pixels(page, "Red")
+    pixels = view_pixels(page, "Red", square=True)
     h, w = pixels.shape[:2]
     # Where the positive block was (screen right, bottom) the input is black.
     assert np.all(pixels[int(0.70 * h):int(0.80 * h), int(0.62 * w):int(0.68 * w)] < 30)
@@ -161,24 +179,25 @@ def test_threshold_slider_hides_weak_values(page):
 
 
 def test_one_large_view_and_volume_rendering(page):
-    four = page.locator('.esegeta-view[data-view="Red"]').bounding_box()
+    four = box_of(page, "ThreeD")
     select(page, "esegeta-layout", "3D")
-    wait_until(lambda: page.locator('.esegeta-view[data-view="ThreeD"]').bounding_box() is not None
-               and page.locator('.esegeta-view[data-view="ThreeD"]').bounding_box()["width"] > 1.5 * four["width"],
-               what="the 3D view alone")
+    wait_until(lambda: (box_of(page, "ThreeD") or {"width": 0})["width"] > 1.5 * four["width"]
+               and box_of(page, "Red") is None, what="the 3D view alone, large")
     colours = expected_colours()
 
-    def rendered_map():
+    def blue_and_red():
         pixels = view_pixels(page, "ThreeD")
-        saturation = pixels.max(axis=-1) - pixels.min(axis=-1)  # the background is grey
-        return (saturation > 60).sum() > 500
+        red, blue = pixels[..., 0], pixels[..., 2]
+        return (blue > red + 60), (red > blue + 60)  # the background is grey
 
-    wait_until(rendered_map, timeout=90, what="the map's volume rendering in the 3D view")
+    wait_until(lambda: all(mask.sum() > 2000 for mask in blue_and_red()), timeout=90,
+               what="the map's volume rendering (blue and red evidence) in the 3D view")
     save_screenshot(page, "06_volume_rendering")
-    assert colours  # colour reference unchanged; the 3D view shows coloured (non-grey) voxels
+    blue, red = blue_and_red()
+    # Slicer's default 3D camera looks from anterior: patient right (+I, the negative block) on the left.
+    assert centroid(blue)[0] < 0.5 < centroid(red)[0]
     select(page, "esegeta-layout", "Four views")
-    wait_until(lambda: page.locator('.esegeta-view[data-view="Red"]').bounding_box() is not None,
-               what="the four views back")
+    wait_until(lambda: box_of(page, "Red") is not None, what="the four views back")
     wait_until(lambda: block_mask(page, "Red", colours["negative"], 1.0).sum() > MIN_BLOCK_PIXELS,
                what="the axial view after the layout change")
     save_screenshot(page, "07_four_views")

@@ -106,14 +106,22 @@ def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
 
 
-def view_pixels(page, tag: str) -> np.ndarray:
-    """RGB pixels (H, W, 3) of the Slicer view `tag` (Red, Green, Yellow, ThreeD) as shown."""
+def view_pixels(page, tag: str, square: bool = False) -> np.ndarray:
+    """RGB pixels (H, W, 3) of the Slicer view `tag` (Red, Green, Yellow, ThreeD) as shown.
+    `square`: only the centred square of side min(H, W), where a cubic volume fitted to the view
+    lies (the colour legend sits at the view's right edge, outside it)."""
     from PIL import Image
 
     box = page.locator(f'.esegeta-view[data-view="{tag}"]').bounding_box()
     assert box is not None and box["width"] > 50 and box["height"] > 50, f"view {tag} is not on the page"
     png = page.screenshot(clip=box)
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    if square:
+        h, w = pixels.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        pixels = pixels[top:top + side, left:left + side]
+    return pixels
 
 
 def color_mask(pixels: np.ndarray, rgb, tolerance: int = 24) -> np.ndarray:
