@@ -51,7 +51,7 @@ MODULE_NAME = "Esegeta"
 SAMPLE_NAME = "EsegetaSyntheticTOF"
 SAMPLE_FILE = "sample_tof.nii.gz"  # EsegetaLib/resources/, made by scripts/make_sample.py
 # Checked by Testing/slicer_module (the bundled file's SHA-256); SampleData verifies the copy with it.
-SAMPLE_SHA256 = "SHA256:d1ee0e328cb5fe2024931896b9fb7f506b14c579ec6cf1d5e1240c2bcd594fd0"
+SAMPLE_SHA256 = "SHA256:846547b02809338c0d5a1d6517d1c90e2ffa11989cfea47638e33340151d4e63"
 SELF_TEST_METHODS = ("Saliency", "InputXGradient")
 POLL_MILLISECONDS = 200
 

@@ -22,6 +22,7 @@ import pkgutil
 import signal
 import sys
 import traceback
+import warnings
 from typing import List, Optional
 
 from . import __version__
@@ -76,6 +77,15 @@ def _interrupt_on_sigterm() -> None:
         pass
 
 
+def _quiet_library_warnings() -> None:
+    """Captum's and torch's notes to developers (inputs made to require grad, TorchScript
+    deprecation) say nothing a command-line user can act on; --debug shows them."""
+    for module in (r"captum(\..*)?", r"torch(\..*)?", r"monai(\..*)?"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -90,7 +100,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_BAD_INPUT
         _interrupt_on_sigterm()
-        return int(args.handler(args) or EXIT_OK)
+        with warnings.catch_warnings():
+            if not args.debug:
+                _quiet_library_warnings()
+            return int(args.handler(args) or EXIT_OK)
     except (KeyboardInterrupt, EsegetaCancelled) as exc:
         if debug:
             traceback.print_exc()

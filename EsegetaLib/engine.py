@@ -388,6 +388,7 @@ class ExplainSession:
         diag.update(more)
         if spec.patching == "blended":
             attribution = self.grid.crop(acc)[0]
+            _relative_delta(diag, None)
         else:
             attribution = self.grid.fold(acc)[0]
             _relative_delta(diag, attribution)
@@ -497,13 +498,20 @@ class ExplainSession:
         return attribution, diag
 
 
-def _relative_delta(diag: Dict[str, Any], attribution: torch.Tensor) -> None:
-    """Completeness error relative to F(x) - F(baseline) = sum(attr) - delta (Captum's delta)."""
-    if "convergence_delta" in diag and isinstance(diag["convergence_delta"], (int, float)):
-        delta = float(diag["convergence_delta"])
-        change = float(attribution.double().sum()) - delta
+def _relative_delta(diag: Dict[str, Any], attribution: Optional[torch.Tensor]) -> None:
+    """Completeness error of F from window sums: delta and F(x) - F(baseline) add up over windows
+    (Captum's delta = sum(attr) - (F(x) - F(b))); the relative error is recomputed from the sums."""
+    delta = diag.get("convergence_delta")
+    if not isinstance(delta, (int, float)) or isinstance(delta, bool):
+        return
+    change = diag.get("score_change")
+    if not isinstance(change, (int, float)):
+        if attribution is None:
+            diag.pop("relative_convergence_delta", None)
+            return
+        change = float(attribution.double().sum()) - float(delta)
         diag["score_change"] = change
-        diag["relative_convergence_delta"] = abs(delta) / abs(change) if change != 0 else float("inf")
+    diag["relative_convergence_delta"] = abs(float(delta)) / max(abs(float(change)), 1e-12)
 
 
 class PatchedScore(nn.Module):

@@ -86,8 +86,10 @@ def read_image(path) -> Image:
     reader = {"nifti": _read_nifti, "nrrd": _read_nrrd, "metaimage": _read_metaimage}[fmt]
     try:
         array, affine = reader(path)
-    except EsegetaError:
-        raise
+    except EsegetaError as exc:
+        if path in str(exc):
+            raise
+        raise EsegetaError(f"{path}: {exc}") from exc
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # every library has its own exception types for a broken file
@@ -127,6 +129,8 @@ def _read_nrrd(path):
     import nrrd
 
     data, header = nrrd.read(path)  # index order F: axes as the file lists them (fastest first)
+    if data.ndim not in (3, 4):
+        raise EsegetaError(f"{path} has {data.ndim} dimensions; expected a 3D volume or 3D + channels")
     space = str(header.get("space", "")).lower()
     if space and space not in _NRRD_SPACES:
         raise EsegetaError(f"{path}: NRRD space '{space}' is not supported (use LPS or RAS)")

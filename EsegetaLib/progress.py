@@ -7,6 +7,7 @@ rule; warnings are always shown.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional, TextIO
@@ -25,6 +26,17 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def _terminal_columns(stream) -> int:
+    """Width of the terminal `stream` writes to; 0 for files, pipes and size-less pseudo-terminals
+    (where a bar would draw nothing)."""
+    try:
+        if not stream.isatty():
+            return 0
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 class Progress:
     """Callable `(fraction in [0, 1], message)`; use as a context manager so the bar is closed."""
 
@@ -33,7 +45,7 @@ class Progress:
             raise ValueError(f"progress mode must be one of {MODES}")
         self.stream = stream if stream is not None else sys.stderr
         if mode == "auto":
-            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
+            mode = "bar" if _terminal_columns(self.stream) > 0 else "lines"
         self.mode = mode
         self.interval = interval
         self._bar = None

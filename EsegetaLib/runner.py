@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import difflib
-import json
 import re
 import threading
 import time
@@ -212,23 +211,25 @@ def read_mask(path: Path, image) -> np.ndarray:
 
 
 def resolve_class(card, given: Optional[Union[int, str]]) -> Tuple[int, str]:
-    """A class index (or name from the model card) -> (index, name); default: first foreground class."""
+    """A class index (or name from the model card) -> (index, name).
+
+    Default: the first foreground class, i.e. 1 under softmax (class 0 is the background; a softmax
+    over one channel would be constant) and 0 under sigmoid (one channel per structure)."""
     names = [str(n) for n in (getattr(card, "classes", None) or [])]
-    n_classes = len(names)
+    listing = ", ".join(f"{i}={n}" for i, n in enumerate(names))
     if given is None:
-        index = 1 if n_classes > 1 and getattr(card, "activation", "softmax") == "softmax" else 0
+        index = 1 if getattr(card, "activation", "softmax") == "softmax" else 0
     elif isinstance(given, str) and not given.strip().lstrip("-").isdigit():
         lowered = [n.lower() for n in names]
         if given.lower() not in lowered:
-            raise EsegetaError(f"--class '{given}' is not a class of this model; its classes are "
-                               f"{', '.join(f'{i}={n}' for i, n in enumerate(names))}.")
+            known = f"its classes are {listing}" if names else "its card names no classes, so give an index"
+            raise EsegetaError(f"--class '{given}' is not a class of this model; {known}.")
         index = lowered.index(given.lower())
     else:
         index = int(given)
-    if n_classes and not 0 <= index < n_classes:
-        raise EsegetaError(f"--class {index} is out of range: the model has classes "
-                           f"{', '.join(f'{i}={n}' for i, n in enumerate(names))}.")
-    return index, (names[index] if n_classes else str(index))
+    if index < 0 or (names and index >= len(names)):
+        raise EsegetaError(f"--class {index} is out of range: the model has classes {listing or '0, 1, ...'}.")
+    return index, (names[index] if names else f"class {index}")
 
 
 def cuda_available() -> bool:
@@ -256,8 +257,6 @@ def resolve_device_name(device: str, warnings: List[str]) -> str:
 # ---------------------------------------------------------------------------------- prepare
 def prepare(request: ExplainRequest) -> PreparedRun:
     """Check and load everything; raise EsegetaError (one line) on anything the user can fix."""
-    from .io import read_image
-
     warnings: List[str] = []
     if request.precision not in PRECISIONS:
         raise EsegetaError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}.")
@@ -279,11 +278,11 @@ def prepare(request: ExplainRequest) -> PreparedRun:
 
     model = _load_model(request.model, inputs)
     card = model.card
-    in_channels = int(getattr(card, "in_channels", 1) or 1)
-    if in_channels > image.channels:
+    in_channels = getattr(card, "in_channels", None)  # None: not known before the first forward
+    if in_channels is not None and in_channels > image.channels:
         raise EsegetaError(f"The model expects {in_channels} input channels but '{volume_path}' has "
                            f"{image.channels}; give a volume with {in_channels} channels (or another model).")
-    if in_channels < image.channels:
+    if in_channels is not None and in_channels < image.channels:
         raise EsegetaError(f"The model expects {in_channels} input channel(s) but '{volume_path}' has "
                            f"{image.channels}; pick the channels the model was trained on first.")
 
@@ -374,15 +373,16 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
     started = provenance.utc_now()
     t0 = time.perf_counter()
     with ResultDirectory(out_dir, overwrite=overwrite, inputs=[p for _, p in prepared.inputs]) as result:
-        explanation, session, peaks, engine_seconds = _run_engine(prepared, progress, cancel, note,
+        explanation, session, peaks, engine_seconds = _run_engine(prepared, progress, cancel,
                                                                   with_metrics=prepared.metrics != "none")
-        t_engine = time.perf_counter()
         folder = result.path
         written = write_images(folder, prepared.image, explanation)
+        t_engine = time.perf_counter()
         metric_rows = _metrics(prepared, explanation, session, peaks, folder, progress, cancel)
         t_metrics = time.perf_counter()
         _check_cancel(cancel)
-        progress(0.93, "writing the Slicer review scene and previews")
+        if prepared.request.scene:
+            progress(0.93, "writing the Slicer review scene and previews")
         scene_record = _scene(prepared, explanation, folder, metric_rows, note, warn)
         _check_cancel(cancel)
         timings = {"engine_seconds": engine_seconds, "total_seconds": None,
@@ -404,7 +404,7 @@ def _check_cancel(cancel) -> None:
         raise EsegetaCancelled("cancelled")
 
 
-def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, note, with_metrics: bool):
+def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, with_metrics: bool):
     """One engine session, methods one after another (as `api.explain` does), so that each method
     gets its own runtime and peak memory."""
     from .api import describe_grid
@@ -499,9 +499,10 @@ def basic_rows(explanation, peaks: Dict[str, Dict[str, Any]], device: str) -> Li
     for name, result in explanation.results.items():
         row = {"method": name, "attribution_s": float(result.seconds), "device": device}
         row.update(peaks.get(name, {}))
-        delta = (result.diagnostics or {}).get("convergence_delta")
-        if delta is not None:
-            row["convergence_delta"] = float(np.max(np.abs(np.asarray(delta, dtype=float))))
+        diagnostics = result.diagnostics or {}
+        for key in ("convergence_delta", "relative_convergence_delta"):  # completeness of path methods
+            if diagnostics.get(key) is not None:
+                row[key] = float(np.max(np.abs(np.asarray(diagnostics[key], dtype=float))))
         rows.append(row)
     return rows
 

@@ -163,14 +163,15 @@ def _render_tubes(shape, spacing, points, radii, brightness):
 def generate_tof_like(shape: Sequence[int] = SAMPLE_SHAPE, spacing: Sequence[float] = SAMPLE_SPACING,
                       seed: int = SAMPLE_SEED, n_roots: int = 3, root_radius_mm: float = 1.4,
                       min_radius_mm: float = 0.25, noise: float = 0.035, bias: float = 0.25,
-                      blobs: int = 2, texture: float = 1.0, scale: float = 1000.0) -> Tuple["object", np.ndarray]:
+                      blobs: int = 2, texture: float = 1.0, speckle: float = 0.0,
+                      scale: float = 1000.0) -> Tuple["object", np.ndarray]:
     """A synthetic TOF-MRA volume and its vessel mask, fully determined by `seed`.
 
     Returns `(Image, labels)`: the image is 1 channel float32 (intensities roughly 0..`scale`) on an
     oblique affine with `spacing`; labels is uint8 (I,J,K), 1 where a tube covers at least half a
     voxel. Sizes are in millimetres, so anisotropic spacing gives round tubes in world space.
-    `texture` scales the tissue texture (1: brain-like; 3-4: the heterogeneous, fat-speckled
-    background of body angiograms).
+    `texture` scales the tissue texture (1: brain-like; 2-3: the heterogeneous background of body
+    angiograms) and `speckle` adds fine bright spots (0: none; 0.1-0.2: fat-like).
     """
     from .io import Image
 
@@ -182,6 +183,8 @@ def generate_tof_like(shape: Sequence[int] = SAMPLE_SHAPE, spacing: Sequence[flo
 
     # Tissue: a mid-grey background with two scales of texture (grey/white matter-like patches).
     tissue = 0.28 + texture * (0.05 * _smooth_noise(shape, 6.0, rng) + 0.025 * _smooth_noise(shape, 1.5, rng))
+    if speckle > 0:  # fine bright spots (fat, bowel) of body angiograms; off for the brain sample
+        tissue += speckle * np.clip(_smooth_noise(shape, 0.8, rng), 0, None)
     # Bright non-vessel distractors (fat, skin folds): blurred ellipsoids, not tubular.
     grid = np.indices(shape, dtype=np.float32)
     for _ in range(blobs):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -32,9 +33,9 @@ SHARED_MRA = REPO.parent / "shared" / "data" / "mra"
 # name, file, spacing (mm) to run the model at (None: the file's own), projection axis, why.
 REAL_VOLUMES = [
     ("brain TOF-MRA (chris_MRA)", "chris_MRA.nii.gz", None, 2,
-     "0.52x0.52x0.65 mm is inside the trained 0.3-0.9 mm range: run as is"),
+     "0.52x0.52x0.65 mm, inside the trained range: run as is"),
     ("abdominal MRA (vmtk aorta)", "vmtk_aorta.mha", None, 2,
-     "0.88x0.88x1.5 mm, run at its own spacing: the aorta is much wider than any training vessel"),
+     "0.88x0.88x1.5 mm, run at its own spacing (body MRA: outside the training domain)"),
 ]
 
 
@@ -110,7 +111,7 @@ def main(argv=None):
         mip_panel(row[0], volume, axis, image.spacing, f"{name}: volume MIP", vmax=vmax)
         mip_panel(row[1], pred.astype(np.float32), axis, image.spacing,
                   f"prediction MIP ({int(pred.sum())} voxels, {seconds:.0f} s)", cmap="magma", vmax=1)
-        mip_panel(row[2], volume, axis, image.spacing, note, vmax=vmax)
+        mip_panel(row[2], volume, axis, image.spacing, "overlay\n" + textwrap.fill(note, 60), vmax=vmax)
         overlay = np.ma.masked_where(pred.max(axis=axis) == 0, pred.max(axis=axis))
         rest = [a for a in range(3) if a != axis]
         row[2].imshow(overlay, cmap="autumn", alpha=0.45, vmin=0, vmax=1, interpolation="nearest",

@@ -51,7 +51,8 @@ def random_volume(seed: int, vessels: bool = True):
         shape, spacing, seed=seed, n_roots=int(rng.integers(2, 5)) if vessels else 0,
         root_radius_mm=rng.uniform(0.7, 2.4), min_radius_mm=rng.uniform(0.2, 0.35),
         noise=rng.uniform(0.02, 0.07), bias=rng.uniform(0.1, 0.35), blobs=int(rng.integers(0, 6)),
-        texture=float(rng.choice([1.0, 1.0, 1.5, 2.5])))
+        texture=float(rng.choice([1.0, 1.0, 1.5, 2.5])),
+        speckle=float(rng.choice([0.0, 0.0, 0.1, 0.2])))
     volume = image.array
     if rng.random() < 0.3:
         # Some public angiograms have their background thresholded to zero: imitate it.

@@ -1,11 +1,16 @@
-"""`esegeta bench`: Esegeta vs plain Captum vs TorchEsegeta's configuration vs the floor."""
+"""`esegeta bench`: Esegeta vs plain Captum vs TorchEsegeta's configuration vs the floor.
+
+The arguments live here (no torch import) so that `esegeta --help` stays fast."""
 from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+BENCH_METHODS = ("Saliency", "IntegratedGradients", "SmoothGrad", "GradCAM", "Occlusion", "KernelShap")
 
 
 def add_parser(subparsers, common):
     parser = subparsers.add_parser("bench", parents=[common], help="time methods side by side (see docs/PERFORMANCE.md)")
-    from ..benchmark import build_parser
-
     build_parser(parser)
     parser.set_defaults(handler=run)
     return parser
@@ -16,3 +21,15 @@ def run(args) -> int:
 
     run_benchmark(args)
     return 0
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="esegeta bench", description="Esegeta vs plain Captum vs TorchEsegeta vs the floor.")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized volumes and fewer steps")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--methods", default=",".join(BENCH_METHODS))
+    parser.add_argument("--sizes", default=None, help="comma list: sample, 64, 96, 256, tof (448x448x160)")
+    parser.add_argument("--memory-cap-gb", type=float, default=None, help="GPU memory cap forcing patches")
+    parser.add_argument("--json", dest="json_path", default="benchmark.json")
+    parser.add_argument("--skip", default="", help="comma list of runners to skip: captum,torchesegeta")
+    return parser

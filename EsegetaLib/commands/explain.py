@@ -107,8 +107,10 @@ def run_request(args, request, out: Path, command: str) -> Path:
         for warning in prepared.warnings:
             progress.warn(warning)
         methods = ", ".join(name for name, _ in prepared.methods)
-        progress.note(f"explaining class {prepared.target.class_index} ({prepared.class_name}), region "
-                      f"{request.region}, on {prepared.device}: {methods}")
+        label = f"class {prepared.target.class_index}"
+        if prepared.class_name != label:
+            label += f" ({prepared.class_name})"
+        progress.note(f"explaining {label}, region {request.region}, on {prepared.device}: {methods}")
         folder = execute(prepared, out, overwrite=args.overwrite, progress=progress, note=progress.note,
                          warn=progress.warn,
                          command=command, argv=getattr(args, "argv", None))

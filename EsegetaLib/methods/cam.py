@@ -8,6 +8,7 @@ maps ("blended"): an approximation of the whole-volume map, stated in `approxima
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import MethodContext, MethodSpec, ParamSpec
 from .common import LAYER_PARAM, first_tensor, to_input_grid
@@ -85,7 +86,6 @@ def guided_gradcam(ctx: MethodContext):
     as Captum's GuidedGradCam computes it (its own guided part only sees nn.ReLU)."""
     guided = rectified_gradients(ctx.forward, ctx.network, ctx.inputs, ctx.forward_args, "guided", "GuidedGradCam")
     cam = layer_gradcam(ctx)
-    import torch.nn.functional as F
     cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="trilinear", align_corners=False)
     return guided * cam
 

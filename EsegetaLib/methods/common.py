@@ -1,7 +1,7 @@
 """Small helpers shared by the method modules: parameter specs used by many methods, map shaping."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

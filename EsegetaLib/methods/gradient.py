@@ -13,7 +13,7 @@ import torch
 
 from .base import MethodContext, MethodSpec, ParamSpec
 from .baselines import BASELINE_PARAMS, prepare_baseline_distribution, prepare_baselines
-from .common import baseline_stack, baselines_of, first_tensor, steps_batch
+from .common import baseline_stack, baselines_of, steps_batch
 from .guided import rectified_gradients
 
 

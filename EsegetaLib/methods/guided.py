@@ -23,7 +23,6 @@ map would silently be the plain gradient.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
 
 import torch
 import torch.nn.functional as F

@@ -1,11 +1,13 @@
 """Which layer a layer/CAM method explains: a named one, or a sensible default for any network.
 
 Default rule (works for MONAI UNet, BasicUNet, DynUNet, SegResNet, plain Sequential nets and others
-without a per-architecture table): run one probe forward with hooks, find the last leaf module whose
-output is at reduced spatial resolution (the deepest decoder stage before the final upsampling to
-the classifier), then widen it to the largest enclosing block whose modules all work at that same
-resolution (e.g. a whole decoder block rather than one of its convolutions).  Networks that never
-downsample (e.g. MeshNet's dilated stack) get the last block before the final 1x1 classifier.
+without a per-architecture table): run one probe forward with hooks, find the last convolution whose
+output is at reduced spatial resolution (the last decoder stage before the final upsampling to the
+classifier), then widen it to the largest enclosing block whose modules all work at that same
+resolution (e.g. a whole decoder block rather than one of its convolutions; a flat Sequential keeps
+the convolution itself, whose signed output rarely rectifies to an all-zero CAM the way a
+post-ReLU output of an untrained network can).  Networks that never downsample (e.g. MeshNet's
+dilated stack) get the last convolution (widened to its block) before the final classifier.
 """
 from __future__ import annotations
 
@@ -81,16 +83,15 @@ def default_layer_name(network: torch.nn.Module, example: Optional[torch.Tensor]
     if not leaves:
         raise EsegetaError("could not find a layer automatically; name one with the 'layer' parameter.")
     in_spatial = tuple(example.shape[2:])
-    reduced = [n for n in leaves if tuple(shapes[n][2:]) != in_spatial and all(
+    convs = [n for n in leaves if isinstance(modules[n], torch.nn.modules.conv._ConvNd)]
+    reduced = [n for n in (convs or leaves) if tuple(shapes[n][2:]) != in_spatial and all(
         s <= i for s, i in zip(shapes[n][2:], in_spatial))]
     if reduced:
         chosen = reduced[-1]
     else:
-        # No downsampling: the last leaf before the classifier (the last convolution).
-        convs = [n for n in leaves if isinstance(modules[n], torch.nn.modules.conv._ConvNd)]
-        last_conv = convs[-1] if convs else leaves[-1]
-        before = [n for n in leaves if order.index(n) < order.index(last_conv)]
-        chosen = before[-1] if before else last_conv
+        # No downsampling: the last convolution before the classifier (the network's last conv).
+        pool = convs or leaves
+        chosen = pool[-2] if len(pool) > 1 else pool[-1]
     # Widen to the largest enclosing block working entirely at the chosen output's shape.
     spatial = shapes[chosen][2:]
     parts = chosen.split(".")
@@ -101,7 +102,6 @@ def default_layer_name(network: torch.nn.Module, example: Optional[torch.Tensor]
         inner = _descendants(parent, shapes)
         if any(shapes[n][2:] != spatial for n in inner if len(shapes[n]) == example.dim()):
             break
-        # do not widen over the classifier (a block that contains the last convolution of the net)
         chosen = parent
     return chosen
 

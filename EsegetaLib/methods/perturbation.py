@@ -82,15 +82,29 @@ def _need_sklearn(method):
         raise EsegetaError(f"{method} fits its surrogate with scikit-learn: pip install scikit-learn") from None
 
 
+def score_scale(forward, x, baseline, args) -> float:
+    """|F(x) - F(baseline)|: the size of the total effect the features share (never 0)."""
+    with torch.no_grad():
+        fx = float(forward(x, *(args or ())).double().sum())
+        fb = float(forward(baseline, *(args or ())).double().sum())
+    return max(abs(fx - fb), 1e-6 * max(abs(fx), 1.0))
+
+
 def lime(ctx):
+    """Captum Lime with a Lasso penalty relative to the score's scale: Captum's fixed alpha=0.01 on
+    raw scores zeroes every coefficient when a small region's score changes by less than that
+    (alpha * s on the raw scores = alpha on scores divided by s = |F(x) - F(b)|)."""
+    from captum._utils.models.linear_model import SkLearnLasso
     from captum.attr import Lime
     _need_sklearn("Lime")
 
     def run(f, x, b, m):
+        alpha = float(ctx.params["lasso_alpha"]) * score_scale(f, x, b, _args(ctx))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(ctx.params["seed"]))
-            return Lime(f).attribute(x, baselines=b, feature_mask=m, n_samples=ctx.params["n_samples"],
-                                     additional_forward_args=_args(ctx), perturbations_per_eval=_per_eval(ctx))
+            return Lime(f, interpretable_model=SkLearnLasso(alpha=alpha)).attribute(
+                x, baselines=b, feature_mask=m, n_samples=ctx.params["n_samples"],
+                additional_forward_args=_args(ctx), perturbations_per_eval=_per_eval(ctx))
     return _with_features(ctx, run)
 
 
@@ -139,7 +153,9 @@ SPECS = [
     MethodSpec(
         name="Lime", family="perturbation", signed=True, needs_baseline=True, needs_layer=False, cost=85.0,
         patching="global",
-        params=(ParamSpec("n_samples", "int", 256, minimum=8, maximum=100000, help="random feature subsets"), SEED)
+        params=(ParamSpec("n_samples", "int", 256, minimum=8, maximum=100000, help="random feature subsets"), SEED,
+                ParamSpec("lasso_alpha", "float", 0.01, minimum=0.0, maximum=10.0,
+                          help="Lasso penalty relative to |F(x) - F(baseline)| (scale-free)"))
         + feature_params(0.25) + BASELINE_PARAMS,
         attribute=lime, prepare=prepare_baselines, captum="Lime",
         description="sparse linear surrogate (Lasso) fitted on random on/off blocks (needs scikit-learn)",

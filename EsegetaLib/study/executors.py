@@ -54,10 +54,17 @@ def run_ray(tasks: List[Dict[str, Any]], on_result: OnResult, address: Optional[
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = dict(include_dashboard=False, log_to_driver=False, runtime_env=_runtime_env(address))
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=local_cpus, **kwargs)  # GPUs: whatever Ray detects
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=local_cpus, **kwargs)  # GPUs: whatever Ray detects
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            from ..errors import EsegetaError
+
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise EsegetaError(f"cannot start or reach {where} ({' '.join(str(exc).split())[:200]}); "
+                               "check --address (e.g. HEAD:6379 or auto) and that 'ray start' runs there.") from None
     try:
         resources = ray.cluster_resources()
         gpus = float(resources.get("GPU", 0))

@@ -5,7 +5,9 @@ two runs can be compared on the numbers a figure shows, not on pixels:
   model (columns);
 - `ranking.png`/`.csv`: methods ranked per metric (1 = best; direction per metric in
   aggregate.DIRECTIONS), averaged over volumes, per model;
-- `gallery.png`/`.npz`: the same slice of a few cases across methods (input, segmentation, maps).
+- `gallery.png`/`.npz`: the same slice of a few cases across methods (input, segmentation, maps);
+- `summary.png`: one glance: up to four metrics, methods side by side, one box colour per model
+  (its data is distributions.csv).
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ def write_figures(out: Path, frame, spec, gallery_cases: int) -> Dict[str, Path]
     metrics = metric_columns(frame)
     if len(done) and metrics:
         written["distributions"] = distributions(folder, done, metrics)
-        ranked = [m for m in metrics if DIRECTIONS.get(m)]
+        written["summary"] = summary_figure(folder, done, metrics)
+        # Ranking needs a metric that at least two methods have (not IG's convergence delta alone).
+        ranked = [m for m in metrics if DIRECTIONS.get(m)
+                  and done.dropna(subset=[m])["method"].nunique() >= 2]
         if ranked:
             written["ranking"] = ranking(folder, done, ranked)
     if len(done) and gallery_cases > 0:
@@ -79,6 +84,43 @@ def distributions(folder: Path, done, metrics: List[str]) -> Path:
     return path
 
 
+def summary_figure(folder: Path, done, metrics: List[str], at_most: int = 4) -> Path:
+    """Models compared per method: for each of the first `at_most` metrics, boxes over volumes."""
+    plt = _pyplot()
+    shown = [m for m in metrics if m != "convergence_delta"][:at_most] or metrics[:at_most]
+    models = list(dict.fromkeys(done["model"]))
+    methods = list(dict.fromkeys(done["method"]))
+    fig, axes = plt.subplots(1, len(shown), figsize=(0.6 + (1.0 + 0.75 * len(methods)) * len(shown), 3.6),
+                             squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for a, metric in enumerate(shown):
+        ax = axes[0][a]
+        for j, model in enumerate(models):
+            positions = np.arange(len(methods)) + (j - (len(models) - 1) / 2) * width
+            values = [done[(done["model"] == model) & (done["method"] == m)][metric].dropna().to_numpy()
+                      for m in methods]
+            boxes = ax.boxplot([v if v.size else [np.nan] for v in values], positions=positions,
+                               widths=width * 0.85, patch_artist=True, showfliers=False)
+            for box in boxes["boxes"]:
+                box.set(facecolor=f"C{j}", alpha=0.55)
+            for k, v in enumerate(values):
+                ax.scatter(np.full(v.size, positions[k]), v, s=8, color=f"C{j}", zorder=3)
+            ax.plot([], [], color=f"C{j}", linewidth=6, alpha=0.55, label=model)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+        arrow = {1: " \u2191 better", -1: " \u2193 better"}.get(DIRECTIONS.get(metric, 0), "")
+        ax.set_title(metric + arrow, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(title="model", fontsize=8, title_fontsize=8, loc="best")
+    n_volumes = done["volume"].nunique()
+    fig.suptitle(f"{len(models)} models x {len(methods)} methods x {n_volumes} volumes", fontsize=10)
+    fig.tight_layout()
+    path = folder / "summary.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def rank_table(done, metrics: List[str]):
     """Mean rank (1 = best) of each method per model x metric, ranking methods within each volume."""
     import pandas as pd
@@ -89,6 +131,8 @@ def rank_table(done, metrics: List[str]):
         for (model, volume), group in done.groupby(["model", "volume"], sort=False):
             ranks = (-sign * group[metric]).rank(method="average")
             for method, rank in zip(group["method"], ranks):
+                if rank != rank:  # NaN: no value for this method
+                    continue
                 rows.append({"model": model, "metric": metric, "method": method, "volume": volume, "rank": rank})
     long = pd.DataFrame(rows)
     return (long.groupby(["model", "metric", "method"], sort=False)["rank"].mean().reset_index()
@@ -112,14 +156,14 @@ def ranking(folder: Path, done, metrics: List[str]) -> Path:
         for (i, j), value in np.ndenumerate(grid):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8,
-                        color="white" if value < (len(methods) + 1) / 2 else "black")
+                        color="black" if value < (len(methods) + 1) / 2 else "white")  # dark cells: worst ranks
         ax.set_xticks(range(len(metrics)))
         ax.set_xticklabels(metrics, rotation=35, ha="right", fontsize=8)
         ax.set_yticks(range(len(methods)))
         ax.set_yticklabels(methods if c == 0 else [""] * len(methods), fontsize=8)
         ax.set_title(f"model: {model}", fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean rank (1 = best)")
-    fig.suptitle("Method ranking per metric", fontsize=10)
+    fig.suptitle("Method ranking per metric", fontsize=10, y=1.03)
     path = folder / "ranking.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

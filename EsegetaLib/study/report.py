@@ -62,7 +62,7 @@ def write_report(out: Path, spec, frame, summary, figures: Dict[str, Path], stud
                 row.append(f"{_cell(r.median)} [{_cell(r.iqr)}]" if r is not None and r.n else "-")
             rows.append(row)
         lines += [_table(header, rows), ""]
-    titles = {"distributions": "Metric distributions", "ranking": "Method ranking per metric",
+    titles = {"summary": "Models and methods at a glance", "distributions": "Metric distributions", "ranking": "Method ranking per metric",
               "gallery": "The same slice across methods"}
     for key, title in titles.items():
         if key in figures:

@@ -88,6 +88,7 @@ class VolumeEntry:
 class ModelEntry:
     name: str
     path: Optional[str]  # None: the bundled default model
+    classes: Optional[List[str]] = None  # from its model card, when it has one (for checking target.class)
 
 
 @dataclass
@@ -187,6 +188,7 @@ def validate_study(data: Any, where: str, base: Path) -> StudySpec:
     models = _models(data.get("models"), base, problem)
     methods = _methods(data.get("methods"), problem)
     class_index, region = _target(data.get("target"), volumes, problem)
+    _check_class(class_index, models, problem)
     metrics = _metrics(data.get("metrics", "default"), problem)
     engine = _engine(data.get("engine"), problem)
     name = data.get("name", Path(where).stem)
@@ -309,8 +311,10 @@ def _models(value, base: Path, problem) -> List[ModelEntry]:
         if given is None:
             problem(f"{key}.path", "is missing: a model file (.pt, .ts, .pt2, model card .json) or 'bundled'")
             continue
+        classes = None
         if str(given).lower() in BUNDLED:
             path, default_name = None, "default"
+            classes = _card_classes(None)
         else:
             resolved = _resolve(base, given)
             if not resolved.is_file():
@@ -321,24 +325,55 @@ def _models(value, base: Path, problem) -> List[ModelEntry]:
                         "torch.export (.pt2) or a model card (.json)")
                 continue
             if str(resolved).lower().endswith(".json"):
-                _check_card(resolved, f"{key}.path", problem)
+                classes = _check_card(resolved, f"{key}.path", problem)
             path, default_name = str(resolved.resolve()), Path(str(given)).name.split(".")[0]
         name = entry.get("name", default_name)
         if _check_name(name, f"{key}.name", problem):
-            found.append((key, ModelEntry(name=name, path=path)))
+            found.append((key, ModelEntry(name=name, path=path, classes=classes)))
     return _unique(found, "model", problem)
 
 
-def _check_card(path: Path, key: str, problem) -> None:
+def _check_card(path: Path, key: str, problem) -> Optional[List[str]]:
+    """Read a model card now (cheap), so a broken card is reported with the rest; its classes."""
     from ..models import ModelCard
 
     try:
         card = ModelCard.read(path)
     except EsegetaError as exc:
         problem(key, str(exc))
-        return
+        return None
     if card.weights and not (path.parent / card.weights).is_file():
         problem(key, f"model card names weights '{card.weights}', which do not exist beside it")
+    return [str(c) for c in card.classes] if card.classes else None
+
+
+def _card_classes(path: Optional[Path]) -> Optional[List[str]]:
+    from ..models import DEFAULT_CARD, ModelCard
+    from ..sample import resource_path
+
+    try:
+        card = ModelCard.read(path or resource_path(DEFAULT_CARD))
+    except (EsegetaError, OSError):
+        return None
+    return [str(c) for c in card.classes] if card.classes else None
+
+
+def _check_class(class_index, models: List["ModelEntry"], problem) -> None:
+    """target.class against each model's classes (where its card names them)."""
+    if class_index is None or isinstance(class_index, bool):
+        return
+    for model in models:
+        names = model.classes
+        if isinstance(class_index, str) and not class_index.strip().lstrip("-").isdigit():
+            if names is None:
+                problem("target.class", f"'{class_index}' is a class name, but model '{model.name}' names no "
+                        "classes (no model card); give the class index")
+            elif class_index.lower() not in [n.lower() for n in names]:
+                problem("target.class", f"'{class_index}' is not a class of model '{model.name}' "
+                        f"({', '.join(f'{i}={n}' for i, n in enumerate(names))})")
+        elif names is not None and int(class_index) >= len(names):
+            problem("target.class", f"{class_index} is out of range for model '{model.name}' "
+                    f"({', '.join(f'{i}={n}' for i, n in enumerate(names))})")
 
 
 def _methods(value, problem) -> List[MethodEntry]:

@@ -62,7 +62,7 @@ def choose_volume_rendering_method(slicer_app) -> str:
     return method
 
 
-def mark_view(server, view_id, view, fill=None) -> None:
+def mark_view(server, view_id, view) -> None:
     """An invisible box covering each view, tagged with its Slicer name, so tests and users'
     scripts can find a view on the page (`.esegeta-view[data-view=Red]`)."""
     html.Div(classes="esegeta-view", raw_attrs=[f'data-view="{view.get_singleton_tag()}"'],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 from typing import Optional
 
@@ -45,6 +46,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Fail in a second, not after loading the scene, when the address cannot be bound."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            probe.bind((host, port))
+    except OSError as exc:
+        what = f"port {port} on {host}" if port else host
+        raise EsegetaError(f"Cannot listen on {what} ({exc.strerror or exc}); choose another --port "
+                           "(0 picks a free one) or --host.") from None
+
+
 def run_view(args: argparse.Namespace) -> int:
     """Check, load, then serve until interrupted. Raises `EsegetaError` for user mistakes."""
     if not 0 <= args.port <= 65535:
@@ -55,6 +69,7 @@ def run_view(args: argparse.Namespace) -> int:
     if not is_loopback(args.host):
         print(f"esegeta view: warning: listening on {args.host}: anyone who can reach this address can see "
               "the result (no authentication).", file=sys.stderr, flush=True)
+    check_can_listen(args.host, args.port)
     viewer = build_viewer(result, quiet_vtk=not getattr(args, "debug", False))
     serve(viewer, args.host, args.port)
     return 0
@@ -81,15 +96,13 @@ def build_viewer(result, quiet_vtk: bool = True):
     return EsegetaViewer(result, server=server)
 
 
-def serve(viewer, host: str, port: int, ready: Optional[callable] = None) -> None:
+def serve(viewer, host: str, port: int) -> None:
     """Blocking: listen on host:port, print the address when ready, return on SIGINT/SIGTERM."""
     server = viewer.server
 
     def announce(**_):
         url = f"http://{host if ':' not in host else f'[{host}]'}:{server.port}/"
         print(f"Esegeta viewer for {viewer.result.source} at {url}  (Ctrl-C to stop)", flush=True)
-        if ready is not None:
-            ready(url)
 
     server.controller.on_server_ready.add(announce)
     os.environ["WSLINK_READY_MSG"] = ""  # wslink's launcher handshake line is noise here
@@ -97,6 +110,8 @@ def serve(viewer, host: str, port: int, ready: Optional[callable] = None) -> Non
     try:
         server.start(host=host, port=port, open_browser=False, show_connection_info=False, timeout=0,
                      disable_logging=True)
+    except OSError as exc:  # taken since check_can_listen
+        raise EsegetaError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port.") from None
     finally:
         sys.argv = argv
     print("Esegeta viewer stopped.", flush=True)

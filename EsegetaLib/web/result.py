@@ -91,7 +91,35 @@ def _load_directory(folder: Path) -> ViewerResult:
     result.metrics_columns, result.metrics_rows = read_metrics(folder)
     plot = folder / PLOT_NAME
     result.plot_path = plot if plot.is_file() else None
+    for path in [result.input_path, result.segmentation_path, *attributions.values()]:
+        if path is not None:
+            check_header(path)
     return result
+
+
+def check_header(path: Path) -> None:
+    """Read a volume's header (cheap: no voxels, no MRML) so a damaged file is reported in a
+    second; Slicer's reader checks the voxels later, still before the server starts."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel
+            import numpy as np
+
+            header = nibabel.load(str(path)).header
+            # Slicer's reader shows a cut-off uncompressed file without complaint (zeros): check
+            # its size (a cut-off .gz stream fails when read).
+            needed = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+            if name.endswith(".nii") and path.stat().st_size < needed:
+                raise ValueError(f"{path.stat().st_size} bytes, the header needs {needed}")
+        elif name.endswith((".nrrd", ".nhdr")):
+            import nrrd
+
+            nrrd.read_header(str(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a damaged file here
+        summary = " ".join(str(exc).split())[:120]
+        raise EsegetaError(f"Cannot read '{path}' (damaged or not a volume: {summary}); "
+                           "re-run `esegeta explain`.") from None
 
 
 def _read_run(folder: Path) -> Dict[str, Any]:

@@ -137,6 +137,9 @@ def load_mrb(slicer_app, result: ViewerResult) -> LoadedScene:
         bridge.read_review(result.mrb_path, scene=scene)
     except EsegetaError as exc:
         raise EsegetaError(f"Cannot open '{result.mrb_path}': {exc}; re-export the scene.") from None
+    # Volume renderings saved in the scene use the method chosen for this machine (CPU on llvmpipe).
+    rendering = slicer_app.volume_rendering
+    rendering.ChangeVolumeRenderingMethod(rendering.GetDefaultRenderingMethod())
     volumes = nodes_of(scene, "vtkMRMLScalarVolumeNode")
     maps = [n for n in volumes if n.GetAttribute(bridge.ATTRIBUTE_PREFIX + "method")]
     inputs = [n for n in volumes if n not in maps and not n.IsA("vtkMRMLLabelMapVolumeNode")]
@@ -229,8 +232,9 @@ def add_color_legend(node):
     legend = add(node)
     if legend is not None:
         legend.SetVisibility(False)
-        legend.SetTitleText(node.GetName())
+        legend.SetTitleText("")  # the method's name is in the page's Method menu
         legend.SetLabelFormat("%.3g")
+        legend.SetSize(0.1, 0.45)
     return legend
 
 
@@ -286,7 +290,9 @@ def update_transfer_functions(layer: MapLayer) -> None:
         value = layer.low + index / max(count - 1, 1) * (layer.high - layer.low)
         color_tf.AddRGBPoint(value, *table.GetTableValue(index)[:3])
     edge = max(layer.threshold, 1e-3 * layer.top)
-    ramp = [(edge, 0.0), (layer.top, VR_MAX_OPACITY)]
+    # At or above the window's top everything is hidden (a point at the same value would replace
+    # the zero, not add a step).
+    ramp = [(edge, 0.0), (layer.top, VR_MAX_OPACITY)] if edge < layer.top else [(edge, 0.0)]
     opacity = volume_property.GetScalarOpacity()
     opacity.RemoveAllPoints()
     opacity.AddPoint(0.0, 0.0)

@@ -5,12 +5,13 @@ produced a row, and the floor and overlap bookkeeping are filled in.
 """
 import json
 
-from EsegetaLib.benchmark import build_parser, run
+from EsegetaLib.benchmark import run
+from EsegetaLib.commands.bench import build_parser
 
 
 def test_bench_tiny_volume(tmp_path):
     out = tmp_path / "bench.json"
-    args = build_parser().parse_args(["--quick", "--sizes", "32", "--methods", "Saliency,Occlusion",
+    args = build_parser().parse_args(["--quick", "--sizes", "24", "--methods", "Saliency,Occlusion",
                                       "--json", str(out)])
     run(args)
     report = json.loads(out.read_text())
@@ -21,5 +22,5 @@ def test_bench_tiny_volume(tmp_path):
         assert rows[(method, "esegeta")]["floor_s"] > 0
         # one window covers 32^3: Esegeta and plain Captum compute the same map
         assert rows[(method, "captum")]["corr_with_esegeta"] > 0.999
-    floor = report["floors"]["32"]
+    floor = report["floors"]["24"]
     assert floor["windows"] == 1 and floor["voxels_processed_over_volume"] >= 1.0

@@ -85,3 +85,23 @@ def siblings(folder: Path):
     """Everything beside `folder` in its parent (to prove no temporary folder was left)."""
     parent = Path(folder).absolute().parent
     return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+_INPUTS = {}
+
+
+def shared_inputs(tmp_path_factory):
+    """Volumes and models every command-line test reads, built once per test session (tracing
+    and saving the networks is the slow part); tests never write into this folder."""
+    if not _INPUTS:
+        folder = tmp_path_factory.mktemp("cli_inputs")
+        _INPUTS.update({
+            "folder": folder,
+            "volume": write_volume(folder / "volume.nii.gz"),
+            "nrrd": write_volume(folder / "volume.nrrd"),
+            "model": write_torchscript(folder / "unet.pt"),
+            "model2ch": write_torchscript(folder / "unet_2ch.pt", in_channels=2),
+            "card": write_model_card(folder),
+        })
+        _INPUTS["nifti"] = _INPUTS["volume"]
+    return _INPUTS

@@ -3,7 +3,6 @@ no traceback, and the output directory exactly as it was."""
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import subprocess
 import sys
@@ -13,20 +12,12 @@ import pytest
 
 from EsegetaLib.cli import main
 
-from helpers import (REPO, SHAPE, oblique_affine, siblings, snapshot, volume_array, write_model_card,
-                     write_torchscript, write_volume)
+from helpers import REPO, SHAPE, oblique_affine, shared_inputs, siblings, snapshot, write_volume
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("inputs")
-    return {
-        "folder": folder,
-        "volume": write_volume(folder / "volume.nii.gz"),
-        "model": write_torchscript(folder / "unet.pt"),
-        "model2ch": write_torchscript(folder / "unet_2ch.pt", in_channels=2),
-        "card": write_model_card(folder),
-    }
+    return shared_inputs(tmp_path_factory)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,19 +22,12 @@ from EsegetaLib.cli import main
 from EsegetaLib.errors import EsegetaCancelled
 from EsegetaLib.io import read_image
 
-from helpers import REPO, SHAPE, oblique_affine, siblings, snapshot, write_model_card, write_torchscript, write_volume
+from helpers import REPO, SHAPE, shared_inputs, siblings, snapshot, write_volume
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("inputs")
-    return {
-        "folder": folder,
-        "nifti": write_volume(folder / "volume.nii.gz"),
-        "nrrd": write_volume(folder / "volume.nrrd"),
-        "model": write_torchscript(folder / "unet.pt"),
-        "card": write_model_card(folder),
-    }
+    return shared_inputs(tmp_path_factory)
 
 
 def sha256(path):
@@ -129,6 +121,8 @@ def test_nrrd_in_nrrd_out_and_model_card_settings(inputs, tmp_path, capsys):
     assert 0 < float(rows[0]["sparseness"]) < 1 and float(rows[0]["complexity"]) > 0
     assert rows[0]["device"] == "cpu" and float(rows[0]["attribution_s"]) > 0
     assert float(rows[0]["convergence_delta"]) >= 0
+    diagnostics = run["results"]["IntegratedGradients"]["diagnostics"]
+    assert float(rows[0]["relative_convergence_delta"]) == pytest.approx(abs(diagnostics["relative_convergence_delta"]))
     roles = {item["role"]: item for item in run["inputs"]}
     assert roles["model"]["sha256"] == sha256(inputs["card"])
     assert roles["model weights"]["sha256"] == sha256(inputs["folder"] / "unet_weights.pt")
@@ -145,19 +139,28 @@ def test_nrrd_in_nrrd_out_and_model_card_settings(inputs, tmp_path, capsys):
         raise AssertionError(run["scene"]["note"])
 
 
-def test_overwrite_replaces_an_earlier_result(inputs, tmp_path, capsys):
+def test_roi_region_bf16_and_overwrite_replacing_an_earlier_result(inputs, tmp_path, capsys):
+    mask = np.zeros((1,) + SHAPE, np.float32)
+    mask[0, 8:16, 6:14, 4:12] = 1
+    mask_path = write_volume(tmp_path / "roi.nii.gz", mask)
     out = tmp_path / "again"
     argv = ["explain", str(inputs["nifti"]), "--model", str(inputs["model"]), "--out", str(out), "--quiet",
-            "--methods", "Saliency", "--region", "whole", "--metrics", "none", "--device", "cpu", "--no-scene"]
+            "--methods", "Saliency", "--region", f"roi:{mask_path}", "--metrics", "none", "--device", "cpu",
+            "--no-scene"]
     assert main(argv) == 0
-    first = json.loads((out / "run.json").read_text())["started"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["target"]["region_voxels"] == 8 * 8 * 8
+    assert {i["role"]: i["sha256"] for i in run["inputs"]}["mask"] == sha256(mask_path)
     (out / "attributions" / "Stale.nii.gz").write_bytes(b"from another run")
     assert main(argv) == 2  # refuses without --overwrite
     assert (out / "attributions" / "Stale.nii.gz").exists()
     time.sleep(1.1)
-    assert main(argv + ["--overwrite"]) == 0
+    assert main(argv + ["--overwrite", "--precision", "bf16"]) == 0
     assert sorted(p.name for p in (out / "attributions").iterdir()) == ["Saliency.nii.gz"]
-    assert json.loads((out / "run.json").read_text())["started"] != first
+    rerun = json.loads((out / "run.json").read_text())
+    assert rerun["started"] != run["started"]
+    assert rerun["engine"]["precision"] == "bf16" and rerun["parameters"]["precision"] == "bf16"
+    assert siblings(out) == ["again", "roi.nii.gz"]
     capsys.readouterr()
 
 
@@ -218,3 +221,44 @@ def test_interrupt_leaves_the_directory_as_it_was(inputs, tmp_path, signum):
     assert "cancelled" in rest and "Traceback" not in rest
     assert snapshot(out) == before
     assert siblings(out) == ["interrupted"]
+
+
+def _quick(inputs, out, *extra):
+    return ["explain", str(inputs["nifti"]), "--model", str(inputs["model"]), "--out", str(out), "--methods",
+            "Saliency", "--region", "whole", "--metrics", "none", "--device", "cpu", *extra]
+
+
+def test_internal_error_exits_1_and_leaves_nothing(inputs, tmp_path, capsys, monkeypatch):
+    """A failure that is not the user's (injected while writing): status 1, one line, no traceback
+    unless --debug, and no half-written output."""
+    import EsegetaLib.runner as runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(runner, "write_images", broken)
+    out = tmp_path / "failed"
+    assert main(_quick(inputs, out, "--quiet", "--no-scene")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["esegeta: internal error: RuntimeError: disk on fire (run again with --debug for the "
+                   "traceback, and please report it)."]
+    assert not out.exists() and siblings(out) == []
+    assert main(_quick(inputs, out, "--quiet", "--no-scene", "--debug")) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_failing_review_scene_is_a_warning_not_a_lost_run(inputs, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    import EsegetaLib.scene as scene
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no OpenGL today")
+
+    monkeypatch.setattr(scene, "write_review", broken)
+    out = tmp_path / "no_scene"
+    assert main(_quick(inputs, out, "--quiet")) == 0
+    err = capsys.readouterr().err
+    assert "warning: the Slicer review scene could not be written (RuntimeError: no OpenGL today)" in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["scene"]["written"] is False and not (out / "esegeta.mrb").exists()
+    assert (out / "attributions" / "Saliency.nii.gz").is_file()

@@ -48,13 +48,13 @@ def test_cancel_event_mid_run_leaves_session_clean(net64):
     options = EngineOptions(batch_size=1, **PATCHED)
     session = ExplainSession(VOLUME, net64, Target(region="whole"), options, progress=progress, cancel=event)
     with pytest.raises(EsegetaCancelled):
-        session.attribute(IG, {"n_steps": 4})
+        session.attribute(IG, {"n_steps": 2})
     assert "TestIG: window 4/8" not in seen
     # No partial state: the same session, once the flag is cleared, gives the uncancelled map.
     event.clear()
     session.progress = None
-    again = session.attribute(IG, {"n_steps": 4}).attribution
-    fresh = ExplainSession(VOLUME, net64, Target(region="whole"), options).attribute(IG, {"n_steps": 4})
+    again = session.attribute(IG, {"n_steps": 2}).attribution
+    fresh = ExplainSession(VOLUME, net64, Target(region="whole"), options).attribute(IG, {"n_steps": 2})
     np.testing.assert_array_equal(again, fresh.attribution)
     # A callable flag works too, checked before the first batch.
     with pytest.raises(EsegetaCancelled):
@@ -81,7 +81,7 @@ def test_out_of_memory_halves_batch_and_matches_batch_one(net64):
     session = ExplainSession(VOLUME, wrapped, Target(region="whole"), EngineOptions(**PATCHED))
     assert session.batch_size == 8  # the CPU 'auto' batch for 8 small windows
     one = ExplainSession(VOLUME, net64, Target(region="whole"), EngineOptions(batch_size=1, **PATCHED))
-    for spec, params in ((SALIENCY, {}), (IG, {"n_steps": 4})):
+    for spec, params in ((SALIENCY, {}), (IG, {"n_steps": 2})):
         result = session.attribute(spec, params)
         reference = one.attribute(spec, params).attribution
         assert result.diagnostics["batch_size"] == 2
@@ -110,8 +110,11 @@ def test_fp32_retry_on_non_finite_autocast():
     net = _OverflowsInHalf()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         assert not torch.isfinite(net(torch.from_numpy(image)[None, None])).all()
-    half = ExplainSession(image, net, Target(class_index=1, region="whole"), EngineOptions(precision="fp16", **PATCHED))
-    full = ExplainSession(image, net, Target(class_index=1, region="whole"), EngineOptions(**PATCHED))
+    # The probability score makes the gradient depend on the (non-finite) activations.
+    target = Target(class_index=1, region="whole", score="probability")
+    half = ExplainSession(image, net, target, EngineOptions(precision="fp16", **PATCHED))
+    assert half.counters["fp32_retries"] >= 1  # the segmentation pass
+    full = ExplainSession(image, net, target, EngineOptions(**PATCHED))
     result = half.attribute(SALIENCY)
     assert result.diagnostics["fp32_retries"] >= 1
     assert np.isfinite(result.attribution).all()
@@ -143,9 +146,9 @@ def test_seeded_and_deterministic_on_cpu(net64):
     """A method drawing from the engine's generator gives identical maps on reruns; another seed differs."""
     spec = MethodSpec("TestNoisyIG", "gradient", True, True, False, 8.0, "additive", IG.params, IG.attribute,
                       prepare=_noisy_baseline)
-    maps = []
+    maps, small = [], VOLUME[:16, :16, :16]
     for seed in (0, 0, 1):
-        session = ExplainSession(VOLUME, net64, Target(region="whole"), EngineOptions(seed=seed, **PATCHED))
-        maps.append(session.attribute(spec, {"n_steps": 4}).attribution)
+        session = ExplainSession(small, net64, Target(region="whole"), EngineOptions(seed=seed, patch_size=12, divisor=4))
+        maps.append(session.attribute(spec, {"n_steps": 2}).attribution)
     np.testing.assert_array_equal(maps[0], maps[1])
     assert not np.array_equal(maps[0], maps[2])

@@ -236,3 +236,12 @@ def test_write_is_atomic(tmp_path):
     write_image(target, image.array * 2, image)
     np.testing.assert_array_equal(read_image(target).array, image.array * 2)
     assert os.listdir(tmp_path) == ["map.nii.gz"]
+
+
+def test_two_dimensional_file_is_refused_with_its_name(tmp_path):
+    import nrrd
+
+    nrrd.write(str(tmp_path / "flat.nrrd"), np.zeros((4, 5), np.float32))
+    with pytest.raises(EsegetaError) as e:
+        read_image(tmp_path / "flat.nrrd")
+    assert "flat.nrrd" in one_line_error(e) and "3" in str(e.value)

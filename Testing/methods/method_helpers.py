@@ -8,7 +8,6 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from EsegetaLib.methods import MethodContext, VolumeStats, get_method

@@ -135,6 +135,50 @@ def test_perturbation_methods(setup):
         spec, ctx, f, args = _ctx(name, setup, dict(kwargs, block_fraction=0.5, restrict_to_region=False, seed=5))
         ours = run_method(spec, ctx)[0]
         torch.manual_seed(5)
+        if name == "Lime":  # Lasso penalty 0.01 relative to |F(x) - F(b)|
+            from captum._utils.models.linear_model import SkLearnLasso
+            with torch.no_grad():
+                scale = abs(float(f(x, *args) - f(base, *args)))
+            torch.manual_seed(5)
+            theirs = cls(f, interpretable_model=SkLearnLasso(alpha=0.01 * scale)).attribute(
+                x, baselines=base, feature_mask=mask, additional_forward_args=args, perturbations_per_eval=4, **kwargs)
+            _close(ours, theirs)
+            continue
         theirs = cls(f).attribute(x, baselines=base, feature_mask=mask, additional_forward_args=args,
                         perturbations_per_eval=4, **kwargs)
         _close(ours, theirs)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("GradientShap", {"n_samples": 3, "n_baselines": 2}), ("DeepLiftShap", {"n_baselines": 2}),
+    ("IntegratedGradients", {"n_steps": 4}), ("LayerGradientShap", {"n_samples": 3, "n_baselines": 2}),
+])
+def test_a_batch_of_windows_equals_windows_one_by_one(name, params):
+    """The engine batches windows; random paths and baseline distributions must not depend on it."""
+    import dataclasses
+    network = make_unet_instancenorm_prelu()
+    x = torch.cat([structured_volume(8, seed=0), structured_volume(8, seed=1)])
+    spec, ctx = make_context(name, network, x, params)
+    batched = run_method(spec, ctx)[0]
+    for b in range(2):
+        single = dataclasses.replace(
+            ctx, inputs=x[b:b + 1], forward_args=tuple(a[b:b + 1] for a in ctx.forward_args),
+            prepared={k: v[b:b + 1] for k, v in ctx.prepared.items()})
+        torch.testing.assert_close(batched[b:b + 1], run_method(spec, single)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_lime_is_scale_free(setup):
+    """Captum's fixed Lasso alpha zeroes Lime on small scores; ours scales with |F(x) - F(b)|."""
+    network, x = setup
+    params = {"n_samples": 20, "block_fraction": 0.5, "restrict_to_region": False}
+    spec, ctx, f, args = _ctx("Lime", setup, params)
+    big = run_method(spec, ctx)[0]
+
+    class Tiny(torch.nn.Module):
+        def forward(self, inp, *a):
+            return f(inp, *a) * 1e-4
+
+    import dataclasses
+    small = run_method(spec, dataclasses.replace(ctx, forward=Tiny()))[0]
+    assert float(small.abs().max()) > 0
+    torch.testing.assert_close(small, big * 1e-4, rtol=1e-3, atol=1e-9)

@@ -7,7 +7,7 @@ from captum.attr import Deconvolution, GuidedBackprop, Saliency
 from torch import nn
 
 from EsegetaLib.errors import EsegetaError
-from method_helpers import (MaskedLogitSum, make_context, make_net_batchnorm_relu, make_unet_instancenorm_prelu,
+from method_helpers import (make_context, make_net_batchnorm_relu, make_unet_instancenorm_prelu,
                             roi_weights, run_method, shared_file, structured_volume)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -47,10 +47,10 @@ def test_default_layer_for_monai_networks(arch, expected):
 
 
 def test_default_layer_for_sequential_and_non_downsampling_nets():
-    assert resolve_layer(make_net_batchnorm_relu(), None)[0] == "8"  # the ReLU after the last half-res conv
+    assert resolve_layer(make_net_batchnorm_relu(), None)[0] == "6"  # the last half-resolution conv
     flat = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.GELU(), nn.Conv3d(4, 4, 3, padding=1), nn.GELU(),
                          nn.Conv3d(4, 2, 1))
-    assert resolve_layer(flat, None)[0] == "3"  # the last activation before the 1x1 classifier
+    assert resolve_layer(flat, None)[0] == "2"  # the last conv before the 1x1 classifier
 
 
 def test_named_layer_and_suggestion():

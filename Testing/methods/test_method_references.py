@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from EsegetaLib.methods import MethodContext
 from EsegetaLib.methods.cam import gradcam_pp_map
 from EsegetaLib.methods.rise import make_masks, rise_saliency
-from method_helpers import make_context, run_method, stats_of
+from method_helpers import make_context, run_method
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -51,7 +50,7 @@ class TinyCamNet(nn.Module):
 
 def test_gradcam_pp_method_on_tiny_network():
     net = TinyCamNet().eval()
-    x = torch.randn(1, 2 - 1, 4, 4, 4)
+    x = torch.randn(1, 1, 4, 4, 4)
     spec, ctx = make_context("GradCAM++", net, x, {"layer": "feat"})
     ours = run_method(spec, ctx)[0]
     with torch.no_grad():

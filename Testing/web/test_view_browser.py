@@ -72,8 +72,13 @@ def block_mask(page, view: str, colour, opacity: float):
 def box_of(page, tag: str):
     """The view's box on the page, or None when the view is not shown (one query: no race with
     the layout being rebuilt)."""
+    from playwright.sync_api import Error as PlaywrightError
+
     locator = page.locator(f'.esegeta-view[data-view="{tag}"]')
-    return locator.bounding_box(timeout=2000) if locator.count() else None
+    try:
+        return locator.bounding_box(timeout=2000) if locator.count() else None
+    except PlaywrightError:  # removed between the two calls: not shown
+        return None
 
 
 def select(page, field_class: str, option: str) -> None:

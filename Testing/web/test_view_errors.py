@@ -12,9 +12,9 @@ from web_browser import REPO, viewer_command, viewer_env
 from web_fixtures import write_result
 
 
-def run_view(*args, timeout=240):
-    done = subprocess.run(viewer_command(*args), cwd=REPO, env=viewer_env(), text=True, capture_output=True,
-                          timeout=timeout)
+def run_view(*args, cli=False, timeout=240):
+    done = subprocess.run(viewer_command(*args, cli=cli), cwd=REPO, env=viewer_env(), text=True,
+                          capture_output=True, timeout=timeout)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -34,7 +34,8 @@ def result(tmp_path):
 
 
 def test_missing_result(tmp_path):
-    assert_one_line_error(*run_view(str(tmp_path / "nowhere")), "does not exist")
+    """Through the real `esegeta` command line (the others use the same handler directly)."""
+    assert_one_line_error(*run_view(str(tmp_path / "nowhere"), cli=True), "does not exist")
 
 
 def test_directory_that_is_not_a_result(tmp_path):
@@ -71,17 +72,31 @@ def test_bad_port(result):
     assert_one_line_error(*run_view(str(result), "--port", "70000"), "--port")
 
 
+def test_port_in_use(result):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(*run_view(str(result), "--port", str(port)), f"port {port}", "in use")
+
+
 def test_damaged_map_is_reported_before_serving(result):
-    """Slicer's reader fails on the file: one line, and the server never binds."""
     with gzip.open(result / "attributions" / "Saliency.nii.gz", "wb") as handle:
         handle.write(b"not a NIfTI header" * 40)
     assert_one_line_error(*run_view(str(result)), "Saliency.nii.gz", "Cannot read")
 
 
 def test_public_host_warns_about_no_authentication(result):
-    (result / "segmentation.nii.gz").write_bytes(b"\x1f\x8b damaged")  # so no server starts here
-    rc, stdout, stderr = run_view(str(result), "--host", "0.0.0.0")
+    import socket
+
+    with socket.socket() as taken:  # so that no server starts here
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, stdout, stderr = run_view(str(result), "--host", "0.0.0.0", "--port", str(port))
     lines = stderr.strip().splitlines()
     assert rc == 2 and len(lines) == 2, stderr
     assert "no authentication" in lines[0] and "0.0.0.0" in lines[0]
-    assert lines[1].startswith("esegeta: error: ") and "segmentation.nii.gz" in lines[1]
+    assert lines[1].startswith("esegeta: error: Cannot listen on port")

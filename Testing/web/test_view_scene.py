@@ -71,6 +71,32 @@ def test_mrb_gives_the_same_display_as_the_directory(folder, tmp_path):
     assert from_mrb.segmentation_node is not None
 
 
+def test_page_state_of_an_mrb(tmp_path):
+    """The whole app (views, scene, page state) built from a .mrb, without serving it."""
+    import os
+
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    from trame.app import get_server
+
+    from EsegetaLib.web.app import EsegetaViewer
+    from EsegetaLib.web.result import load_result
+
+    viewer = EsegetaViewer(load_result(write_mrb(tmp_path / "review.mrb")), get_server("mrb_state", client_type="vue3"))
+    state = viewer.state
+    assert sorted(state.methods) == sorted(METHODS) and state.method == state.methods[0]
+    assert state.metrics_columns[:2] == ["method", "deletion_auc"]
+    assert any(key == "parameters.methods" for key, _ in state.parameters)
+    shown = viewer.scene.maps[state.method]
+    assert shown.vr_display.GetVisibility() and shown.legend.GetVisibility()
+    assert all(view.get_foreground_volume_id() == shown.node.GetID() for view in viewer.slice_views)
+    assert all(view.get_background_volume_id() == viewer.scene.input_node.GetID() for view in viewer.slice_views)
+    other = next(name for name in METHODS if name != state.method)
+    viewer._on_method(other)  # what a change of the Method menu calls (the browser test drives the menu)
+    assert all(view.get_foreground_volume_id() == viewer.scene.maps[other].node.GetID()
+               for view in viewer.slice_views)
+    assert viewer.scene.maps[other].vr_display.GetVisibility() and not shown.vr_display.GetVisibility()
+
+
 def test_threshold_hides_values_in_slices_and_3d(folder):
     from EsegetaLib.web.result import load_result
     from EsegetaLib.web.scene_setup import load_directory, set_threshold
@@ -95,8 +121,27 @@ def test_threshold_hides_values_in_slices_and_3d(folder):
         assert (table.GetTableValue(index)[3] == 0.0) == (abs(values[index]) < 0.6)
     opacity = gradients.vr_display.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
     assert opacity.GetValue(-0.5) == 0.0 and opacity.GetValue(-0.9) > 0.0 and opacity.GetValue(0.9) > 0.0
+    set_threshold(gradients, gradients.top)  # everything hidden in 3D too
+    assert all(opacity.GetValue(v) == 0.0 for v in (-1.0, -0.5, 0.5, 0.99))
     set_threshold(gradients, 0.0)
     assert gradients.node.GetScalarVolumeDisplayNode().GetColorNodeID() == gradients.color_node.GetID()
+
+
+def test_cut_off_volume_is_one_line_error(tmp_path):
+    """A sound header with voxels cut off (which Slicer's reader would show as zeros)."""
+    import nibabel as nib
+
+    from EsegetaLib.errors import EsegetaError
+    from EsegetaLib.web.result import load_result
+
+    folder = write_result(tmp_path / "result", with_plot=False)
+    target = folder / "attributions" / "IntegratedGradients.nii"
+    (folder / "attributions" / "IntegratedGradients.nii.gz").unlink()
+    nib.save(nib.Nifti1Image(arrays()[2]["IntegratedGradients"], AFFINE), target)
+    target.write_bytes(target.read_bytes()[:1000])
+    with pytest.raises(EsegetaError, match=r"Cannot read .*IntegratedGradients.nii' \(damaged") as error:
+        load_result(folder)
+    assert "\n" not in str(error.value)
 
 
 def test_metrics_json_and_relative_input(tmp_path):

@@ -44,8 +44,11 @@ def chromium_path() -> str:
     return path
 
 
-def viewer_command(*args: str) -> List[str]:
-    return [sys.executable, "-m", "EsegetaLib", "view", *args]
+def viewer_command(*args: str, cli: bool = True) -> List[str]:
+    """`esegeta view ARGS` through the CLI, or (`cli=False`) through `python -m EsegetaLib.web`, the
+    same parser and handler without importing every other command (faster on a busy machine)."""
+    return [sys.executable, "-m", "EsegetaLib", "view", *args] if cli else \
+        [sys.executable, "-m", "EsegetaLib.web", *args]
 
 
 def viewer_env() -> dict:
@@ -87,14 +90,14 @@ class ViewerProcess:
         raise AssertionError(f"viewer did not print its address (rc={self.process.poll()}); stderr: "
                              f"{''.join(self.stderr)[-2000:]}")
 
-    def interrupt(self, timeout: float = 30) -> int:
+    def interrupt(self, timeout: float = 60) -> int:
         """Ctrl-C (SIGINT), as a user would; returns the exit status."""
         self.process.send_signal(signal.SIGINT)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise AssertionError("viewer did not stop within 30 s of SIGINT") from None
+            raise AssertionError(f"viewer did not stop within {timeout:.0f} s of SIGINT") from None
 
     def stop(self) -> None:
         if self.process.poll() is None:

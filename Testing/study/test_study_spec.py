@@ -1,0 +1,125 @@
+"""The study file is checked as a whole before any work: every problem listed (file, key, what is
+wrong), exit status 2, nothing written.  Plus the pieces the plan rests on (seeds, globs, masks)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study_helpers import write_volumes
+
+from EsegetaLib.cli import main
+from EsegetaLib.study import StudySpecError, load_study
+from EsegetaLib.study.spec import case_seed
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study_spec")
+    write_volumes(folder, [(24, 24, 24), (24, 24, 24)])
+    (folder / "model.pt").write_bytes(b"not checked before the run")
+    return folder
+
+
+def _write(folder: Path, name: str, doc) -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False) if not isinstance(doc, str) else doc)
+    return path
+
+
+def test_malformed_study_lists_every_problem_and_exits_2(folder, capsys):
+    study = _write(folder, "bad.yaml", {
+        "seed": "seven",
+        "volumes": [{"path": "vol0.nii.gz"}, {"path": "missing.nii.gz"}, {"glob": "nothing/*.nii.gz"},
+                    {"path": "vol1.nii.gz", "name": "vol0"}],
+        "models": [{"name": "m", "path": "bundled"}, {"name": "m", "path": "model.pt"},
+                   {"name": "x", "path": "absent.pt"}],
+        "methods": ["Saliency", "Salency", {"name": "IntegratedGradients", "params": {"n_steps": -3}},
+                    {"name": "GradCAM", "params": {"colour": 1}}, "saliency"],
+        "target": {"region": "roi", "class": "artery"},
+        "metrics": ["sparseness", "sparsness"],
+        "engine": {"device": "tpu", "overlap": 1.5, "retires": 2},
+        "modles": [],
+    })
+    out = folder / "bad_out"
+    assert main(["study", str(study), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert not out.exists()  # rejected before any work
+    expected = [
+        ("seed", "whole number"),
+        ("volumes[1].path", "'missing.nii.gz' does not exist"),
+        ("volumes[2].glob", "matches no file"),
+        ("volumes[3]", "duplicate volume name 'vol0'"),
+        ("models[1]", "duplicate model name 'm'"),
+        ("models[2].path", "'absent.pt' does not exist"),
+        ("methods[1].name", "Did you mean 'Saliency'"),
+        ("methods[2].params", "n_steps"),
+        ("methods[3].params", "no parameter 'colour'"),
+        ("methods[4]", "duplicate method name 'Saliency'"),
+        ("target.region", "needs a mask for every volume"),
+        ("target.class", "'artery' is not a class of model 'm' (0=background, 1=vessel)"),
+        ("metrics", "Did you mean 'sparseness'"),
+        ("engine.device", "tpu"),
+        ("engine.overlap", "[0, 1)"),
+        ("engine.retires", "did you mean 'retries'"),
+        ("modles", "did you mean 'models'"),
+    ]
+    lines = [line.strip() for line in err.splitlines() if line.startswith("  ")]
+    assert len(lines) == len(expected), err
+    assert f"has {len(expected)} problem(s); nothing was run" in err
+    for key, words in expected:
+        assert any(line.startswith(f"{study}: {key}: ") and words in line for line in lines), (key, err)
+
+
+def test_unreadable_yaml_and_missing_sections(folder, capsys):
+    broken = _write(folder, "broken.yaml", "volumes: [vol0.nii.gz\nmodels: {")
+    assert main(["study", str(broken), "--out", str(folder / "o1")]) == 2
+    assert "is not valid YAML at line" in capsys.readouterr().err
+    empty = _write(folder, "empty.yaml", {"seed": 1})
+    with pytest.raises(StudySpecError) as info:
+        load_study(empty)
+    assert [issue.key for issue in info.value.issues] == ["volumes", "models", "methods"]
+    assert main(["study", str(folder / "nope.yaml"), "--out", str(folder / "o2")]) == 2
+
+
+def test_globs_names_masks_and_defaults(folder):
+    study = _write(folder, "good.yaml", {
+        "volumes": [{"glob": "vol?.nii.gz", "mask": "{name}_roi.nii.gz"}],
+        "models": ["bundled", {"name": "ts", "path": "model.pt"}],
+        "methods": ["saliency", {"name": "IntegratedGradients", "params": {"n_steps": 8}}],
+        "target": {"class": 1, "region": "roi"},
+    })
+    named = _write(folder, "named.yaml", {"volumes": ["vol0.nii.gz"], "models": [{"name": "ts", "path": "model.pt"}],
+                                          "methods": ["Saliency"], "target": {"class": "vessel"}})
+    with pytest.raises(StudySpecError, match="model 'ts' names no classes"):
+        load_study(named)
+    spec = load_study(study)
+    assert [v.name for v in spec.volumes] == ["vol0", "vol1"]
+    assert [Path(v.mask).name for v in spec.volumes] == ["vol0_roi.nii.gz", "vol1_roi.nii.gz"]
+    assert all(Path(v.path).is_absolute() for v in spec.volumes)
+    assert [(m.name, m.path) for m in spec.models] == [("default", None), ("ts", str((folder / "model.pt").resolve()))]
+    assert [(m.name, m.params) for m in spec.methods] == [("Saliency", {}), ("IntegratedGradients", {"n_steps": 8})]
+    assert spec.metrics == "default" and spec.engine["retries"] == 1 and spec.seed == 0
+    assert [c.key for c in spec.cases] == ["vol0/default", "vol0/ts", "vol1/default", "vol1/ts"]
+
+
+def test_case_seeds_depend_on_names_not_order():
+    seeds = {(v, m): case_seed(5, v, m) for v in ("a", "b", "c") for m in ("x", "y")}
+    assert len(set(seeds.values())) == 6  # distinct per case
+    assert case_seed(5, "b", "y") == seeds[("b", "y")]  # stable (no process-dependent hashing)
+    assert case_seed(6, "b", "y") != seeds[("b", "y")]  # and derived from the study seed
+    assert all(0 <= s < 2 ** 31 for s in seeds.values())
+
+
+def test_output_folder_rules(folder, capsys):
+    study = _write(folder, "ok.yaml", {"volumes": ["vol0.nii.gz"], "models": ["bundled"], "methods": ["Saliency"]})
+    other = folder / "not_a_study"
+    other.mkdir()
+    (other / "keep.txt").write_text("user's file")
+    assert main(["study", str(study), "--out", str(other)]) == 2
+    assert main(["study", str(study), "--out", str(other), "--resume"]) == 2
+    assert "holds no study" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "user's file"
+    assert main(["study", str(study), "--out", str(folder / "o3"), "--address", "auto"]) == 2
+    assert "--engine ray" in capsys.readouterr().err
