@@ -27,7 +27,7 @@ def test_default_model_card(default_model):
     assert card.architecture == "UNet" and card.arguments["norm"] == "instance"
     assert card.arguments["act"] == "prelu" and card.in_channels == 1
     assert card.classes == ["background", "vessel"] and card.activation == "softmax"
-    assert card.normalization["type"] == "percentile" and card.metrics["dice_heldout_mean"] > 0.6
+    assert card.normalization["type"] == "percentile" and card.metrics["dice_heldout_mean"] > 0.45
     assert resource_path(card.weights).stat().st_size < 5_000_000
 
 
