@@ -69,6 +69,17 @@ def mark_view(server, view_id, view) -> None:
              style="position:absolute;inset:0;pointer-events:none;")
 
 
+def transpose_metrics(columns: List[str], rows: List[List[str]]):
+    """One column per method, one row per metric: a run has a few methods and many metrics, and
+    the side panel is narrow."""
+    if "method" not in columns or not rows:
+        return columns, rows
+    index = columns.index("method")
+    header = ["metric"] + [row[index] for row in rows]
+    body = [[name] + [row[i] for row in rows] for i, name in enumerate(columns) if i != index]
+    return header, body
+
+
 class EsegetaViewer(TrameApp):
     """One result on one page. Build with a scene already loaded (errors come before serving)."""
 
@@ -187,7 +198,7 @@ class EsegetaViewer(TrameApp):
         columns, rows = self.result.metrics_columns, self.result.metrics_rows
         if not columns and self.scene.metrics is not None:
             columns, rows = self.scene.metrics
-        return list(columns), [list(r) for r in rows]
+        return transpose_metrics(list(columns), [list(r) for r in rows])
 
     def _plot_src(self) -> str:
         """The plot inline (one file, no static route to configure)."""
@@ -209,7 +220,10 @@ class EsegetaViewer(TrameApp):
     def _build_ui(self) -> None:
         with SinglePageWithDrawerLayout(self.server, full_height=True) as self.ui:
             client.Style(".esegeta-table td, .esegeta-table th { font-size: 12px !important; "
-                         "padding: 0 6px !important; height: 24px !important; }")
+                         "padding: 0 6px !important; height: 24px !important; } "
+                         ".esegeta-parameters table { table-layout: fixed; width: 100%; } "
+                         ".esegeta-parameters td { overflow-wrap: anywhere; } "
+                         ".esegeta-parameters td:first-child { width: 45%; color: #555; }")
             self.ui.title.set_text(f"Esegeta · {self.result.title}")
             self.ui.footer.hide()
             with self.ui.toolbar:
@@ -220,7 +234,7 @@ class EsegetaViewer(TrameApp):
                            classes="esegeta-layout mx-2", density="compact", hide_details=True,
                            style="max-width: 180px;")
             with self.ui.drawer as drawer:
-                drawer.width = 380
+                drawer.width = 420
                 self._build_controls()
                 self._build_metrics()
                 self._build_parameters()
@@ -260,5 +274,5 @@ class EsegetaViewer(TrameApp):
             with v3.VTable(density="compact", classes="esegeta-table esegeta-parameters"):
                 with html.Tbody():
                     with html.Tr(v_for="(p, i) in parameters", key="i"):
-                        html.Td("{{ p[0] }}", style="white-space: nowrap;")
-                        html.Td("{{ p[1] }}", style="word-break: break-all;")
+                        html.Td("{{ p[0] }}")
+                        html.Td("{{ p[1] }}")

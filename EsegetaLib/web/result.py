@@ -208,13 +208,21 @@ def read_metrics(folder: Path):
         if csv_file.is_file():
             with open(csv_file, newline="") as handle:
                 table = [row for row in csv.reader(handle) if row]
-            return (table[0], [_pad(r, len(table[0])) for r in table[1:]]) if table else ([], [])
+            return (table[0], [[_number(c) for c in _pad(r, len(table[0]))] for r in table[1:]]) if table else ([], [])
         if json_file.is_file():
             return _metrics_from_json(json.loads(json_file.read_text()))
     except (OSError, UnicodeDecodeError, csv.Error, json.JSONDecodeError) as exc:
         raise EsegetaError(f"The metrics table in '{folder}' is damaged ({exc}); re-run the metrics "
                            "or delete metrics.csv/metrics.json.") from None
     return [], []
+
+
+def _number(cell: str) -> str:
+    """A CSV cell as shown: numbers to 4 significant digits (the file keeps full precision)."""
+    try:
+        return format_value(float(cell)) if cell.strip() else cell
+    except ValueError:
+        return cell
 
 
 def _pad(row: List[str], width: int) -> List[str]:
