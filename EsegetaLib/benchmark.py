@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -26,36 +28,73 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_bytes(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:  # CPU: the process's high-water mark (resource is POSIX-only)
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except Exception:  # pragma: no cover
+def load_average() -> Optional[float]:
+    """1-minute load average: timings on a shared CPU are only comparable at similar load."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
         return None
 
 
+class PeakMemory:
+    """Peak memory of one call. CUDA: torch.cuda.max_memory_allocated (tensors only, absolute, weights
+    included). CPU: the peak resident set size above the level at the start of the call, sampled
+    every 5 ms from /proc/self/statm (the CPU allocator has no peak counter; ru_maxrss is a lifetime
+    high-water mark and would not tell one runner from another)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, None, threading.Event()
+
+    @staticmethod
+    def _rss() -> Optional[int]:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+            return None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            rss = self._rss()
+            if rss is not None:
+                self._high = max(self._high, rss)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._start = self._rss()
+            self._high = self._start or 0
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            self._thread.join()
+            rss = self._rss()
+            if self._start is not None and rss is not None:
+                self.peak = max(self._high, rss) - self._start
+        return False
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1):
-    """(best seconds over `repeats`, result of the last call, peak bytes)."""
+    """(best seconds over `repeats`, result of the last call, peak bytes: see PeakMemory)."""
     best, out = math.inf, None
-    _reset_peak(device)
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, out, _peak_bytes(device)
+    with PeakMemory(device) as memory:
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            out = fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+    return best, out, memory.peak
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
+def pearson(a, b) -> float:
     a = np.asarray(a, np.float64).ravel()
     b = np.asarray(b, np.float64).ravel()
     a, b = a - a.mean(), b - b.mean()
@@ -63,35 +102,80 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denom) if denom > 0 else float("nan")
 
 
+def out_of_memory(error: BaseException, device: torch.device) -> bool:
+    """True (and the cache released) for an out-of-memory error, so the caller can report it."""
+    from .device import is_out_of_memory, release_memory
+
+    if is_out_of_memory(error):
+        release_memory(device)
+        return True
+    return False
+
+
 # --------------------------------------------------------------------------- the floor
+def fwd_bwd_step(network: torch.nn.Module, x: torch.Tensor, backward: bool, head: int = -1):
+    """One forward (+ the input gradient of a class score, as every gradient method takes it:
+    torch.autograd.grad w.r.t. the input only, so no weight gradients are computed or stored)."""
+    if not backward:
+        with torch.no_grad():
+            out = network(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+    x = x.detach().requires_grad_(True)
+    out = network(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    return torch.autograd.grad(out[:, head].float().sum(), x)[0]
+
+
 def pass_cost(network: torch.nn.Module, shape, channels: int, device: torch.device,
               backward: bool, batch_sizes=(1, 2, 4, 8, 16), budget_s: float = 20.0) -> Dict[str, float]:
-    """Per-sample seconds of one forward(+backward) at the best batch size that fits."""
+    """Per-sample seconds of one forward(+backward) at the best batch size that fits (a batch
+    that runs out of memory ends the search)."""
     results = {}
     spent = 0.0
     for bs in batch_sizes:
-        x = torch.randn((bs, channels) + tuple(shape), device=device, requires_grad=backward)
-
-        def step():
-            out = network(x)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            if backward:
-                out[:, -1].sum().backward()
-            return None
-
+        x = torch.randn((bs, channels) + tuple(shape), device=device)
         try:
-            step()  # warm-up
-            t, _, _ = timed(step, device, repeats=2)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:  # OOM ends the search
-            if "out of memory" not in str(exc).lower() and not isinstance(exc, torch.OutOfMemoryError):
+            fwd_bwd_step(network, x, backward)  # warm-up
+            t, _, _ = timed(lambda: fwd_bwd_step(network, x, backward), device, repeats=2)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory ends the search
+            if not out_of_memory(exc, device):
                 raise
             break
         results[bs] = t / bs
         spent += 3 * t
         if spent > budget_s:
             break
+    if not results:
+        raise RuntimeError(f"one {tuple(shape)} window does not fit on {device}")
     best_bs = min(results, key=results.get)
     return {"per_sample_s": results[best_bs], "best_batch": best_bs, "by_batch": results}
+
+
+def floor_seconds(spec, params, diagnostics: Dict, n_windows: int, n_active: int, costs: Dict) -> Dict:
+    """The floor of one Esegeta run, in passes over windows of the patch size:
+
+    - the segmentation pass every run makes: one forward per window (all windows);
+    - gradient methods: passes per window (IG: n_steps; noise tunnels: nt_samples; else 1) forward+
+      backward on each window touching the region (GradCAM's backward stops at a layer: its floor is
+      counted as a full forward+backward, an upper bound);
+    - perturbation methods: one forward per active window for the unperturbed score plus one per
+      window actually rerun (the result's diagnostics `windows_rerun`).
+    Overlap is counted: every window is a full patch, so the floor is on the voxels processed.
+    """
+    seg = n_windows * costs[False]["per_sample_s"]
+    if spec.patching == "global":
+        passes = float(diagnostics.get("windows_rerun", 0)) + n_active
+        work = passes * costs[False]["per_sample_s"]
+        kind = "forward"
+    else:
+        per_window = {"IntegratedGradients": params.get("n_steps", 1)}.get(spec.name, 1)
+        if spec.patching == "noise_tunnel":
+            per_window = int(params.get("nt_samples", 1)) * (int(params.get("n_steps", 1)) if
+                                                             params.get("base_method") == "IntegratedGradients" else 1)
+        passes = float(per_window) * n_active
+        work = passes * costs[True]["per_sample_s"]
+        kind = "forward+backward"
+    return {"floor_s": seg + work, "window_passes": passes, "pass_kind": kind, "segmentation_s": seg}
 
 
 @dataclass
@@ -104,30 +188,35 @@ class Row:
     floor_s: Optional[float] = None
     corr_with_esegeta: Optional[float] = None
     note: str = ""
+    load: Optional[float] = None
     extra: Dict = field(default_factory=dict)
 
 
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    ok = a is not None and b is not None and b > 0 and not (math.isnan(a) or math.isnan(b))
+    return f"{a / b:.2f}" if ok else "-"
+
+
 def format_table(rows: List[Row]) -> str:
-    """Seconds, ratio to the floor, to plain Captum and to TorchEsegeta, peak memory."""
+    """Seconds, ratio to the floor, to plain Captum and to TorchEsegeta, peak memory, load."""
     by_key = {(r.size, r.method, r.runner): r for r in rows}
-    lines = [f"{'size':>14} {'method':>20} {'runner':>13} {'seconds':>9} {'x floor':>8} "
-             f"{'x captum':>9} {'x TorchEsegeta':>15} {'peak MB':>9} {'r':>6}  note"]
+    lines = [f"{'size':>12} {'method':>20} {'runner':>13} {'seconds':>9} {'x floor':>8} "
+             f"{'x captum':>9} {'x TorchEs.':>10} {'peak MB':>8} {'r':>6} {'load':>5}  note"]
     for r in rows:
         cap = by_key.get((r.size, r.method, "captum"))
         te = by_key.get((r.size, r.method, "torchesegeta"))
-        ratio = lambda o: f"{r.seconds / o.seconds:.2f}" if o and o.seconds else "-"  # noqa: E731
+        peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
+        corr = "" if r.corr_with_esegeta is None else format(r.corr_with_esegeta, ".3f")
         lines.append(
-            f"{r.size:>14} {r.method:>20} {r.runner:>13} {r.seconds:9.3f} "
-            f"{(r.seconds / r.floor_s if r.floor_s else float('nan')):8.2f} {ratio(cap):>9} {ratio(te):>15} "
-            f"{(r.peak_bytes or 0) / 2**20:9.0f} "
-            f"{'' if r.corr_with_esegeta is None else format(r.corr_with_esegeta, '.3f'):>6}  {r.note}"
-        )
+            f"{r.size:>12} {r.method:>20} {r.runner:>13} {r.seconds:9.3f} {_ratio(r.seconds, r.floor_s):>8} "
+            f"{_ratio(r.seconds, cap and cap.seconds):>9} {_ratio(r.seconds, te and te.seconds):>10} "
+            f"{peak:>8} {corr:>6} {'' if r.load is None else r.load:>5}  {r.note}")
     return "\n".join(lines)
 
 
 def environment() -> Dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "threads": str(torch.get_num_threads())}
+            "processor": _cpu_name(), "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
     try:
         import captum
 
@@ -136,9 +225,20 @@ def environment() -> Dict[str, str]:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}"
+        info["cuda"] = str(torch.version.cuda)
     return info
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor()
 
 
 # --------------------------------------------------------------------------- the three runners
@@ -177,20 +277,23 @@ def _context(spec, forward, network, x, params, stats, region, prepared, batch, 
 
 
 def run_captum_whole(session, spec, params, batch: int) -> torch.Tensor:
-    """Plain Captum on the whole (padded) volume: the catalogue's Captum call with a single
-    whole-volume score, Captum's NoiseTunnel for noise tunnels, internal batch `batch`."""
+    """Plain Captum on the whole (padded) volume: one whole-volume forward for the predicted region,
+    then the catalogue's Captum call with a single whole-volume score (the same parameters as
+    Esegeta), Captum's NoiseTunnel for noise tunnels, internal batch `batch`."""
     from captum.attr import NoiseTunnel, Saliency
 
     from .methods import noise as nt
     from .targets import TargetScore
 
     x = session.volume[None].to(session.device, session.dtype)
-    region = torch.from_numpy(session.region)[None, None].to(session.device, session.dtype)
     xp, crop = _pad_to(x, session.options.divisor)
-    rp, _ = _pad_to(region, session.options.divisor)
-    rp = rp * 0
-    rp[crop] = region
     score = TargetScore(session.network, session.target, session.device)
+    # a plain-Captum user needs the prediction too: one whole-volume forward gives the region
+    with torch.no_grad():
+        predicted = score.logits(xp).argmax(1, keepdim=True) == session.target.class_index
+    rp = torch.zeros_like(xp[:, :1])
+    rp[crop] = predicted[crop].to(rp.dtype)
+    del predicted
     if spec.patching == "noise_tunnel":
         sigma = nt.stdev(session.stats, params)
         attr = NoiseTunnel(Saliency(score)).attribute(
@@ -286,14 +389,6 @@ def make_volume(size: str, seed: int = 0):
     return image.array, tuple(image.spacing)
 
 
-def _passes(spec, params, result_diag: Dict) -> Dict[str, float]:
-    """(passes, backward?) a method needs per window: the floor's multiplier."""
-    if spec.patching == "global":
-        return {"window_passes": float(result_diag.get("windows_rerun", 0)), "backward": False}
-    steps = {"IntegratedGradients": params.get("n_steps", 1), "SmoothGrad": params.get("nt_samples", 1)}
-    return {"window_passes": float(steps.get(spec.name, 1)), "backward": True}
-
-
 def _warm_up(loaded, methods, device) -> None:
     """One untimed run of each method on a tiny volume: imports, lazy initialisation, allocator."""
     from .api import explain
@@ -306,6 +401,74 @@ def _warm_up(loaded, methods, device) -> None:
                 options, spacing=spacing)
 
 
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("esegeta bench: --device cuda but this torch sees no CUDA device")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def apply_memory_cap(device: torch.device, cap_gb: Optional[float]) -> Optional[str]:
+    """Cap this process's CUDA memory (torch's allocator refuses beyond it: an OOM, like a smaller
+    card). On CPU the cap is not applied; the note says so."""
+    if not cap_gb:
+        return None
+    if device.type != "cuda":
+        return "memory cap ignored on CPU"
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
+    return f"capped at {cap_gb:g} GB of {total / 2**30:.0f} GB"
+
+
+def default_sizes(quick: bool, device: torch.device) -> str:
+    return "sample,64,96" if quick or device.type == "cpu" else "sample,256,tof"
+
+
+def _geometry(session, array) -> Dict:
+    """Windows, patch and how many voxels the overlap (and the padding) adds per pass."""
+    patch = tuple(int(n) for n in session.grid.patch)
+    window_voxels = int(np.prod(patch))
+    volume_voxels = int(np.prod(array.shape[1:]))
+    n_windows, n_active = len(session.windows), len(session.active)
+    return {"shape": list(array.shape[1:]), "patch": list(patch), "windows": n_windows, "active_windows": n_active,
+            "overlap": session.options.overlap, "volume_voxels": volume_voxels,
+            "voxels_per_pass": n_windows * window_voxels,
+            "overlap_and_padding_voxels": n_windows * window_voxels - volume_voxels,
+            "voxels_processed_over_volume": n_windows * window_voxels / float(volume_voxels)}
+
+
+def bench_captum(session, spec, params, batches, device, label, reference) -> Row:
+    """The best internal batch of plain Captum on the whole volume; an out-of-memory is a result."""
+    best, notes = None, []
+    for batch in batches:
+        try:
+            t, out, peak = timed(lambda: run_captum_whole(session, spec, params, batch), device)
+        except Exception as exc:  # noqa: BLE001 - out of memory is reported, anything else raised
+            if not out_of_memory(exc, device):
+                raise
+            notes.append(f"out of memory at internal batch {batch}")
+            break
+        if best is None or t < best[0]:
+            best = (t, out.cpu().numpy(), peak, batch)
+        del out
+    if best is None:
+        return Row(label, spec.name, "captum", float("nan"), None, note="; ".join(notes) + ": cannot run whole",
+                   load=load_average())
+    notes.insert(0, f"internal batch {best[3]} (tried {','.join(map(str, batches))})")
+    return Row(label, spec.name, "captum", best[0], best[2], None, pearson(best[1], reference),
+               note="; ".join(notes), load=load_average())
+
+
+def bench_torchesegeta(session, spec, params, device, label, reference) -> Row:
+    try:
+        t, out, peak = timed(lambda: run_torchesegeta(session, spec, params), device)
+    except Exception as exc:  # noqa: BLE001
+        if not out_of_memory(exc, device):
+            raise
+        return Row(label, spec.name, "torchesegeta", float("nan"), None, note="out of memory", load=load_average())
+    return Row(label, spec.name, "torchesegeta", t, peak, None, pearson(out.numpy(), reference),
+               note="64^3, overlap 12, batch 1, average", load=load_average())
+
+
 def run(args) -> Dict:
     from .api import explain
     from .engine import ExplainSession
@@ -313,68 +476,74 @@ def run(args) -> Dict:
     from .models import load_default_model
     from .options import EngineOptions, Target
 
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    if args.memory_cap_gb and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
-    sizes = (args.sizes or ("sample,64,96" if args.quick or device.type == "cpu" else "sample,256,tof")).split(",")
+    device = pick_device(args.device)
+    cap_note = apply_memory_cap(device, args.memory_cap_gb)
+    sizes = (args.sizes or default_sizes(args.quick, device)).split(",")
+    methods = [m for m in args.methods.split(",") if m]
     skip = set(filter(None, args.skip.split(",")))
+    batches = (1, 4) if args.quick else (1, 4, 16)
     loaded = load_default_model()
-    _warm_up(loaded, args.methods.split(","), device)
+    _warm_up(loaded, methods, device)
     rows: List[Row] = []
     floors: Dict[str, Dict] = {}
     for size in sizes:
         array, spacing = make_volume(size)
-        options = EngineOptions(device=device.type, precision="fp32", divisor=loaded.card.divisor)
+        # Esegeta at the API's defaults (whole volume in one window up to 128^3, else 96^3 patches,
+        # overlap 0.25, batch 'auto'), fp32 so that the runners compute the same function.
+        options = EngineOptions(device=device.type, precision="fp32", divisor=loaded.card.divisor,
+                                patch_size=args.patch_size)
         target = Target(class_index=1, region="predicted")
         session = ExplainSession(array, loaded, target, options, spacing=spacing)
-        patch = tuple(session.grid.patch) if hasattr(session.grid, "patch") else tuple(
-            w.stop - w.start for w in session.windows[0])
-        n_windows = len(session.active)
-        window_voxels = int(np.prod(patch))
-        overlap_factor = n_windows * window_voxels / float(np.prod(array.shape[1:]))
+        geometry = _geometry(session, array)
+        patch = tuple(geometry["patch"])
         costs = {b: pass_cost(session.network, patch, array.shape[0], device, backward=b) for b in (True, False)}
-        floors[size] = {"patch": list(patch), "windows": n_windows, "voxels_processed_over_volume": overlap_factor,
-                        "fwd_bwd_per_window_s": costs[True]["per_sample_s"], "fwd_per_window_s": costs[False]["per_sample_s"],
-                        "best_batch": costs[True]["best_batch"], "shape": list(array.shape[1:])}
         label = "x".join(map(str, array.shape[1:]))
-        for name in args.methods.split(","):
+        floors[label] = {**geometry, "fwd_bwd_per_window_s": costs[True]["per_sample_s"],
+                         "fwd_per_window_s": costs[False]["per_sample_s"],
+                         "best_batch_fwd_bwd": costs[True]["best_batch"], "best_batch_fwd": costs[False]["best_batch"],
+                         "esegeta_batch_size": session.batch_size}
+        print(f"\n{label}: {geometry['windows']} windows of {'x'.join(map(str, patch))} "
+              f"({geometry['active_windows']} touch the region); overlap and padding add "
+              f"{geometry['overlap_and_padding_voxels']} voxels per pass "
+              f"(x{geometry['voxels_processed_over_volume']:.2f}); fwd+bwd {costs[True]['per_sample_s']:.4f} s, "
+              f"fwd {costs[False]['per_sample_s']:.4f} s per window", flush=True)
+        for name in methods:
             spec = get_method(name)
             params = spec.resolve_params(bench_params(spec.name, args.quick))
-            t, expl, peak = timed(lambda: explain(array, loaded, [(spec.name, params)], target, options,
-                                                  spacing=spacing), device)
+            try:
+                t, expl, peak = timed(lambda: explain(array, loaded, [(spec.name, params)], target, options,
+                                                      spacing=spacing), device)
+            except Exception as exc:  # noqa: BLE001 - Esegeta's own OOM message is an EsegetaError
+                if not out_of_memory(exc, device):
+                    raise
+                rows.append(Row(label, spec.name, "esegeta", float("nan"), None, note="out of memory",
+                                load=load_average()))
+                continue
             result = expl.results[spec.name]
-            reference = result.attribution
-            need = _passes(spec, params, result.diagnostics)
-            per = costs[need["backward"]]["per_sample_s"]
-            windows = 1.0 if spec.patching == "global" else n_windows
-            # + the segmentation pass every explain run makes (one forward per window)
-            floor = need["window_passes"] * windows * per + n_windows * costs[False]["per_sample_s"]
-            rows.append(Row(label, spec.name, "esegeta", t, peak, floor, 1.0,
-                            note=f"{n_windows} windows of {'x'.join(map(str, patch))}"))
+            reference = np.asarray(result.attribution)
+            floor = floor_seconds(spec, params, result.diagnostics, geometry["windows"],
+                                  geometry["active_windows"], costs)
+            rows.append(Row(label, spec.name, "esegeta", t, peak, floor["floor_s"], 1.0,
+                            note=f"{floor['window_passes']:.0f} {floor['pass_kind']} window passes "
+                                 f"+ segmentation", load=load_average(),
+                            extra={**floor, "diagnostics": {k: v for k, v in result.diagnostics.items()
+                                                            if isinstance(v, (int, float, str))}}))
+            del expl
             if "captum" not in skip:
-                best = None
-                for batch in ((1, 4) if args.quick else (1, 4, 16)):
-                    try:
-                        tc, out, pk = timed(lambda: run_captum_whole(session, spec, params, batch), device)
-                    except (torch.OutOfMemoryError, RuntimeError) as exc:
-                        if "out of memory" in str(exc).lower() or isinstance(exc, torch.OutOfMemoryError):
-                            rows.append(Row(label, spec.name, "captum", float("nan"), None, note=f"OOM at batch {batch}"))
-                            break
-                        raise
-                    if best is None or tc < best[0]:
-                        best = (tc, out, pk, batch)
-                if best:
-                    rows.append(Row(label, spec.name, "captum", best[0], best[2], None,
-                                    pearson(best[1].cpu().numpy(), reference), note=f"internal batch {best[3]}"))
+                rows.append(bench_captum(session, spec, params, batches, device, label, reference))
             if "torchesegeta" not in skip:
-                tt, out, pk = timed(lambda: run_torchesegeta(session, spec, params), device)
-                rows.append(Row(label, spec.name, "torchesegeta", tt, pk, None,
-                                pearson(out.numpy(), reference), note="64^3, overlap 12, batch 1, average"))
+                rows.append(bench_torchesegeta(session, spec, params, device, label, reference))
             print(format_table([r for r in rows if r.size == label and r.method == spec.name]), flush=True)
     report = {"environment": environment(), "device": str(device), "quick": bool(args.quick),
-              "memory_cap_gb": args.memory_cap_gb, "floors": floors,
-              "rows": [r.__dict__ for r in rows], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "memory_cap_gb": args.memory_cap_gb, "memory_cap": cap_note, "floors": floors,
+              "peak_memory": "CUDA: torch.cuda.max_memory_allocated" if device.type == "cuda"
+              else "CPU: peak resident set size above the level at the call's start (/proc/self/statm, 5 ms)",
+              "rows": [r.__dict__ for r in rows], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "load_average_end": load_average()}
+    if getattr(args, "options_study", False):
+        from .bench_options import option_study
+
+        report["options"] = option_study(loaded, device, args.study_size, args.quick)
     print()
     print(format_table(rows))
     with open(args.json_path, "w") as handle:

@@ -23,12 +23,11 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from .result import ViewerResult, flatten, format_value
 from .scene_setup import LoadedScene, MapLayer, load_directory, load_mrb, set_threshold
 
-DEFAULT_OPACITY = 0.6
-# The run.json entries worth showing as "parameters" (checksums and outputs lists are noise here).
+DEFAULT_OPACITY = 0.5  # the foreground opacity the exported .mrb starts with
+# run.json entries not worth a line on the page (the list of written files and their checksums).
 HIDDEN_RUN_KEYS = ("outputs", "schema")
 
 LAYOUT_NAMES = ["Four views", "Axial", "Coronal", "Sagittal", "3D"]
-VIEW_TAGS = {"Axial": "Red", "Coronal": "Green", "Sagittal": "Yellow", "3D": "ThreeD"}
 
 
 def viewer_layouts() -> Dict[str, Layout]:

@@ -15,6 +15,7 @@ from web_browser import (ViewerProcess, centroid, color_mask, launch_browser, sa
 from web_fixtures import arrays, write_result
 
 MIN_BLOCK_PIXELS = 1500  # an 8x8 mm block in a ~350 px tall view of 32 mm is ~7000 px
+START_OPACITY = 0.5  # the page starts with the exported scene's foreground opacity
 
 
 def table_colour(table: str, value: float, low: float, high: float) -> np.ndarray:
@@ -100,10 +101,10 @@ def test_address_is_loopback_and_printed(viewer):
 
 def test_overlay_shows_colour_table_where_attribution_is_high(page):
     colours = expected_colours()
-    wait_until(lambda: block_mask(page, "Red", colours["saliency"], 0.6).sum() > MIN_BLOCK_PIXELS,
+    wait_until(lambda: block_mask(page, "Red", colours["saliency"], START_OPACITY).sum() > MIN_BLOCK_PIXELS,
                what="the Saliency block in the axial view")
     save_screenshot(page, "01_saliency")
-    mask = block_mask(page, "Red", colours["saliency"], 0.6)
+    mask = block_mask(page, "Red", colours["saliency"], START_OPACITY)
     x, y = centroid(mask)
     # +I is patient right = screen left; +J is anterior = screen top (Slicer's axial convention).
     assert x < 0.5 and y < 0.5, (x, y)
@@ -111,7 +112,7 @@ def test_overlay_shows_colour_table_where_attribution_is_high(page):
     assert cols.max() < mask.shape[1] / 2 and rows.max() < mask.shape[0] / 2  # nowhere else
     # The block lies off the central sagittal and coronal slices: no overlay there.
     for view in ("Green", "Yellow"):
-        assert block_mask(page, view, colours["saliency"], 0.6).sum() < 20
+        assert block_mask(page, view, colours["saliency"], START_OPACITY).sum() < 20
     # The segmentation outline (the bridge's first segment colour) is drawn around the centre.
     from EsegetaLib.scene import default_segment_colors
 
@@ -135,14 +136,14 @@ def legend_pixels(page, table: str) -> int:
 def test_method_selector_switches_overlay(page):
     colours = expected_colours()
     select(page, "esegeta-method", "IntegratedGradients")
-    wait_until(lambda: block_mask(page, "Red", colours["positive"], 0.6).sum() > MIN_BLOCK_PIXELS,
+    wait_until(lambda: block_mask(page, "Red", colours["positive"], START_OPACITY).sum() > MIN_BLOCK_PIXELS,
                what="the IntegratedGradients blocks")
     save_screenshot(page, "02_integrated_gradients")
     pixels = view_pixels(page, "Red", square=True)
-    positive = color_mask(pixels, 0.6 * colours["positive"])
-    negative = color_mask(pixels, 0.6 * colours["negative"])
+    positive = color_mask(pixels, START_OPACITY * colours["positive"])
+    negative = color_mask(pixels, START_OPACITY * colours["negative"])
     assert negative.sum() > MIN_BLOCK_PIXELS
-    assert color_mask(pixels, 0.6 * colours["saliency"]).sum() < 20  # the Saliency overlay is gone
+    assert color_mask(pixels, START_OPACITY * colours["saliency"]).sum() < 20  # the Saliency overlay is gone
     px, py = centroid(positive)
     nx, ny = centroid(negative)
     assert px > 0.5 and py > 0.5, (px, py)  # low I, low J: screen right, bottom
@@ -157,7 +158,7 @@ def test_opacity_slider_changes_overlay(page):
     wait_until(lambda: block_mask(page, "Red", colours["positive"], 1.0).sum() > MIN_BLOCK_PIXELS,
                what="the overlay at opacity 1")
     save_screenshot(page, "03_opacity_1")
-    assert block_mask(page, "Red", colours["positive"], 0.6).sum() < 20
+    assert block_mask(page, "Red", colours["positive"], START_OPACITY).sum() < 20
     press_on_slider(page, "esegeta-opacity", "Home")  # opacity 0: background only (black there)
     wait_until(lambda: block_mask(page, "Red", colours["positive"], 1.0).sum() < 20
                and block_mask(page, "Red", colours["negative"], 1.0).sum() < 20, what="no overlay at opacity 0")

@@ -84,7 +84,9 @@ def test_page_state_of_an_mrb(tmp_path):
     viewer = EsegetaViewer(load_result(write_mrb(tmp_path / "review.mrb")), get_server("mrb_state", client_type="vue3"))
     state = viewer.state
     assert sorted(state.methods) == sorted(METHODS) and state.method == state.methods[0]
-    assert state.metrics_columns[:2] == ["method", "deletion_auc"]
+    # One column per method, one row per metric (the panel is narrow), values from the table node.
+    assert state.metrics_columns == ["metric", *METHODS]
+    assert state.metrics_rows == [["deletion_auc", "0.21", "0.18"]]
     assert any(key == "parameters.methods" for key, _ in state.parameters)
     shown = viewer.scene.maps[state.method]
     assert shown.vr_display.GetVisibility() and shown.legend.GetVisibility()
