@@ -6,10 +6,11 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from .engine import ExplainSession, ProgressFn
 from .errors import EsegetaError
-from .methods.base import MethodSpec, get_method
+from .methods.base import MethodSpec, check_network_support, get_method
 from .options import EngineOptions, Target
 from .results import Explanation
 
@@ -55,6 +56,8 @@ def explain(volume, network, methods, target: Optional[Target] = None,
     target = target if target is not None else Target()
     options = options if options is not None else EngineOptions()
     requests = resolve_methods(methods)
+    if isinstance(network, torch.nn.Module):
+        check_network_support([spec for spec, _ in requests], network)
     weights = [1.0] + [max(float(spec.cost), 1.0) for spec, _ in requests]
     edges = np.cumsum([0.0] + weights) / sum(weights)
     session = ExplainSession(volume, network, target, options, spacing=spacing, progress=progress,

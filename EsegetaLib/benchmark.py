@@ -478,12 +478,13 @@ def run(args) -> Dict:
 
     device = pick_device(args.device)
     cap_note = apply_memory_cap(device, args.memory_cap_gb)
-    sizes = (args.sizes or default_sizes(args.quick, device)).split(",")
+    sizes = [v for v in (default_sizes(args.quick, device) if args.sizes is None else args.sizes).split(",") if v]
     methods = [m for m in args.methods.split(",") if m]
     skip = set(filter(None, args.skip.split(",")))
     batches = (1, 4) if args.quick else (1, 4, 16)
     loaded = load_default_model()
-    _warm_up(loaded, methods, device)
+    if sizes:
+        _warm_up(loaded, methods, device)
     rows: List[Row] = []
     floors: Dict[str, Dict] = {}
     for size in sizes:

@@ -278,6 +278,9 @@ def prepare(request: ExplainRequest) -> PreparedRun:
 
     model = _load_model(request.model, inputs)
     card = model.card
+    from .methods.base import check_network_support, get_method
+
+    check_network_support([get_method(name) for name, _ in methods], model.network)
     in_channels = getattr(card, "in_channels", None)  # None: not known before the first forward
     if in_channels is not None and in_channels > image.channels:
         raise EsegetaError(f"The model expects {in_channels} input channels but '{volume_path}' has "

@@ -28,8 +28,14 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--quick", action="store_true", help="CPU-sized volumes and fewer steps")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--methods", default=",".join(BENCH_METHODS))
-    parser.add_argument("--sizes", default=None, help="comma list: sample, 64, 96, 256, tof (448x448x160)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma list: sample, an edge (64), IxJxK, tof (448x448x160); \"\" = none")
     parser.add_argument("--memory-cap-gb", type=float, default=None, help="GPU memory cap forcing patches")
     parser.add_argument("--json", dest="json_path", default="benchmark.json")
     parser.add_argument("--skip", default="", help="comma list of runners to skip: captum,torchesegeta")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="Esegeta's window edge (default: the API's, whole volume up to 128^3, else 96)")
+    parser.add_argument("--options-study", action="store_true",
+                        help="also time bf16/fp16 autocast, torch.compile, channels-last-3d, cudnn.benchmark")
+    parser.add_argument("--study-size", default=None, help="cube edge of the option study (CPU 48, CUDA 128)")
     return parser

@@ -122,6 +122,8 @@ class MethodSpec:
     # prepare(x_full (1,C,*S), stats, params, generator) -> dict of tensors shaped like x_full,
     # e.g. {"baselines": ...}; the engine slices them per patch into ctx.prepared.
     prepare: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
+    # True when the method hooks layers or intercepts activations: impossible inside TorchScript.
+    requires_eager: bool = False
 
     def defaults(self) -> Dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -153,6 +155,7 @@ class MethodSpec:
             "patching": self.patching,
             "approximation": self.approximation,
             "captum": self.captum,
+            "requires_eager": self.requires_eager,
             "description": self.description,
             "params": [
                 {
@@ -196,6 +199,19 @@ def get_method(name: str) -> MethodSpec:
 def all_methods() -> List[MethodSpec]:
     _ensure_loaded()
     return list(_REGISTRY.values())
+
+
+def check_network_support(specs: Sequence[MethodSpec], network: torch.nn.Module) -> None:
+    """Refuse, before any work, methods that cannot run on this network (one line naming them all)."""
+    scripted = isinstance(network, torch.jit.ScriptModule) or any(
+        isinstance(m, torch.jit.ScriptModule) for m in network.modules())
+    blocked = [s.name for s in specs if s.requires_eager and scripted]
+    if blocked:
+        raise EsegetaError(
+            f"{', '.join(blocked)} cannot run on a TorchScript model (they hook layers or intercept "
+            "activations, which TorchScript hides); export the model with torch.export (.pt2) or give a "
+            "model card with the network's class, or choose gradient or perturbation methods."
+        )
 
 
 def _ensure_loaded() -> None:

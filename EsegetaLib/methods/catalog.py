@@ -6,6 +6,10 @@ from . import cam, gradient, layer_methods, noise, perturbation, rise
 
 ORDER = (gradient.SPECS + noise.SPECS + cam.SPECS + layer_methods.SPECS + perturbation.SPECS + rise.SPECS)
 
+# Layer methods hook modules and guided methods intercept activations: both need an eager network.
+GUIDED = ("GuidedBackprop", "Deconvolution", "GuidedGradCam")
+
 for _spec in ORDER:
+    _spec.requires_eager = _spec.needs_layer or _spec.name in GUIDED
     if _spec.name not in _REGISTRY:
         register(_spec)

@@ -171,13 +171,14 @@ def ranking(folder: Path, done, metrics: List[str]) -> Path:
 
 
 def _best_slice(segmentation: np.ndarray) -> int:
-    """The axial (K) slice with the most segmented voxels (the middle one when none)."""
+    """The axial (K) slice with the most labelled voxels (the middle one when none): the ROI mask
+    when the study explains one, else the first model's segmentation of the volume."""
     counts = (segmentation > 0).sum(axis=(0, 1))
     return int(np.argmax(counts)) if counts.any() else segmentation.shape[2] // 2
 
 
 def gallery(folder: Path, out: Path, done, spec, n_cases: int):
-    """Rows: the first `n_cases` finished cases; columns: input, segmentation, one map per method
+    """Rows: the first `n_cases` finished cases (volume by volume, every model); columns: input, segmentation, one map per method
     (signed maps on a symmetric diverging scale, unsigned on inferno, each scaled to its own
     99th percentile of |value|)."""
     from ..io import read_image
@@ -192,11 +193,16 @@ def gallery(folder: Path, out: Path, done, spec, n_cases: int):
     fig, axes = plt.subplots(len(cases), 2 + len(methods), figsize=(2.0 * (2 + len(methods)), 2.1 * len(cases)),
                              squeeze=False)
     volumes = {v.name: v.path for v in spec.volumes}
+    volume_masks = {v.name: v.mask for v in spec.volumes}
+    slices: Dict[str, int] = {}
     for r, (volume, model) in enumerate(cases):
         folder_case = case_dir(out, volume, model)
         seg_file = next(folder_case.glob("segmentation.*"))
         segmentation = read_image(seg_file).array[0]
-        k = _best_slice(segmentation)
+        if volume not in slices:  # one slice per volume, so that models are compared on the same one
+            mask = volume_masks.get(volume)
+            slices[volume] = _best_slice(read_image(mask).array[0] if mask and spec.region == "roi" else segmentation)
+        k = slices[volume]
         image = read_image(volumes[volume]).array[0][:, :, k]
         arrays[f"{volume}/{model}/input"] = image
         arrays[f"{volume}/{model}/segmentation"] = segmentation[:, :, k]
