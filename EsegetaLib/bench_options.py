@@ -93,13 +93,13 @@ def _model_variants(network, device):
            None if cuda else "cuDNN exists only on CUDA")
 
 
-def _model_rows(loaded, device, array, batch: int, repeats: int) -> List[Dict]:
+def _model_rows(loaded, device, array, batch: int, repeats: int, skip=frozenset()) -> List[Dict]:
     network = loaded.network_for(array).to(device)
     x = torch.from_numpy(np.ascontiguousarray(array))[None].repeat(batch, 1, 1, 1, 1).to(device)
     rows, base = [], None
     for name, net, memory_format, context, why_not in _model_variants(network, device):
-        if why_not:
-            rows.append(_na(name, "model fwd+grad", why_not))
+        if why_not or name in skip:
+            rows.append(_na(name, "model fwd+grad", why_not or "left out (--study-skip)"))
             continue
         try:
             started = time.perf_counter()
@@ -132,7 +132,7 @@ def _model_rows(loaded, device, array, batch: int, repeats: int) -> List[Dict]:
     return rows
 
 
-def option_study(loaded, device: torch.device, size: Optional[str], quick: bool) -> Dict:
+def option_study(loaded, device: torch.device, size: Optional[str], quick: bool, skip=frozenset()) -> Dict:
     """Both levels on one generated cube (CPU default 48^3, CUDA default 128^3)."""
     size = size or ("128" if device.type == "cuda" else "48")
     array, spacing = make_volume(size)
@@ -141,4 +141,4 @@ def option_study(loaded, device: torch.device, size: Optional[str], quick: bool)
     repeats = 5 if device.type == "cuda" else 2
     return {"size": list(array.shape[1:]), "batch": batch, "repeats": repeats,
             "engine": _engine_rows(loaded, device, array, spacing, quick),
-            "model": _model_rows(loaded, device, array, batch, repeats)}
+            "threads": torch.get_num_threads(), "model": _model_rows(loaded, device, array, batch, repeats, skip)}

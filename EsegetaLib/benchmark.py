@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -438,7 +439,7 @@ def _geometry(session, array) -> Dict:
 
 def bench_captum(session, spec, params, batches, device, label, reference) -> Row:
     """The best internal batch of plain Captum on the whole volume; an out-of-memory is a result."""
-    best, notes = None, []
+    best, notes, tried = None, [], {}
     for batch in batches:
         try:
             t, out, peak = timed(lambda: run_captum_whole(session, spec, params, batch), device)
@@ -447,6 +448,7 @@ def bench_captum(session, spec, params, batches, device, label, reference) -> Ro
                 raise
             notes.append(f"out of memory at internal batch {batch}")
             break
+        tried[batch] = round(t, 4)
         if best is None or t < best[0]:
             best = (t, out.cpu().numpy(), peak, batch)
         del out
@@ -455,7 +457,7 @@ def bench_captum(session, spec, params, batches, device, label, reference) -> Ro
                    load=load_average())
     notes.insert(0, f"internal batch {best[3]} (tried {','.join(map(str, batches))})")
     return Row(label, spec.name, "captum", best[0], best[2], None, pearson(best[1], reference),
-               note="; ".join(notes), load=load_average())
+               note="; ".join(notes), load=load_average(), extra={"seconds_by_internal_batch": tried})
 
 
 def bench_torchesegeta(session, spec, params, device, label, reference) -> Row:
@@ -476,6 +478,8 @@ def run(args) -> Dict:
     from .models import load_default_model
     from .options import EngineOptions, Target
 
+    if getattr(args, "threads", None):
+        torch.set_num_threads(int(args.threads))
     device = pick_device(args.device)
     cap_note = apply_memory_cap(device, args.memory_cap_gb)
     sizes = [v for v in (default_sizes(args.quick, device) if args.sizes is None else args.sizes).split(",") if v]
@@ -487,6 +491,12 @@ def run(args) -> Dict:
         _warm_up(loaded, methods, device)
     rows: List[Row] = []
     floors: Dict[str, Dict] = {}
+    report = {"environment": environment(), "device": str(device), "quick": bool(args.quick),
+              "command": "esegeta bench " + " ".join(getattr(args, "argv", None) or []),
+              "memory_cap_gb": args.memory_cap_gb, "memory_cap": cap_note, "floors": floors,
+              "peak_memory": "CUDA: torch.cuda.max_memory_allocated" if device.type == "cuda"
+              else "CPU: peak resident set size above the level at the call's start (/proc/self/statm, 5 ms)",
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_start": load_average(), "_rows": rows}
     for size in sizes:
         array, spacing = make_volume(size)
         # Esegeta at the API's defaults (whole volume in one window up to 128^3, else 96^3 patches,
@@ -535,28 +545,62 @@ def run(args) -> Dict:
             if "torchesegeta" not in skip:
                 rows.append(bench_torchesegeta(session, spec, params, device, label, reference))
             print(format_table([r for r in rows if r.size == label and r.method == spec.name]), flush=True)
-    report = {"environment": environment(), "device": str(device), "quick": bool(args.quick),
-              "memory_cap_gb": args.memory_cap_gb, "memory_cap": cap_note, "floors": floors,
-              "peak_memory": "CUDA: torch.cuda.max_memory_allocated" if device.type == "cuda"
-              else "CPU: peak resident set size above the level at the call's start (/proc/self/statm, 5 ms)",
-              "rows": [r.__dict__ for r in rows], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "load_average_end": load_average()}
+            _write(args.json_path, report)  # after every method: a stopped run keeps what it measured
     if getattr(args, "options_study", False):
         from .bench_options import option_study
 
-        report["options"] = option_study(loaded, device, args.study_size, args.quick)
+        skip_options = set(filter(None, (getattr(args, "study_skip", "") or "").split(",")))
+        report["options"] = option_study(loaded, device, args.study_size, args.quick, skip_options)
+    report["load_average_end"] = load_average()
     print()
     print(format_table(rows))
-    with open(args.json_path, "w") as handle:
-        json.dump(report, handle, indent=1, default=str)
+    _write(args.json_path, report)
     print(f"\nwrote {args.json_path}")
-    return report
+    return {k: v for k, v in report.items() if k != "_rows"}
+
+
+def markdown(report: Dict) -> str:
+    """The JSON of a run as docs/PERFORMANCE.md tables (runners, then the option study)."""
+    rows = [Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__}) for r in report.get("rows", [])]
+    by_key = {(r.size, r.method, r.runner): r for r in rows}
+    out = ["| size | method | runner | seconds | x floor | x Captum | x TorchEsegeta | peak MB | r | load | note |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        cap, te = by_key.get((r.size, r.method, "captum")), by_key.get((r.size, r.method, "torchesegeta"))
+        seconds = "-" if r.seconds is None or math.isnan(r.seconds) else f"{r.seconds:.2f}"
+        peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}"
+        corr = "" if r.corr_with_esegeta is None else f"{r.corr_with_esegeta:.3f}"
+        out.append(f"| {r.size} | {r.method} | {r.runner} | {seconds} | {_ratio(r.seconds, r.floor_s)} | "
+                   f"{_ratio(r.seconds, cap and cap.seconds)} | {_ratio(r.seconds, te and te.seconds)} | {peak} | "
+                   f"{corr} | {'' if r.load is None else r.load} | {r.note} |")
+    study = report.get("options")
+    if study:
+        out += ["", f"Option study on {'x'.join(map(str, study['size']))}, {study.get('threads', '?')} thread(s):", "",
+                "| level | option | seconds | x fp32 | r with fp32 | load | note |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for r in study["engine"] + study["model"]:
+            f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+            out.append(f"| {r['level']} | {r['option']} | {f(r['seconds'], '.4f')} | {f(r['ratio_to_fp32'], '.2f')} | "
+                       f"{f(r['corr_with_fp32'], '.4f')} | {r.get('load', '')} | {r.get('note', '')} |")
+    return "\n".join(out)
+
+
+def _write(path: str, report: Dict) -> None:
+    report["rows"] = [r.__dict__ for r in report["_rows"]]
+    with open(path, "w") as handle:
+        json.dump({k: v for k, v in report.items() if k != "_rows"}, handle, indent=1, default=str)
 
 
 def main(argv=None) -> int:
     from .commands.bench import build_parser
 
-    run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.from_json:
+        for path in args.from_json:
+            with open(path) as handle:
+                print(markdown(json.load(handle)))
+        return 0
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    run(args)
     return 0
 
 

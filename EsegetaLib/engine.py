@@ -18,7 +18,7 @@ Windows whose part of the region is empty contribute nothing to F and are skippe
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from .options import EngineOptions, Target
 from .results import MethodResult
 from .targets import (TargetScore, check_class, check_target, labels_from, probabilities,
                       region_mask)
-from .windows import WindowGrid, choose_patch, describe
+from .windows import WindowGrid, choose_patch
 
 ProgressFn = Callable[[float, str], Any]
 
@@ -320,6 +320,7 @@ class ExplainSession:
             return probabilities(logits.to(torch.float32 if self.dtype == torch.float32 else self.dtype),
                                  self.target.activation)
 
+        self._report(0.0, f"Segmenting: {n} window{'s' if n != 1 else ''} of {self.grid.patch}")
         report = lambda done, total: self._report(done / total, f"Segmenting: window {done}/{total}")
         for chunk, probs in self.run_batches(list(range(n)), work, report):
             if not _all_finite(probs):

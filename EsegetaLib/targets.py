@@ -7,7 +7,7 @@ the sliding-window engine, the window's blending weight. Unlike a count of thres
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch

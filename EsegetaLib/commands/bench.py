@@ -17,8 +17,18 @@ def add_parser(subparsers, common):
 
 
 def run(args) -> int:
-    from ..benchmark import run as run_benchmark
+    import sys
 
+    from ..benchmark import markdown, run as run_benchmark
+
+    if args.from_json:
+        import json
+
+        for path in args.from_json:
+            with open(path) as handle:
+                print(markdown(json.load(handle)))
+        return 0
+    args.argv = sys.argv[2:]  # recorded in the JSON: the command that produced the figures
     run_benchmark(args)
     return 0
 
@@ -38,4 +48,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--options-study", action="store_true",
                         help="also time bf16/fp16 autocast, torch.compile, channels-last-3d, cudnn.benchmark")
     parser.add_argument("--study-size", default=None, help="cube edge of the option study (CPU 48, CUDA 128)")
+    parser.add_argument("--study-skip", default="", help="comma list of model options to leave out, e.g. torch.compile")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 is steadier on a shared, loaded CPU")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                        help="print earlier runs' JSON as Markdown tables (for docs/PERFORMANCE.md) and exit")
     return parser

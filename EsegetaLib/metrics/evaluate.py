@@ -23,7 +23,7 @@ from .sensitivity import sensitivity
 
 # Every metric and its parameters' defaults (overridable per metric through `params`).
 METRIC_PARAMS: Dict[str, Dict[str, Any]] = {
-    "infidelity": {"n_samples": 16, "perturbation": "noise", "noise": 0.01, "block": 4, "fraction": 0.25,
+    "infidelity": {"n_samples": 16, "perturbation": "blocks", "noise": 0.01, "block": 4, "fraction": 0.25,
                    "normalize": True},
     "sensitivity": {"n_samples": 10, "radius": 0.02},
     "deletion": {"n_steps": 20, "block": 1},

@@ -58,7 +58,9 @@ def run_ray(tasks: List[Dict[str, Any]], on_result: OnResult, address: Optional[
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=local_cpus, **kwargs)  # GPUs: whatever Ray detects
+                # "local": a new instance, never a cluster found on this machine (ray.init() without
+                # an address would join the last one started here). GPUs: whatever Ray detects.
+                ray.init(address="local", num_cpus=local_cpus, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             from ..errors import EsegetaError
 
