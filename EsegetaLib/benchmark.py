@@ -573,14 +573,17 @@ def markdown(report: Dict) -> str:
         out.append(f"| {r.size} | {r.method} | {r.runner} | {seconds} | {_ratio(r.seconds, r.floor_s)} | "
                    f"{_ratio(r.seconds, cap and cap.seconds)} | {_ratio(r.seconds, te and te.seconds)} | {peak} | "
                    f"{corr} | {'' if r.load is None else r.load} | {r.note} |")
+    if not rows:
+        out = []
     study = report.get("options")
     if study:
         out += ["", f"Option study on {'x'.join(map(str, study['size']))}, {study.get('threads', '?')} thread(s):", "",
                 "| level | option | seconds | x fp32 | r with fp32 | load | note |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
         for r in study["engine"] + study["model"]:
             f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+            first = f"; first call {r['first_call_s']:.1f} s" if r.get("first_call_s", 0) > 5 else ""
             out.append(f"| {r['level']} | {r['option']} | {f(r['seconds'], '.4f')} | {f(r['ratio_to_fp32'], '.2f')} | "
-                       f"{f(r['corr_with_fp32'], '.4f')} | {r.get('load', '')} | {r.get('note', '')} |")
+                       f"{f(r['corr_with_fp32'], '.4f')} | {r.get('load', '')} | {r.get('note', '')}{first} |")
     return "\n".join(out)
 
 

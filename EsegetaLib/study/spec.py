@@ -89,6 +89,7 @@ class ModelEntry:
     name: str
     path: Optional[str]  # None: the bundled default model
     classes: Optional[List[str]] = None  # from its model card, when it has one (for checking target.class)
+    scripted: bool = False  # TorchScript: no layer hooks (GradCAM, guided methods cannot run on it)
 
 
 @dataclass
@@ -189,6 +190,7 @@ def validate_study(data: Any, where: str, base: Path) -> StudySpec:
     methods = _methods(data.get("methods"), problem)
     class_index, region = _target(data.get("target"), volumes, problem)
     _check_class(class_index, models, problem)
+    _check_eager(methods, models, problem)
     metrics = _metrics(data.get("metrics", "default"), problem)
     engine = _engine(data.get("engine"), problem)
     name = data.get("name", Path(where).stem)
@@ -311,7 +313,7 @@ def _models(value, base: Path, problem) -> List[ModelEntry]:
         if given is None:
             problem(f"{key}.path", "is missing: a model file (.pt, .ts, .pt2, model card .json) or 'bundled'")
             continue
-        classes = None
+        classes, scripted = None, False
         if str(given).lower() in BUNDLED:
             path, default_name = None, "default"
             classes = _card_classes(None)
@@ -324,12 +326,14 @@ def _models(value, base: Path, problem) -> List[ModelEntry]:
                 problem(f"{key}.path", f"'{given}' is not a model file; use TorchScript (.pt, .ts), "
                         "torch.export (.pt2) or a model card (.json)")
                 continue
+            scripted = _is_torchscript(resolved)
             if str(resolved).lower().endswith(".json"):
                 classes = _check_card(resolved, f"{key}.path", problem)
+                scripted = _card_is_torchscript(resolved)
             path, default_name = str(resolved.resolve()), Path(str(given)).name.split(".")[0]
         name = entry.get("name", default_name)
         if _check_name(name, f"{key}.name", problem):
-            found.append((key, ModelEntry(name=name, path=path, classes=classes)))
+            found.append((key, ModelEntry(name=name, path=path, classes=classes, scripted=scripted)))
     return _unique(found, "model", problem)
 
 
@@ -345,6 +349,38 @@ def _check_card(path: Path, key: str, problem) -> Optional[List[str]]:
     if card.weights and not (path.parent / card.weights).is_file():
         problem(key, f"model card names weights '{card.weights}', which do not exist beside it")
     return [str(c) for c in card.classes] if card.classes else None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (its zip holds code/ or constants.pkl), read without loading it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _card_is_torchscript(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    weights = data.get("weights") if isinstance(data, dict) else None
+    return data.get("architecture") == "torchscript" and bool(weights) and _is_torchscript(path.parent / weights)
+
+
+def _check_eager(methods: List["MethodEntry"], models: List["ModelEntry"], problem) -> None:
+    """Methods that hook layers cannot run on TorchScript models: say so now, not once per case."""
+    from ..methods import get_method
+
+    eager = [m.name for m in methods if getattr(get_method(m.name), "requires_eager", False)]
+    for i, model in enumerate(models):
+        if model.scripted and eager:
+            problem("methods", f"{', '.join(eager)} cannot run on model '{model.name}', a TorchScript file (they "
+                    "hook layers, which TorchScript hides); export it with torch.export (.pt2), give a model card "
+                    "with the network's class, or drop these methods")
 
 
 def _card_classes(path: Optional[Path]) -> Optional[List[str]]:

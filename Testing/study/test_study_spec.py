@@ -90,10 +90,6 @@ def test_globs_names_masks_and_defaults(folder):
         "methods": ["saliency", {"name": "IntegratedGradients", "params": {"n_steps": 8}}],
         "target": {"class": 1, "region": "roi"},
     })
-    named = _write(folder, "named.yaml", {"volumes": ["vol0.nii.gz"], "models": [{"name": "ts", "path": "model.pt"}],
-                                          "methods": ["Saliency"], "target": {"class": "vessel"}})
-    with pytest.raises(StudySpecError, match="model 'ts' names no classes"):
-        load_study(named)
     spec = load_study(study)
     assert [v.name for v in spec.volumes] == ["vol0", "vol1"]
     assert [Path(v.mask).name for v in spec.volumes] == ["vol0_roi.nii.gz", "vol1_roi.nii.gz"]
@@ -102,6 +98,27 @@ def test_globs_names_masks_and_defaults(folder):
     assert [(m.name, m.params) for m in spec.methods] == [("Saliency", {}), ("IntegratedGradients", {"n_steps": 8})]
     assert spec.metrics == "default" and spec.engine["retries"] == 1 and spec.seed == 0
     assert [c.key for c in spec.cases] == ["vol0/default", "vol0/ts", "vol1/default", "vol1/ts"]
+    named = _write(folder, "named.yaml", {"volumes": ["vol0.nii.gz"], "models": [{"name": "ts", "path": "model.pt"}],
+                                          "methods": ["Saliency"], "target": {"class": "vessel"}})
+    with pytest.raises(StudySpecError, match="model 'ts' names no classes"):
+        load_study(named)
+
+
+def test_layer_methods_on_a_torchscript_model_are_refused_up_front(folder):
+    from study_helpers import write_picky_torchscript, write_unet_card
+
+    write_picky_torchscript(folder)
+    write_unet_card(folder)
+    study = _write(folder, "eager.yaml", {"volumes": ["vol0.nii.gz"],
+                                          "models": [{"name": "ts", "path": "picky.pt"}, {"name": "card", "path": "unet.json"}],
+                                          "methods": ["Saliency", "GradCAM", "GuidedBackprop"]})
+    with pytest.raises(StudySpecError) as info:
+        load_study(study)
+    assert [issue.key for issue in info.value.issues] == ["methods"]
+    assert "GradCAM, GuidedBackprop cannot run on model 'ts'" in str(info.value.issues[0])
+    study = _write(folder, "eager_ok.yaml", {"volumes": ["vol0.nii.gz"], "models": [{"name": "card", "path": "unet.json"}],
+                                             "methods": ["Saliency", "GradCAM"]})
+    assert [m.name for m in load_study(study).methods] == ["Saliency", "GradCAM"]
 
 
 def test_case_seeds_depend_on_names_not_order():
