@@ -9,7 +9,9 @@
 #
 # then, on the device (the device tool: carry [".whl"], OUT is set there; elsewhere ./bench-out):
 #
-#     bash scripts/gpu_benchmark.sh                    # all steps, CUDA
+#     bash scripts/gpu_benchmark.sh                    # all steps, CUDA: 4 x 135 s, fits one 600 s call
+#     bash scripts/gpu_benchmark.sh --steps options,gradient --step-limit 280   # or two calls, twice
+#     bash scripts/gpu_benchmark.sh --steps capped,perturb --step-limit 280     # the time per step
 #     bash scripts/gpu_benchmark.sh --device cpu --quick --sizes 24 --study-size 16 --study-skip torch.compile
 #                                                      # a dry run on CPU
 #
@@ -23,7 +25,7 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-DEVICE=cuda QUICK="" SIZES="" STUDY_SIZE="" STUDY_SKIP="" CAP=8 STEPS="options,gradient,capped,perturb" STEP_LIMIT=170
+DEVICE=cuda QUICK="" SIZES="" STUDY_SIZE="" STUDY_SKIP="" CAP=8 STEPS="options,gradient,capped,perturb" STEP_LIMIT=135
 while [ $# -gt 0 ]; do
     case "$1" in
         --fetch-wheels) FETCH=1 ;;
@@ -35,7 +37,7 @@ while [ $# -gt 0 ]; do
         --cap) CAP="$2"; shift ;;
         --steps) STEPS="$2"; shift ;;
         --step-limit) STEP_LIMIT="$2"; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "gpu_benchmark.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -78,7 +80,7 @@ date -u; uptime
 bench() {  # bench <step> <arguments...>: one step under its own limit
     local step="$1"; shift
     echo "=== $step: esegeta bench --device $DEVICE $QUICK $SKIP $*"
-    timeout --signal=INT "$STEP_LIMIT" python3 -m EsegetaLib.benchmark --device "$DEVICE" $QUICK $SKIP "$@" \
+    timeout --signal=INT -k 15 "$STEP_LIMIT" python3 -m EsegetaLib.benchmark --device "$DEVICE" $QUICK $SKIP "$@" \
         --json "$OUT/bench_$step.json"
     echo "=== $step: exit $? at $(date -u +%H:%M:%S)"
 }

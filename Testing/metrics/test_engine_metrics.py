@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import helpers
+import metric_helpers as helpers
+from metric_fixtures import small_case, trained_case  # noqa: F401  (fixtures)
 from EsegetaLib.engine import ExplainSession
 from EsegetaLib.errors import EsegetaCancelled, EsegetaError
 from EsegetaLib.methods.baselines import make_baseline

@@ -16,7 +16,8 @@ import torch
 from captum.metrics import infidelity as captum_infidelity
 from captum.metrics import sensitivity_max as captum_sensitivity_max
 
-import helpers
+import metric_helpers as helpers
+from metric_fixtures import small_case  # noqa: F401  (fixtures)
 from EsegetaLib.engine import volume_stats
 from EsegetaLib.metrics.complexity import complexity, sparseness
 from EsegetaLib.metrics.context import MetricContext, intensity_spread, resolve_baseline

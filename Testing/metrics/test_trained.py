@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import helpers
+import metric_helpers as helpers
+from metric_fixtures import trained_case  # noqa: F401  (fixtures)
 from EsegetaLib.engine import volume_stats
 from EsegetaLib.metrics import evaluate_maps
 from EsegetaLib.metrics.context import resolve_baseline

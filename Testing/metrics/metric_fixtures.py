@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import helpers  # noqa: E402
+import metric_helpers as helpers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
