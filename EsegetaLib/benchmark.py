@@ -472,14 +472,23 @@ def bench_torchesegeta(session, spec, params, device, label, reference) -> Row:
 
 
 def run(args) -> Dict:
+    """`esegeta bench`: see the module docstring. `--threads` holds only for this call."""
+    saved = torch.get_num_threads()
+    try:
+        if getattr(args, "threads", None):
+            torch.set_num_threads(int(args.threads))
+        return _run(args)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(args) -> Dict:
     from .api import explain
     from .engine import ExplainSession
     from .methods import get_method
     from .models import load_default_model
     from .options import EngineOptions, Target
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(int(args.threads))
     device = pick_device(args.device)
     cap_note = apply_memory_cap(device, args.memory_cap_gb)
     sizes = [v for v in (default_sizes(args.quick, device) if args.sizes is None else args.sizes).split(",") if v]
@@ -501,8 +510,9 @@ def run(args) -> Dict:
         array, spacing = make_volume(size)
         # Esegeta at the API's defaults (whole volume in one window up to 128^3, else 96^3 patches,
         # overlap 0.25, batch 'auto'), fp32 so that the runners compute the same function.
+        batch = getattr(args, "batch_size", "auto") or "auto"
         options = EngineOptions(device=device.type, precision="fp32", divisor=loaded.card.divisor,
-                                patch_size=args.patch_size)
+                                patch_size=args.patch_size, batch_size=batch if batch == "auto" else int(batch))
         target = Target(class_index=1, region="predicted")
         session = ExplainSession(array, loaded, target, options, spacing=spacing)
         geometry = _geometry(session, array)

@@ -45,6 +45,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--skip", default="", help="comma list of runners to skip: captum,torchesegeta")
     parser.add_argument("--patch-size", type=int, default=None,
                         help="Esegeta's window edge (default: the API's, whole volume up to 128^3, else 96)")
+    parser.add_argument("--batch-size", default="auto",
+                        help="Esegeta's EngineOptions.batch_size (default 'auto'; an integer to test the batching)")
     parser.add_argument("--options-study", action="store_true",
                         help="also time bf16/fp16 autocast, torch.compile, channels-last-3d, cudnn.benchmark")
     parser.add_argument("--study-size", default=None, help="cube edge of the option study (CPU 48, CUDA 128)")

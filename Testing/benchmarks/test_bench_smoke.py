@@ -17,12 +17,14 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = build_parser().parse_args(["--quick", "--device", "cpu", "--sizes", "24",
                                       "--methods", "Saliency,Occlusion", "--json", str(out),
-                                      "--options-study", "--study-size", "16"])
+                                      "--options-study", "--study-size", "16", "--threads", "1",
+                                      "--study-skip", "torch.compile"])  # compiling takes minutes on CPU
     run(args)
     return json.loads(out.read_text())
 
 
 def test_every_runner_has_a_row_and_one_window_matches_captum(report):
+    assert report["environment"]["threads"] == "1"
     rows = {(r["method"], r["runner"]): r for r in report["rows"]}
     assert len(rows) == len(report["rows"]) == 6  # one row per (method, runner)
     for method in ("Saliency", "Occlusion"):
@@ -49,6 +51,7 @@ def test_option_study_rows(report):
     assert model["fp32 (baseline)"]["ratio_to_fp32"] == 1.0
     assert model["fp32 (baseline)"]["corr_with_fp32"] == pytest.approx(1.0)
     assert model["cudnn.benchmark"]["note"].startswith("n/a") and model["fp16 autocast"]["note"].startswith("n/a")
+    assert model["torch.compile"]["seconds"] is None and "left out" in model["torch.compile"]["note"]
     assert 0.9 < model["bf16 autocast"]["corr_with_fp32"] <= 1.0 + 1e-9
     assert 0.999 < model["channels-last-3d"]["corr_with_fp32"] <= 1.0 + 1e-9
     engine = [r for r in report["options"]["engine"] if r["option"] == "precision=bf16"]

@@ -1,10 +1,12 @@
 """Patched maps against the single-window map, on the bundled default model and sample.
 
 The patched run explains the blended sliding-window model exactly (test_exactness.py); this measures
-how far that model's maps are from the one-window model's. With InstanceNorm each window normalises
-with its own statistics, which couples every voxel of a window to every output in it: the two are
-different functions, so the maps differ most where gradients are small (Saliency's background).
-Figures are printed (-s) and reported in the engine's notes.
+how far that model's maps are from the one-window model's. An InstanceNorm layer that normalises each
+window with its own statistics couples every voxel of a window to every output in it, so the patched
+and whole-volume models become different functions (measured r = 0.8-0.9 with the first default
+model, and the InstanceNorm test below). The bundled model keeps running statistics at inference
+(scripts/train_default_model.py), and then the two agree (r >= 0.95, the issue's bar).
+Figures are printed (-s).
 """
 import numpy as np
 import pytest
@@ -49,10 +51,9 @@ def test_patched_maps_correlate_with_single_window():
         figures[name] = (pearson(a, b), relative_l2(a, b))
         print(f"\n{label}, {volume.shape[1:]} in {patch}^3 windows (overlap 0.25): {name} "
               f"r = {figures[name][0]:.4f}, relative L2 = {figures[name][1]:.3f}")
-    # Measured on the default InstanceNorm model: Saliency r = 0.87-0.91, IG r = 0.94-0.97 (the issue
-    # asks 0.95; see the module docstring and the BatchNorm test below for why). Regression bounds:
-    assert figures["IntegratedGradients"][0] >= 0.92
-    assert figures["Saliency"][0] >= 0.85
+    # Measured on the bundled model (8 windows of 48^3 on a 64^3 crop): see the printed figures.
+    assert figures["IntegratedGradients"][0] >= 0.95
+    assert figures["Saliency"][0] >= 0.95
 
 
 @pytest.mark.parametrize("factory,bound", [(make_net_batchnorm_relu, 0.95), (make_unet_instancenorm_prelu, 0.75)],
