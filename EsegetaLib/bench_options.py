@@ -27,11 +27,10 @@ def _na(option: str, level: str, why: str) -> Dict:
             "note": f"n/a: {why}", "load": load_average()}
 
 
-def _engine_rows(loaded, device, array, spacing, quick: bool) -> List[Dict]:
+def _engine_rows(loaded, device, array, spacing, quick: bool, rows: List[Dict], save) -> List[Dict]:
     from .api import explain
     from .options import EngineOptions, Target
 
-    rows = []
     target = Target(class_index=1, region="predicted")
     for method in ("Saliency", "IntegratedGradients"):
         params = bench_params(method, quick)
@@ -41,6 +40,7 @@ def _engine_rows(loaded, device, array, spacing, quick: bool) -> List[Dict]:
             if precision == "fp16" and device.type != "cuda":
                 rows.append({**_na(option, f"engine {method}", "fp16 autocast is a CUDA option"), "method": method})
                 continue
+            save()
             options = EngineOptions(device=device.type, precision=precision, divisor=loaded.card.divisor)
             run = lambda: explain(array, loaded, [(method, params)], target, options, spacing=spacing)  # noqa: E731
             try:
@@ -88,16 +88,19 @@ def _model_variants(network, device):
            None if cuda else "fp16 autocast is a CUDA option")
     yield ("channels-last-3d", lambda: copy.deepcopy(network).to(memory_format=torch.channels_last_3d),
            torch.channels_last_3d, plain, None)
-    yield "torch.compile", lambda: torch.compile(copy.deepcopy(network)), torch.contiguous_format, plain, None
     yield ("cudnn.benchmark", network, torch.contiguous_format, cudnn_benchmark,
            None if cuda else "cuDNN exists only on CUDA")
+    # last: compiling takes a minute or more
+    yield "torch.compile", lambda: torch.compile(copy.deepcopy(network)), torch.contiguous_format, plain, None
 
 
-def _model_rows(loaded, device, array, batch: int, repeats: int, skip=frozenset()) -> List[Dict]:
+def _model_rows(loaded, device, array, batch: int, repeats: int, rows: List[Dict], save,
+                skip=frozenset()) -> List[Dict]:
     network = loaded.network_for(array).to(device)
     x = torch.from_numpy(np.ascontiguousarray(array))[None].repeat(batch, 1, 1, 1, 1).to(device)
-    rows, base = [], None
+    base = None
     for name, net, memory_format, context, why_not in _model_variants(network, device):
+        save()
         if why_not or name in skip:
             rows.append(_na(name, "model fwd+grad", why_not or "left out (--study-skip)"))
             continue
@@ -132,13 +135,18 @@ def _model_rows(loaded, device, array, batch: int, repeats: int, skip=frozenset(
     return rows
 
 
-def option_study(loaded, device: torch.device, size: Optional[str], quick: bool, skip=frozenset()) -> Dict:
-    """Both levels on one generated cube (CPU default 48^3, CUDA default 128^3)."""
+def option_study(loaded, device: torch.device, size: Optional[str], quick: bool, skip=frozenset(),
+                 save=lambda study: None) -> Dict:
+    """Both levels on one generated cube (CPU default 48^3, CUDA default 128^3). `save(study)` is
+    called before each option, so a run stopped by a time limit keeps the rows it measured."""
     size = size or ("128" if device.type == "cuda" else "48")
     array, spacing = make_volume(size)
     print(f"\noption study on {'x'.join(map(str, array.shape[1:]))} ({device}):", flush=True)
     batch = 4 if device.type == "cuda" else 1
     repeats = 5 if device.type == "cuda" else 2
-    return {"size": list(array.shape[1:]), "batch": batch, "repeats": repeats,
-            "engine": _engine_rows(loaded, device, array, spacing, quick),
-            "threads": torch.get_num_threads(), "model": _model_rows(loaded, device, array, batch, repeats, skip)}
+    study = {"size": list(array.shape[1:]), "batch": batch, "repeats": repeats,
+             "threads": torch.get_num_threads(), "engine": [], "model": []}
+    _engine_rows(loaded, device, array, spacing, quick, study["engine"], lambda: save(study))
+    _model_rows(loaded, device, array, batch, repeats, study["model"], lambda: save(study), skip)
+    save(study)
+    return study

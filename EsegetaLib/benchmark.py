@@ -3,7 +3,10 @@
 One run, one model, several volume sizes; prints a table and writes JSON. The floor of a method is
 the number of network passes it needs times the measured per-sample cost of one pass at the best
 batch size, on the voxels actually processed (a patched run's floor counts its windows, and the
-report says how many voxels the overlap adds).
+report says how many voxels the overlap adds). Peak memory: CUDA max_memory_allocated; CPU the
+resident-set peak above the call's start. Out-of-memory (plain Captum on a volume that does not fit)
+is a row, not a crash. The option study (bf16/fp16, torch.compile, channels-last-3d, cudnn.benchmark)
+is in bench_options.py. Figures and how to read them: docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
@@ -560,7 +563,11 @@ def _run(args) -> Dict:
         from .bench_options import option_study
 
         skip_options = set(filter(None, (getattr(args, "study_skip", "") or "").split(",")))
-        report["options"] = option_study(loaded, device, args.study_size, args.quick, skip_options)
+        def save(study):
+            report["options"] = study
+            _write(args.json_path, report)
+
+        report["options"] = option_study(loaded, device, args.study_size, args.quick, skip_options, save)
     report["load_average_end"] = load_average()
     print()
     print(format_table(rows))
