@@ -194,18 +194,19 @@ class ExplainSession:
         return bool(choice)
 
     def _initial_batch_size(self) -> int:
-        n = len(self.windows)
         size = self.options.batch_size
         if size != "auto":
             if isinstance(size, bool) or int(size) < 1:
                 raise EsegetaError(f"batch_size must be 'auto' or a positive integer; got {size!r}.")
             return int(size)
         voxels = int(np.prod(self.grid.patch))
+        # Samples per forward pass, not windows: a one-window volume still batches its IG steps,
+        # noise samples and perturbations (capping by the window count ran them one at a time).
         if self.device.type == "cuda":
-            return max(1, min(n, self._probe_cuda_batch(voxels)))
+            return max(1, self._probe_cuda_batch(voxels))
         # CPU: memory is rarely the limit, the cores are; a few million voxels per batch.
         budget = int((self.options.extra or {}).get("cpu_batch_voxels", 2 ** 21))
-        return max(1, min(n, 8, budget // voxels))
+        return max(1, min(8, budget // voxels))
 
     def _probe_cuda_batch(self, voxels: int) -> int:
         """Peak memory of one window's forward+backward -> how many fit in 60 % of free memory."""
@@ -269,12 +270,14 @@ class ExplainSession:
                 if not is_out_of_memory(error):
                     raise
                 release_memory(self.device)
-                if size == 1:
+                # Fewer windows per chunk first; with one window, fewer steps/samples per forward.
+                smaller = (size if size > 1 else self.batch_size) // 2
+                if smaller < 1:
                     raise EsegetaError(
                         f"Out of memory on {self.device} even with one {self.grid.patch} window; "
                         "choose a smaller patch_size, precision 'bf16', or device 'cpu'."
                     ) from None
-                self.batch_size = max(1, size // 2)
+                self.batch_size = smaller
                 self.counters["oom_retries"] += 1
                 continue
             yield chunk, result

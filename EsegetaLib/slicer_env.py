@@ -8,6 +8,8 @@ converts segmentations). The scene bridge asks `logic(scene, name)` and never ca
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 from typing import Any, Dict, Optional
 
@@ -47,6 +49,18 @@ def _register(app_logic, scene, logic, name: str):
     return logic
 
 
+@contextlib.contextmanager
+def _vtk_log_silenced():
+    from vtkmodules.vtkCommonCore import vtkLogger
+
+    previous = vtkLogger.GetCurrentVerbosityCutoff()
+    vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_OFF)
+    try:
+        yield
+    finally:
+        vtkLogger.SetStderrVerbosity(previous)
+
+
 def new_scene():
     """A fresh, independent scene with Slicer's logics (volumes, segmentations, subject hierarchy,
     tables, volume rendering, data IO for .mrb) and the colour tables. Inside desktop Slicer work
@@ -75,7 +89,10 @@ def new_scene():
     logics["Tables"] = _register(app_logic, scene, slicer.vtkSlicerTablesLogic(), "Tables")
     vr_class = getattr(slicer, "vtkSlicerVolumeRenderingLogic", None)
     if vr_class is not None:
-        logics["VolumeRendering"] = _register(app_logic, scene, vr_class(), "VolumeRendering")
+        # Outside Slicer it logs "Failed to load presets: Share directory NOT set" (expected: the
+        # wheel has no presets, Esegeta builds its transfer functions itself); keep the terminal clean.
+        with _vtk_log_silenced():
+            logics["VolumeRendering"] = _register(app_logic, scene, vr_class(), "VolumeRendering")
     # Reading a .mrb needs a data IO manager with a cache manager on the scene.
     remote_io = slicer.vtkMRMLRemoteIOLogic()
     remote_io.SetMRMLScene(scene)

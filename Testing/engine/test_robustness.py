@@ -152,3 +152,18 @@ def test_seeded_and_deterministic_on_cpu(net64):
         maps.append(session.attribute(spec, {"n_steps": 2}).attribution)
     np.testing.assert_array_equal(maps[0], maps[1])
     assert not np.array_equal(maps[0], maps[2])
+
+
+def test_one_window_batches_steps_and_halves_them_on_out_of_memory(net64):
+    """A volume in one window still batches IG steps (auto batch counts samples, not windows); an
+    out-of-memory error then halves the steps per forward instead of failing the run."""
+    wrapped = _OutOfMemoryAbove2(net64)
+    options = dict(PATCHED, patch_size=None)
+    session = ExplainSession(VOLUME, wrapped, Target(region="whole"), EngineOptions(**options))
+    assert len(session.windows) == 1 and session.batch_size > 2
+    one = ExplainSession(VOLUME, net64, Target(region="whole"), EngineOptions(batch_size=1, **options))
+    params = {"n_steps": 8}
+    result = session.attribute(IG, params)
+    reference = one.attribute(IG, params).attribution
+    assert result.diagnostics["batch_size"] == 2 and wrapped.largest_ok == 2
+    np.testing.assert_allclose(result.attribution, reference, rtol=1e-10, atol=1e-12 * np.abs(reference).max())
