@@ -24,7 +24,8 @@ def default_model():
 
 def test_default_model_card(default_model):
     card = default_model.card
-    assert card.architecture == "UNet" and card.arguments["norm"] == "instance"
+    # InstanceNorm keeping running statistics (scripts/train_default_model.py says why)
+    assert card.architecture == "UNet" and card.arguments["norm"] == ["instance", {"track_running_stats": True}]
     assert card.arguments["act"] == "prelu" and card.in_channels == 1
     assert card.classes == ["background", "vessel"] and card.activation == "softmax"
     assert card.normalization["type"] == "percentile" and card.metrics["dice_heldout_mean"] > 0.45

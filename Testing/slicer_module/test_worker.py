@@ -113,7 +113,7 @@ def test_worker_reports_progress_and_its_results_read_back_equal_the_engine(file
 
     prepared = runner.prepare(runner.ExplainRequest(volume=str(files["volume"]), model=str(files["model"]),
                                                     methods=METHODS, region="whole", metrics="none", device="cpu"))
-    explanation, *_ = runner._run_engine(prepared, lambda f, m: None, None, lambda t: None, with_metrics=False)
+    explanation, *_ = runner._run_engine(prepared, lambda f, m: None, None, with_metrics=False)
     for name in METHODS:
         reference = explanation.results[name].map
         scale = float(np.abs(reference).max())
