@@ -61,7 +61,14 @@ def release_memory(device: torch.device) -> None:
 
 
 def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory this process may still take on `device`: the card's free memory, or less under a cap
+    set with `torch.cuda.set_per_process_memory_fraction` (which `mem_get_info` does not see)."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        free, total = torch.cuda.mem_get_info(device)
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if getter is not None:
+            fraction = float(getter(device))
+            if fraction < 1.0:
+                free = min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
+        return max(0, int(free))
     return None
