@@ -417,17 +417,21 @@ class ExplainSession:
 
     def _windows_pass(self, spec, params, x_pad, prepared, layer, generator, blended=False,
                       report_base: Tuple[float, float] = (0.0, 1.0)) -> Tuple[torch.Tensor, Dict]:
-        """Sum (or blend) per-window maps of `spec` into a padded accumulator (1, C, *padded)."""
+        """Sum (or blend) per-window maps of `spec` into padded accumulators (S, C, *padded), one per
+        input copy in `x_pad` (S, C, *padded): S > 1 batches noise samples together."""
         acc_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         acc_device = torch.device("cpu") if self.host else self.device
-        acc = torch.zeros((1,) + tuple(x_pad.shape[1:]), dtype=acc_dtype, device=acc_device)
+        acc = torch.zeros(tuple(x_pad.shape), dtype=acc_dtype, device=acc_device)
         diags = _Diagnostics()
+        items = [(s, i) for s in range(x_pad.shape[0]) for i in self.active]
 
         def work(chunk):
+            windows = [i for _, i in chunk]
+            inputs = torch.stack([x_pad[(s, slice(None)) + self.windows[i]] for s, i in chunk])
             ctx = MethodContext(
-                forward=self.scorer, network=self.network, inputs=self._window_batch(x_pad, chunk),
-                params=params, stats=self.stats, forward_args=(self.window_weights(chunk),),
-                prepared={k: self._slice_prepared(v, chunk) for k, v in prepared.items()},
+                forward=self.scorer, network=self.network, inputs=inputs.to(self.device, self.dtype),
+                params=params, stats=self.stats, forward_args=(self.window_weights(windows),),
+                prepared={k: self._slice_prepared(v, windows) for k, v in prepared.items()},
                 layer=layer, region=None, generator=generator,
                 # per example: B windows x this many steps fill one forward of `batch_size`
                 internal_batch_size=max(1, self.batch_size // len(chunk)))
@@ -437,14 +441,14 @@ class ExplainSession:
         a, b = report_base
         report = lambda done, total: self._report(a + (b - a) * done / total,
                                                   f"{spec.name}: window {done}/{total}")
-        for chunk, (attribution, diag) in self.run_batches(self.active, work, report):
+        for chunk, (attribution, diag) in self.run_batches(items, work, report):
             attribution = attribution.to(acc_device, acc_dtype)
-            for k, i in enumerate(chunk):
+            for k, (s, i) in enumerate(chunk):
                 w = (slice(None),) + self.windows[i]
                 part = attribution[k]
                 if blended:
                     part = part * self.grid.weight(self.windows[i]).to(acc_device, acc_dtype)
-                acc[(0,) + w] += part
+                acc[(s,) + w] += part
             diags.add(diag)
         return acc, diags.values
 
@@ -472,14 +476,19 @@ class ExplainSession:
         diag: Dict[str, Any] = {"noise_stdev": sigma, "base_method": base.name, "nt_type": kind}
         if layer_name:
             diag["layer"] = layer_name
-        for j in range(samples):
-            noisy = x + nt.draw(x[None], sigma, 1, generator)[0].to(x.dtype)
-            acc, _ = self._windows_pass(base, inner, self.grid.pad(noisy[None]), prepared, layer, generator,
-                                        report_base=(j / samples, (j + 1) / samples))
-            sample = self.grid.fold(acc)[0]
-            if base.finalize is not None:
-                sample = base.finalize(sample, inner)
-            aggregator.add(sample.to(torch.float64))
+        # Samples go through the windows together, as many as fill a batch with every active window
+        # (one window: `batch_size` samples per pass); the noise is drawn in the same order as one by one.
+        group = max(1, self.batch_size // max(1, len(self.active)))
+        for j0 in range(0, samples, group):
+            j1 = min(samples, j0 + group)
+            noisy = torch.stack([x + nt.draw(x[None], sigma, 1, generator)[0].to(x.dtype) for _ in range(j0, j1)])
+            acc, _ = self._windows_pass(base, inner, self.grid.pad(noisy), prepared, layer, generator,
+                                        report_base=(j0 / samples, j1 / samples))
+            for k in range(j1 - j0):
+                sample = self.grid.fold(acc[k:k + 1])[0]
+                if base.finalize is not None:
+                    sample = base.finalize(sample, inner)
+                aggregator.add(sample.to(torch.float64))
         out = aggregator.result()
         if spec.finalize is not None:
             out = spec.finalize(out, params)
