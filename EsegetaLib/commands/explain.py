@@ -62,6 +62,8 @@ def add_run_arguments(parser, methods_default: str, metrics_default: str = "defa
     engine.add_argument("--batch-size", type=_batch, default="auto", metavar="N",
                         help="windows per batch, or auto (largest that fits; default)")
     engine.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed (default: 0)")
+    engine.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--metrics", default=metrics_default, metavar="LIST|none|all",
                      help="evaluation metrics per method (default: "
@@ -100,6 +102,10 @@ def run_request(args, request, out: Path, command: str) -> Path:
     from ..progress import Progress
     from ..runner import execute, prepare
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     with Progress("quiet" if args.quiet else "auto") as progress:
         check_output_directory(out, args.overwrite)  # before loading anything: a mistake costs nothing
         progress.note(f"esegeta {command}: loading the volume and the model ...")
