@@ -32,7 +32,7 @@ METRIC_PARAMS: Dict[str, Dict[str, Any]] = {
     "relevance_rank": {"relevance": "positive"},
     "sparseness": {},
     "complexity": {},
-    "randomisation": {"max_stages": 8, "threshold": 0.5},
+    "randomisation": {"max_stages": 8, "threshold": 0.5, "within": "volume", "margin": 2},
 }
 METRICS = tuple(METRIC_PARAMS)
 # Cheap ones: a few dozen forward passes at most. Sensitivity (n attributions per method) and the
