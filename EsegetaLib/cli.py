@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not args.debug:
                 _quiet_library_warnings()
             return int(args.handler(args) or EXIT_OK)
-    except (KeyboardInterrupt, EsegetaCancelled) as exc:
+    except (KeyboardInterrupt, EsegetaCancelled):
         if debug:
             traceback.print_exc()
         print("esegeta: cancelled; the output directory was left as it was.", file=sys.stderr)

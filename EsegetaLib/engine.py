@@ -26,7 +26,7 @@ from torch import nn
 
 from .device import (autocast_dtype, free_memory_bytes, is_out_of_memory, release_memory,
                      resolve_device)
-from .errors import EsegetaCancelled, EsegetaError
+from .errors import EsegetaCancelled, EsegetaError, is_cancelled
 from .methods.base import MethodContext, MethodSpec, VolumeStats, get_method
 from .options import EngineOptions, Target
 from .results import MethodResult
@@ -87,14 +87,6 @@ def _network_dtype(network: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return torch.float64 if p.dtype == torch.float64 else torch.float32
     return torch.float32
-
-
-def _cancel_requested(cancel: Any) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
 
 
 def _split(output: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
@@ -239,7 +231,7 @@ class ExplainSession:
             self.progress(a + (b - a) * min(max(fraction, 0.0), 1.0), message)
 
     def check_cancel(self) -> None:
-        if _cancel_requested(self.cancel):
+        if is_cancelled(self.cancel):
             raise EsegetaCancelled("Cancelled; nothing was kept.")
 
     def _window_batch(self, x_pad: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:

@@ -12,3 +12,12 @@ class EsegetaError(ValueError):
 
 class EsegetaCancelled(RuntimeError):
     """Raised when the caller's cancel flag was set; nothing partial is returned or written."""
+
+
+def is_cancelled(cancel) -> bool:
+    """The cancel flag every long call takes: None, a threading.Event, or a zero-argument callable."""
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import EsegetaCancelled, EsegetaError
+from .errors import EsegetaCancelled, EsegetaError, is_cancelled
 from .options import PRECISIONS, EngineOptions, Target
 
 ProgressFn = Callable[[float, str], None]
@@ -194,8 +194,6 @@ def read_volume(path: Path):
 
 def read_mask(path: Path, image) -> np.ndarray:
     """A region mask from a file on exactly the volume's grid (shape and geometry)."""
-    from .io import read_image
-
     check_readable(path, "mask")
     mask = read_volume(path)
     if mask.spatial_shape != image.spatial_shape or not np.allclose(mask.ijk_to_ras, image.ijk_to_ras, atol=1e-3):
@@ -400,10 +398,7 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
 
 
 def _check_cancel(cancel) -> None:
-    if cancel is None:
-        return
-    flag = cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel())
-    if flag:
+    if is_cancelled(cancel):
         raise EsegetaCancelled("cancelled")
 
 

@@ -19,19 +19,10 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from ..errors import EsegetaCancelled, EsegetaError
+from ..errors import EsegetaCancelled, EsegetaError, is_cancelled
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 ExplainFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def is_cancelled(cancel: Any) -> bool:
-    """`cancel` may be None, a threading.Event or a zero-argument callable."""
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
 
 
 @dataclass

@@ -2,7 +2,6 @@
 (an `ExplainSession`: its patched score F, its region, its baseline, its methods)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import gc

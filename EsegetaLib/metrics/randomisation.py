@@ -25,7 +25,7 @@ Saliency 0.05, InputXGradient 0.06, Integrated Gradients 0.04.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
