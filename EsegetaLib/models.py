@@ -318,12 +318,7 @@ def load_state_dict(path) -> Dict[str, Any]:
     """Tensors only (`weights_only=True`); unwraps {"state_dict": ...} and DataParallel prefixes."""
     if not os.path.exists(path):
         raise EsegetaError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise EsegetaError(_ARBITRARY_PICKLE.format(path=path)) from exc
-    except Exception as exc:
-        raise EsegetaError(f"{path} is not a PyTorch weights file: {_first_line(exc)}") from exc
+    state = _load_tensors(path, "a PyTorch weights file")
     for key in ("state_dict", "model_state_dict", "model", "network_weights"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -333,6 +328,16 @@ def load_state_dict(path) -> Dict[str, Any]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _load_tensors(path, what: str):
+    """torch.load with weights_only=True: pickled code is refused with an explanation."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise EsegetaError(_ARBITRARY_PICKLE.format(path=path)) from exc
+    except Exception as exc:
+        raise EsegetaError(f"{path} is not {what}: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -361,12 +366,7 @@ def _load_archive(path):
         except Exception as exc:
             raise EsegetaError(f"cannot load {path} as TorchScript: {_first_line(exc)}") from exc
     # A plain torch.save archive: a state dict needs an architecture; a whole model is a pickle.
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise EsegetaError(_ARBITRARY_PICKLE.format(path=path)) from exc
-    except Exception as exc:
-        raise EsegetaError(f"{path} is not a model file: {_first_line(exc)}") from exc
+    state = _load_tensors(path, "a model file")
     raise EsegetaError(f"{path} holds weights only ({type(state).__name__}), no architecture: write a "
                        "model card .json naming the network and pointing at these weights "
                        "(docs/readme/models.md)")

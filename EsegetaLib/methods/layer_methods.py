@@ -39,28 +39,27 @@ def layer_gradient_x_activation(ctx):
         ctx.inputs, additional_forward_args=_args(ctx)))
 
 
-def layer_conductance(ctx):
-    from captum.attr import LayerConductance
+def _path_layer_method(ctx, captum_class):
+    """LayerConductance, InternalInfluence, LayerIntegratedGradients: one call shape, n_steps on a path."""
     steps = ctx.params["n_steps"]
-    return _finish(ctx, LayerConductance(ctx.forward, layer_for(ctx)).attribute(
+    return _finish(ctx, captum_class(ctx.forward, layer_for(ctx)).attribute(
         ctx.inputs, baselines=baselines_of(ctx), additional_forward_args=_args(ctx), n_steps=steps,
         internal_batch_size=steps_batch(ctx, ctx.inputs.shape[0], steps)))
+
+
+def layer_conductance(ctx):
+    from captum.attr import LayerConductance
+    return _path_layer_method(ctx, LayerConductance)
 
 
 def internal_influence(ctx):
     from captum.attr import InternalInfluence
-    steps = ctx.params["n_steps"]
-    return _finish(ctx, InternalInfluence(ctx.forward, layer_for(ctx)).attribute(
-        ctx.inputs, baselines=baselines_of(ctx), additional_forward_args=_args(ctx), n_steps=steps,
-        internal_batch_size=steps_batch(ctx, ctx.inputs.shape[0], steps)))
+    return _path_layer_method(ctx, InternalInfluence)
 
 
 def layer_integrated_gradients(ctx):
     from captum.attr import LayerIntegratedGradients
-    steps = ctx.params["n_steps"]
-    return _finish(ctx, LayerIntegratedGradients(ctx.forward, layer_for(ctx)).attribute(
-        ctx.inputs, baselines=baselines_of(ctx), additional_forward_args=_args(ctx), n_steps=steps,
-        internal_batch_size=steps_batch(ctx, ctx.inputs.shape[0], steps)))
+    return _path_layer_method(ctx, LayerIntegratedGradients)
 
 
 def layer_deep_lift(ctx):
