@@ -2,9 +2,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+TRUST_STATUSES = ("pass", "warn", "fail", "not_run")
+
+
+@dataclass
+class TrustCheck:
+    """One line of a result's trust report: a guarantee checked on the model at hand.
+
+    name:   short stable key, e.g. "completeness", "rectifier_rule", "layer_gradient", "determinism",
+            "randomisation", "conservation".
+    status: one of TRUST_STATUSES ("not_run" says why in `detail`: a check must never be silently absent).
+    value:  the number behind the status (relative error, fraction, norm, ...), or None.
+    detail: one plain-language sentence (what was checked, the tolerance, what to do on warn/fail).
+    """
+    name: str
+    status: str
+    value: Optional[float] = None
+    detail: str = ""
+
+    def __post_init__(self):
+        if self.status not in TRUST_STATUSES:
+            raise ValueError(f"trust status must be one of {TRUST_STATUSES}, not {self.status!r}")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "status": self.status, "value": self.value, "detail": self.detail}
 
 
 @dataclass
@@ -15,6 +40,13 @@ class MethodResult:
     seconds: float
     diagnostics: Dict[str, Any] = field(default_factory=dict)  # e.g. convergence_delta, n_windows
     metadata: Dict[str, Any] = field(default_factory=dict)  # MethodSpec.metadata()
+    checks: List[TrustCheck] = field(default_factory=list)  # the trust report of this map
+
+    def add_check(self, name: str, status: str, value: Optional[float] = None, detail: str = "") -> TrustCheck:
+        """Record (or replace) the check called `name`; returns it."""
+        check = TrustCheck(name, status, None if value is None else float(value), detail)
+        self.checks = [c for c in self.checks if c.name != name] + [check]
+        return check
 
     @property
     def map(self) -> np.ndarray:
