@@ -358,7 +358,7 @@ class ExplainSession:
             # A CPU generator: the same noise and baselines on every device.
             generator = torch.Generator().manual_seed(seed)
             self._report(0.0, f"{spec.name}: starting on {len(self.active)} of {len(self.windows)} windows")
-            attribution, diag = self._run(spec, resolved, x, generator)
+            attribution, diag = self._run_guarded(spec, resolved, x, generator)
         # float32 maps (the contract); a float64 network keeps float64 so exactness can be checked.
         attribution = attribution.to(torch.float64 if self.dtype == torch.float64 else torch.float32).cpu()
         if not bool(torch.isfinite(attribution).all()):
@@ -370,6 +370,23 @@ class ExplainSession:
         self._report(1.0, f"{spec.name}: done")
         return MethodResult(name=spec.name, attribution=attribution.numpy(), params=resolved,
                             seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata())
+
+    def _run_guarded(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor, generator):
+        """`_run`; layer methods with the network's in-place modules switched off (their kept layer
+        output must not be overwritten downstream: methods/layers.inplace_disabled)."""
+        if not spec.needs_layer:
+            return self._run(spec, params, x, generator)
+        from .methods.layers import inplace_disabled, refuse_inplace_error
+
+        with inplace_disabled(self.network) as switched:
+            try:
+                attribution, diag = self._run(spec, params, x, generator)
+            except RuntimeError as error:
+                refuse_inplace_error(error, spec.name)
+                raise
+        if switched:
+            diag["inplace_modules_switched"] = switched
+        return attribution, diag
 
     def _run(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor, generator) -> Tuple[torch.Tensor, Dict]:
         if spec.patching == "global":

@@ -41,9 +41,16 @@ def _layer_activation_and_gradient(ctx: MethodContext, layer):
     store = {}
 
     def hook(module, args, output):
+        # Keep A itself, send a copy downstream: an in-place op after the layer (functional
+        # relu_, ...) must not overwrite the activation the map is computed from.
         out = first_tensor(output)
         store["A"] = out
-        return None
+        copy = out.clone()
+        if isinstance(output, tuple):
+            return (copy,) + tuple(output[1:])
+        if isinstance(output, list):
+            return [copy] + list(output[1:])
+        return copy
 
     handle = layer.register_forward_hook(hook)
     try:

@@ -11,8 +11,9 @@ dilated stack) get the last convolution (widened to its block) before the final 
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -128,3 +129,37 @@ def layer_for(ctx) -> torch.nn.Module:
         return ctx.layer
     _, module = resolve_layer(ctx.network, ctx.params.get("layer") or None, ctx.inputs)
     return module
+
+
+@contextlib.contextmanager
+def inplace_disabled(network: torch.nn.Module) -> Iterator[int]:
+    """Run eager modules out of place for the duration (yields how many were switched).
+
+    A layer method keeps the layer's output tensor (Grad-CAM's activation, the point where Layer
+    Integrated Gradients substitutes its path): an in-place activation after the layer
+    (`nn.ReLU(inplace=True)`, nnU-Net's `LeakyReLU(inplace=True)`, in-place Dropout, ...) would
+    overwrite that tensor, silently changing the map or making autograd refuse.  Every module with a
+    boolean `inplace` attribute is switched off and restored afterwards; the numbers are those of
+    the same network built with `inplace=False`.  In-place *functional* calls in a custom forward
+    cannot be switched: our own hooks clone what they keep, and Captum's Layer Integrated Gradients
+    is refused with the reason if autograd reports one (see `refuse_inplace_error`)."""
+    switched = []
+    for module in network.modules():
+        if isinstance(getattr(module, "inplace", None), bool) and module.inplace:
+            module.inplace = False
+            switched.append(module)
+    try:
+        yield len(switched)
+    finally:
+        for module in switched:
+            module.inplace = True
+
+
+def refuse_inplace_error(error: BaseException, method: str) -> None:
+    """Turn autograd's in-place complaint inside a layer method into a one-line EsegetaError."""
+    text = str(error)
+    if "in-place operation" in text or "inplace operation" in text:
+        raise EsegetaError(
+            f"{method}: the network overwrites the layer's output in place with a functional call "
+            "(e.g. torch.relu_(x) or F.relu(x, inplace=True)), so the layer's activation cannot be "
+            "kept; choose another 'layer' or use an out-of-place activation.") from None
