@@ -1,10 +1,10 @@
 """Esegeta: explain 3D segmentation models with attribution maps, inside 3D Slicer.
 
 The panel is thin: every decision lives in `EsegetaLib` (Qt-free and tested without Slicer):
-`EsegetaLib.slicer_logic` (dependencies, method checklist and parameter editors from the method
-registry, settings -> request, progress and error texts), `EsegetaLib.slicer_run` (inputs written
+`EsegetaLib.slicer.slicer_logic` (dependencies, method checklist and parameter editors from the method
+registry, settings -> request, progress and error texts), `EsegetaLib.slicer.slicer_run` (inputs written
 from the scene, the background worker process, results imported through the scene bridge
-`EsegetaLib.scene`) and `EsegetaLib.worker` (the process itself, `python -m EsegetaLib.worker`).
+`EsegetaLib.slicer.scene`) and `EsegetaLib.slicer.worker` (the process itself, `python -m EsegetaLib.slicer.worker`).
 
 Nothing heavy is imported when Slicer loads this module: torch, Captum and the methods load on the
 first Apply (after one confirmation to install what is missing).
@@ -43,7 +43,7 @@ def _libraryFolder():
 if _libraryFolder() not in sys.path:
     sys.path.insert(0, _libraryFolder())
 
-from EsegetaLib import slicer_logic  # noqa: E402  (needs the path above; imports no torch)
+from EsegetaLib.slicer import slicer_logic  # noqa: E402  (needs the path above; imports no torch)
 from EsegetaLib.errors import EsegetaError  # noqa: E402
 from EsegetaLib.options import REGIONS  # noqa: E402
 
@@ -666,7 +666,7 @@ class EsegetaLogic(ScriptedLoadableModuleLogic):
 
     def startRun(self, pn, catalog=None):
         """Write the inputs and start the background worker; returns the `SceneRun` to poll."""
-        from EsegetaLib.slicer_run import SceneRun
+        from EsegetaLib.slicer.slicer_run import SceneRun
 
         if pn.inputVolume is None:
             raise EsegetaError("Choose an input volume first.")
@@ -688,7 +688,7 @@ class EsegetaLogic(ScriptedLoadableModuleLogic):
         return nodes
 
     def showIn3D(self, mapNode, visible) -> None:
-        from EsegetaLib import scene as bridge
+        from EsegetaLib.slicer import scene as bridge
 
         if visible:
             bridge.show_volume_rendering(slicer.mrmlScene, mapNode)

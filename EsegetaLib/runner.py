@@ -9,7 +9,7 @@ with one line; `execute` runs the engine and writes the outputs atomically (see 
     DIR/segmentation.<ext>            the sliding-window model's labels (uint8)
     DIR/metrics.csv, metrics.json     one row per method: metrics, runtime, device, peak memory
     DIR/run.json                      inputs with SHA-256, every parameter, versions, device, timings
-    DIR/esegeta.mrb, DIR/previews/    when the scene bridge (EsegetaLib.scene) is available
+    DIR/esegeta.mrb, DIR/previews/    when the scene bridge (EsegetaLib.slicer.scene) is available
 """
 from __future__ import annotations
 
@@ -555,8 +555,8 @@ def _scene(prepared: PreparedRun, explanation, folder: Path, rows, note, warn) -
     if not prepared.request.scene:
         return {"written": False, "note": "not requested (--no-scene)"}
     try:
-        from . import scene
-        from .slicer_env import slicer_module
+        from .slicer import review
+        from .slicer.slicer_env import slicer_module
 
         slicer_module()
     except (ImportError, EsegetaError) as exc:
@@ -569,7 +569,7 @@ def _scene(prepared: PreparedRun, explanation, folder: Path, rows, note, warn) -
         names.pop(0, None)  # softmax class 0 is the background: no segment for it
     volume_name = Path(str(prepared.request.volume)).name.split(".")[0] or "input"
     try:
-        written = scene.write_review(folder, prepared.image, explanation, rows,
+        written = review.write_review(folder, prepared.image, explanation, rows,
                                      {"esegeta_run": "see run.json beside esegeta.mrb"},
                                      volume_name=volume_name, class_name=prepared.class_name,
                                      segment_names=names)

@@ -1,7 +1,7 @@
 """Put a result into the viewer's MRML scene and change how a map is shown.
 
 Slicer's own readers load every file (the volumes logic's archetype reader: NIfTI/NRRD geometry
-exactly as desktop Slicer reads it). Maps are styled by the scene bridge (`EsegetaLib.scene`): the
+exactly as desktop Slicer reads it). Maps are styled by the scene bridge (`EsegetaLib.slicer.scene`): the
 same colour table (desktop Slicer's IDs), fixed window and threshold rule the exported `.mrb` uses,
 so the page and the Slicer scene agree. A `.mrb` arrives already styled. From there this module only
 moves the threshold and keeps each map's volume rendering in step. Nothing here knows the web page.
@@ -54,7 +54,7 @@ class LoadedScene:
 # ------------------------------------------------------------------------ result directory
 def load_directory(slicer_app, result: ViewerResult) -> LoadedScene:
     """Read the plain files of a result directory into the app's scene (one-line errors)."""
-    from .. import scene as bridge
+    from ..slicer import scene as bridge
 
     input_node = read_volume(slicer_app, result.input_path, "input")
     input_node.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
@@ -108,7 +108,7 @@ def labelmap_to_outline(slicer_app, label_node, reference_node):
     scene.RemoveNode(label_node)
     if not ok:
         raise EsegetaError("The segmentation could not be converted for display; re-run `esegeta explain`.")
-    from .. import scene as bridge
+    from ..slicer import scene as bridge
 
     segments = segmentation.GetSegmentation()
     palette = bridge.default_segment_colors(segments.GetNumberOfSegments())
@@ -130,7 +130,7 @@ def show_outline(segmentation) -> None:
 # ------------------------------------------------------------------------------------- .mrb
 def load_mrb(slicer_app, result: ViewerResult) -> LoadedScene:
     """A review scene written by the scene bridge, read by the bridge into the app's scene."""
-    from .. import scene as bridge
+    from ..slicer import scene as bridge
 
     scene = slicer_app.scene
     try:
@@ -194,7 +194,7 @@ def run_folder_parameters(scene, attribute: str) -> Optional[Dict[str, Any]]:
 # ------------------------------------------------------------------------ display changes
 def layer_from_node(slicer_app, name: str, node) -> MapLayer:
     """A `MapLayer` from a styled map node: its colour table, window and threshold as set."""
-    from .. import scene as bridge
+    from ..slicer import scene as bridge
 
     display = node.GetScalarVolumeDisplayNode()
     color_node = display.GetColorNode()

@@ -249,12 +249,12 @@ def test_internal_error_exits_1_and_leaves_nothing(inputs, tmp_path, capsys, mon
 
 def test_a_failing_review_scene_is_a_warning_not_a_lost_run(inputs, tmp_path, capsys, monkeypatch):
     pytest.importorskip("slicer", reason="slicer-core is not installed")
-    import EsegetaLib.scene as scene
+    import EsegetaLib.slicer.review as review
 
     def broken(*args, **kwargs):
         raise RuntimeError("no OpenGL today")
 
-    monkeypatch.setattr(scene, "write_review", broken)
+    monkeypatch.setattr(review, "write_review", broken)
     out = tmp_path / "no_scene"
     assert main(_quick(inputs, out, "--quiet")) == 0
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("slicer", reason="slicer-core (pip install esegeta[scene]) not installed")
 
-from EsegetaLib import previews as P, scene as S  # noqa: E402
+from EsegetaLib.slicer import previews as P, review as R, scene as S  # noqa: E402
 from EsegetaLib.errors import EsegetaError  # noqa: E402
 from EsegetaLib.results import Explanation, MethodResult  # noqa: E402
 
@@ -228,7 +228,7 @@ def test_write_review_writes_bundle_and_previews(tmp_path):
 
     volume, affine, explanation, metrics = make_case()
     out = tmp_path / "run"
-    result = S.write_review(out, EImage(volume, affine), explanation, metrics, {"model": "demo"},
+    result = R.write_review(out, EImage(volume, affine), explanation, metrics, {"model": "demo"},
                             class_name="vessel", show_method="IntegratedGradients")
     assert result["mrb"] == str(out / "esegeta.mrb") and zipfile.is_zipfile(result["mrb"])
     names = sorted(p.split("/")[-1] for p in result["previews"])
@@ -254,7 +254,7 @@ def test_write_review_writes_bundle_and_previews(tmp_path):
 def test_review_without_segmentation_and_with_two_channels(tmp_path):
     volume, affine, explanation, _ = make_case()
     two = np.concatenate([volume, 2 * volume])  # e.g. two MR contrasts
-    result = S.write_result_scene(tmp_path, (two, affine), explanation, include_segmentation=False,
+    result = R.write_result_scene(tmp_path, (two, affine), explanation, include_segmentation=False,
                                   three_d=False, show_method="Saliency")
     assert len(result["previews"]) == 3 and result["notes"] == []
     loaded = S.read_review(result["mrb"])

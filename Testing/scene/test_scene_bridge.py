@@ -9,7 +9,7 @@ import vtk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (pip install esegeta[scene]) not installed")
 
-from EsegetaLib import colors, scene as S  # noqa: E402
+from EsegetaLib.slicer import colors, scene as S  # noqa: E402
 from EsegetaLib.errors import EsegetaError  # noqa: E402
 
 

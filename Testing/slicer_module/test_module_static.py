@@ -104,7 +104,7 @@ def test_ui_is_well_formed_with_unique_names_and_a_scene_for_every_mrml_widget()
 def test_loading_the_module_imports_nothing_heavy():
     """Slicer imports Esegeta.py at startup: torch & co. must load on first Apply, never then."""
     closure = eager_import_closure(MODULE)
-    assert "EsegetaLib/slicer_logic.py" in closure
+    assert "EsegetaLib/slicer/slicer_logic.py" in closure
     offenders = {f: sorted(m for m in mods if m.split(".")[0] in HEAVY) for f, mods in closure.items()}
     assert {f: m for f, m in offenders.items() if m} == {}
 
@@ -154,8 +154,8 @@ def _attributes_used_on(tree, *owners):
 
 def test_names_the_module_uses_exist_where_it_looks_for_them():
     """Typos in calls the desktop application would only reveal at run time."""
-    from EsegetaLib import slicer_logic
-    from EsegetaLib.slicer_run import SceneRun
+    from EsegetaLib.slicer import slicer_logic
+    from EsegetaLib.slicer.slicer_run import SceneRun
 
     tree = module_tree()
     assert sorted(n for n in _attributes_used_on(tree, "slicer_logic") if not hasattr(slicer_logic, n)) == []

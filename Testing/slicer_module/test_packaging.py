@@ -56,8 +56,8 @@ def test_cmake_lists_everything_the_module_can_import():
     """Every EsegetaLib module reachable from Esegeta.py (through any import, the worker's run
     included) is shipped, and none of it lies in a package the extension leaves out."""
     closure = lazy_import_closure(MODULE)
-    assert {"EsegetaLib/worker.py", "EsegetaLib/runner.py", "EsegetaLib/engine.py",
-            "EsegetaLib/scene.py", "EsegetaLib/slicer_run.py"} <= closure
+    assert {"EsegetaLib/slicer/worker.py", "EsegetaLib/runner.py", "EsegetaLib/engine.py",
+            "EsegetaLib/slicer/scene.py", "EsegetaLib/slicer/slicer_run.py"} <= closure
     listed = set(cmake_list(_module_cmake(), "ESEGETA_LIBRARY_SCRIPTS"))
     needed = {p for p in closure if p.startswith("EsegetaLib/")}
     assert sorted(needed - listed) == []
@@ -195,7 +195,7 @@ def test_install_puts_module_library_and_resources_side_by_side(installed):
     assert not (modules / "EsegetaLib" / "web").exists()
     # the build tree holds the same layout (a build tree runs the module too)
     build_modules = installed["build"] / "lib/Slicer-5.8/qt-scripted-modules"
-    assert (build_modules / "EsegetaLib" / "worker.py").is_file() and (build_modules / "Esegeta.py").is_file()
+    assert (build_modules / "EsegetaLib" / "slicer" / "worker.py").is_file() and (build_modules / "Esegeta.py").is_file()
     assert (installed["build"] / "python-tests.txt").read_text().split() == ["Esegeta.py"]
 
 
@@ -203,7 +203,7 @@ def test_installed_library_imports_and_finds_its_resources(installed):
     """From the installed folder alone (nothing from the repository on sys.path)."""
     modules = installed["modules"]
     code = textwrap.dedent("""
-        import sys, EsegetaLib, EsegetaLib.worker as w, EsegetaLib.slicer_logic as L
+        import sys, EsegetaLib, EsegetaLib.slicer.worker as w, EsegetaLib.slicer.slicer_logic as L
         assert EsegetaLib.__file__.startswith(sys.argv[1]), EsegetaLib.__file__
         assert w.library_root() == sys.argv[1]
         print(L.load_requirements(sys.argv[1] + "/Resources/requirements.txt")[0])
@@ -216,13 +216,13 @@ def test_installed_library_imports_and_finds_its_resources(installed):
     # the worker entry point starts from the installed copy and answers in its protocol
     job = installed["build"] / "not-a-job.json"
     job.write_text("{}")
-    worker = subprocess.run([sys.executable, "-m", "EsegetaLib.worker", str(job)], cwd=str(modules), env=env,
+    worker = subprocess.run([sys.executable, "-m", "EsegetaLib.slicer.worker", str(job)], cwd=str(modules), env=env,
                             capture_output=True, text=True, timeout=120)
     assert worker.returncode == 2, worker.stderr
     events = [json.loads(line.split(" ", 1)[1]) for line in worker.stdout.splitlines() if line.startswith("@esegeta ")]
     assert [e["event"] for e in events] == ["started", "error"]
     assert events[1]["kind"] == "user" and "is not an Esegeta job" in events[1]["message"]
-    assert str(modules / "EsegetaLib" / "worker.py") in events[1]["details"]
+    assert str(modules / "EsegetaLib" / "slicer" / "worker.py") in events[1]["details"]
 
 
 def _path_functions(module_file: Path):

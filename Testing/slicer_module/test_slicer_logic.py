@@ -1,4 +1,4 @@
-"""The Slicer module's decisions, tested without Slicer (EsegetaLib.slicer_logic)."""
+"""The Slicer module's decisions, tested without Slicer (EsegetaLib.slicer.slicer_logic)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from importlib import metadata
 
 import pytest
 
-from EsegetaLib import slicer_logic as L
+from EsegetaLib.slicer import slicer_logic as L
 from EsegetaLib.errors import EsegetaError
 from module_source import REPO
 

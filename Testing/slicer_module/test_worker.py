@@ -1,4 +1,4 @@
-"""The background worker for real: `python -m EsegetaLib.worker JOB.json` in a subprocess on a small
+"""The background worker for real: `python -m EsegetaLib.slicer.worker JOB.json` in a subprocess on a small
 generated volume and a small TorchScript UNet; progress read while it runs, results read back and
 compared with the engine run in this process, a cancel midway that leaves nothing behind, a user
 error reported in one line; then the Slicer module's run (`SceneRun`) on a real slicer-core scene."""
@@ -15,7 +15,7 @@ pytest.importorskip("captum")
 
 from EsegetaLib.io import Image, read_image, write_image  # noqa: E402
 from EsegetaLib.outputs import leftovers  # noqa: E402
-from EsegetaLib.worker import EXIT_CODES, WorkerProcess, make_job, read_result, write_job  # noqa: E402
+from EsegetaLib.slicer.worker import EXIT_CODES, WorkerProcess, make_job, read_result, write_job  # noqa: E402
 
 SHAPE = (32, 32, 24)
 METHODS = ["Saliency", "InputXGradient"]
@@ -158,7 +158,7 @@ def test_user_error_is_one_line_and_writes_nothing(files, tmp_path):
 
 
 def test_out_of_memory_is_recognised_and_suggests_cpu_or_a_smaller_patch():
-    from EsegetaLib.worker import classify_error
+    from EsegetaLib.slicer.worker import classify_error
 
     kind, message = classify_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda")
     assert kind == "memory" and "device CPU" in message and "smaller patch" in message
@@ -175,7 +175,7 @@ def test_out_of_memory_is_recognised_and_suggests_cpu_or_a_smaller_patch():
 @pytest.fixture
 def scene_with_volume(files):
     pytest.importorskip("slicer", reason="slicer-core is not installed (pip install esegeta[scene])")
-    from EsegetaLib import scene as bridge
+    from EsegetaLib.slicer import scene as bridge
 
     scene = bridge.new_scene()
     bridge.ensure_slice_views(scene)  # Red/Yellow/Green, as desktop Slicer's layout has
@@ -193,9 +193,9 @@ def node_ids(scene):
 
 
 def test_scene_run_imports_maps_on_the_input_grid(files, scene_with_volume, tmp_path):
-    from EsegetaLib import colors
-    from EsegetaLib import scene as bridge
-    from EsegetaLib.slicer_run import SceneRun
+    from EsegetaLib.slicer import colors
+    from EsegetaLib.slicer import scene as bridge
+    from EsegetaLib.slicer.slicer_run import SceneRun
 
     scene, volume, segmentation = scene_with_volume
     segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
@@ -241,7 +241,7 @@ def test_scene_run_imports_maps_on_the_input_grid(files, scene_with_volume, tmp_
 
 
 def test_scene_run_cancel_leaves_the_scene_exactly_as_it_was(files, scene_with_volume, tmp_path):
-    from EsegetaLib.slicer_run import SceneRun
+    from EsegetaLib.slicer.slicer_run import SceneRun
 
     scene, volume, _ = scene_with_volume
     request = {"model": str(files["model"]), "methods": ["IntegratedGradients"],
@@ -266,7 +266,7 @@ def test_scene_run_point_region_becomes_the_voxel_under_the_markup(files, scene_
     import json
 
     from EsegetaLib.errors import EsegetaError
-    from EsegetaLib.slicer_run import SceneRun
+    from EsegetaLib.slicer.slicer_run import SceneRun
 
     scene, volume, _ = scene_with_volume
     affine = files["image"].ijk_to_ras

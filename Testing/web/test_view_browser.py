@@ -21,7 +21,7 @@ START_OPACITY = 0.5  # the page starts with the exported scene's foreground opac
 def table_colour(table: str, value: float, low: float, high: float) -> np.ndarray:
     """RGB 0-255 that Slicer shows for `value` with window [low, high] and colour table `table`
     (built from the same matplotlib map as the scene bridge's table): entry floor(fraction * N)."""
-    from EsegetaLib import colors
+    from EsegetaLib.slicer import colors
 
     rgba = colors.colormap_rgba(table)
     index = int(np.clip(np.floor((value - low) / (high - low) * len(rgba)), 0, len(rgba) - 1))
@@ -30,8 +30,8 @@ def table_colour(table: str, value: float, low: float, high: float) -> np.ndarra
 
 def expected_colours():
     """Block colours at opacity 1 for each method, from the bridge's display rule."""
-    from EsegetaLib import colors
-    from EsegetaLib.scene import display_range
+    from EsegetaLib.slicer import colors
+    from EsegetaLib.slicer.scene import display_range
 
     _, _, maps = arrays()
     sal = display_range(maps["Saliency"], signed=False)
@@ -114,7 +114,7 @@ def test_overlay_shows_colour_table_where_attribution_is_high(page):
     for view in ("Green", "Yellow"):
         assert block_mask(page, view, colours["saliency"], START_OPACITY).sum() < 20
     # The segmentation outline (the bridge's first segment colour) is drawn around the centre.
-    from EsegetaLib.scene import default_segment_colors
+    from EsegetaLib.slicer.scene import default_segment_colors
 
     outline = color_mask(view_pixels(page, "Red", square=True), np.asarray(default_segment_colors(1)[0]) * 255, 40)
     assert outline.sum() > 50
@@ -126,7 +126,7 @@ def test_overlay_shows_colour_table_where_attribution_is_high(page):
 
 
 def legend_pixels(page, table: str) -> int:
-    from EsegetaLib import colors
+    from EsegetaLib.slicer import colors
 
     pixels = view_pixels(page, "Red")
     strip = pixels[:, int(0.8 * pixels.shape[1]):]

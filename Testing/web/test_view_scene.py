@@ -27,7 +27,7 @@ def new_app():
 
 
 def test_result_directory_loads_exactly(folder):
-    from EsegetaLib.scene import array_from_volume, display_range
+    from EsegetaLib.slicer.scene import array_from_volume, display_range
     from EsegetaLib.web.result import load_result
     from EsegetaLib.web.scene_setup import load_directory
 

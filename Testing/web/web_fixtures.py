@@ -96,8 +96,8 @@ def write_plot(path: Path) -> None:
 
 
 def write_mrb(path: Path) -> Path:
-    """The same result as a review scene written by the scene bridge (`EsegetaLib.scene`)."""
-    from EsegetaLib import scene as bridge
+    """The same result as a review scene written by the scene bridge (`EsegetaLib.slicer.scene`)."""
+    from EsegetaLib.slicer import scene as bridge
     from EsegetaLib.results import Explanation, MethodResult
 
     volume, segmentation, maps = arrays()

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import EsegetaError
+from ..errors import EsegetaError
 from .slicer_env import logic, slicer_module
 
 VIEWS = (("axial", "Axial"), ("coronal", "Coronal"), ("sagittal", "Sagittal"))

@@ -13,7 +13,7 @@ import contextlib
 import importlib
 from typing import Any, Dict, Optional
 
-from .errors import EsegetaError
+from ..errors import EsegetaError
 
 # Scenes made by `new_scene`, keyed by the scene's address: the logics must live as long as the
 # scene (VTK would otherwise free them) and a vtkMRMLScene has no slot to hang them on.

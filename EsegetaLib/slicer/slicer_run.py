@@ -2,8 +2,8 @@
 
 `SceneRun` reads the chosen nodes (on the caller's thread: the main thread in Slicer), writes the
 input volume and region mask as files with `EsegetaLib.io`, starts the background worker
-(`EsegetaLib.worker`), reports its progress when polled, and on success imports the result into the
-scene through the scene bridge (`EsegetaLib.scene`): a run folder with one map per method, the
+(`EsegetaLib.slicer.worker`), reports its progress when polled, and on success imports the result into the
+scene through the scene bridge (`EsegetaLib.slicer.scene`): a run folder with one map per method, the
 model's segmentation, the metrics table, the overlay in the slice views and the strongest map in 3D.
 
 Nothing is added to the scene before the worker has finished, so a cancelled or failed run leaves
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import EsegetaError
+from ..errors import EsegetaError
 
 STATES = ("new", "running", "done", "failed", "cancelled")
 
@@ -31,7 +31,7 @@ def _node_name(node) -> str:
 
 def write_volume_node(node, path: str) -> Any:
     """The node's voxels and IJK->RAS (its own coordinates) as a file; returns the `io.Image`."""
-    from .io import Image, write_image
+    from ..io import Image, write_image
     from .scene import array_from_volume
 
     array, ijk_to_ras = array_from_volume(node)
@@ -115,7 +115,7 @@ class SceneRun:
         return self
 
     def _write_roi_mask(self) -> str:
-        from .io import Image, write_image
+        from ..io import Image, write_image
         from .scene import array_from_volume, segment_mask
 
         if self.segmentation_node is None:

@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import EsegetaError
-from .options import PRECISIONS, REGIONS
+from ..errors import EsegetaError
+from ..options import PRECISIONS, REGIONS
 
 # ------------------------------------------------------------------------------------ dependencies
 
@@ -155,7 +155,7 @@ def dependency_plan(requirements: Sequence[str], minimum_torch: str = MINIMUM_TO
 def method_catalog() -> List[Dict[str, Any]]:
     """Every registered method's metadata (JSON-ready), cheapest first within each family.
     Imports torch and the methods: call only once the dependencies are present."""
-    from .methods import all_methods
+    from ..methods import all_methods
 
     order = {"gradient": 0, "layer": 1, "perturbation": 2}
     specs = sorted(all_methods(), key=lambda s: (order.get(s.family, 9), s.cost, s.name))
@@ -175,7 +175,7 @@ def metric_names() -> List[str]:
     """Metrics `EsegetaLib.metrics` computes, the cheap default ones first; none before the
     dependencies are installed (it imports torch)."""
     try:
-        from .metrics import DEFAULT_METRICS, METRICS
+        from ..metrics import DEFAULT_METRICS, METRICS
     except ImportError:
         return []
     return list(DEFAULT_METRICS) + [name for name in METRICS if name not in DEFAULT_METRICS]

@@ -1,4 +1,4 @@
-"""Run one explanation job in its own process: ``python -m EsegetaLib.worker JOB.json``.
+"""Run one explanation job in its own process: ``python -m EsegetaLib.slicer.worker JOB.json``.
 
 Why a separate process (the Slicer module's way of running the engine, usable by any front end):
 the application stays responsive, Cancel is real (the process is terminated, whatever it is doing),
@@ -68,7 +68,7 @@ def make_job(request: Dict[str, Any], output: str) -> Dict[str, Any]:
 
 
 def write_job(path: str, job: Dict[str, Any]) -> str:
-    from .provenance import jsonable
+    from ..provenance import jsonable
 
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(jsonable(job), handle, indent=1)
@@ -76,7 +76,7 @@ def write_job(path: str, job: Dict[str, Any]) -> str:
 
 
 def read_job(path: str) -> Dict[str, Any]:
-    from .errors import EsegetaError
+    from ..errors import EsegetaError
 
     try:
         with open(path, encoding="utf-8") as handle:
@@ -84,7 +84,7 @@ def read_job(path: str) -> Dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise EsegetaError(f"cannot read the job file {path}: {exc}") from exc
     if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
-        raise EsegetaError(f"{path} is not an Esegeta job ({JOB_FORMAT}); write it with EsegetaLib.worker.make_job.")
+        raise EsegetaError(f"{path} is not an Esegeta job ({JOB_FORMAT}); write it with EsegetaLib.slicer.worker.make_job.")
     if not job.get("output") or not (job.get("request") or {}).get("volume"):
         raise EsegetaError(f"the job file {path} names no volume or no output folder.")
     return job
@@ -98,7 +98,7 @@ class _Terminated(BaseException):
 
 
 def _emit(event: str, **fields: Any) -> None:
-    from .provenance import jsonable
+    from ..provenance import jsonable
 
     line = json.dumps({"event": event, **jsonable(fields)})
     sys.__stdout__.write(EVENT_PREFIX + line + "\n")
@@ -125,7 +125,7 @@ class _ProgressThrottle:
 def run_job(job: Dict[str, Any], progress: Callable[[float, str], None], cancel: threading.Event) -> Path:
     """Do the work of one job with the CLI's own pipeline (`runner.prepare` checks and loads,
     `runner.execute` runs the engine and metrics and commits the result folder)."""
-    from . import runner
+    from .. import runner
 
     request = runner.ExplainRequest(**job["request"])
     prepared = runner.prepare(request)
@@ -141,7 +141,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the worker process; prints events, returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m EsegetaLib.worker JOB.json\n")
+        sys.stderr.write("usage: python -m EsegetaLib.slicer.worker JOB.json\n")
         return EXIT_CODES["user"]
     cancel = threading.Event()
 
@@ -174,7 +174,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def classify_error(exc: BaseException, device: Optional[str] = None):
     """(kind, one-line message) for an exception raised while running a job."""
-    from .errors import EsegetaCancelled, EsegetaError
+    from ..errors import EsegetaCancelled, EsegetaError
 
     if isinstance(exc, EsegetaCancelled):
         return "cancelled", "Cancelled."
@@ -204,7 +204,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):
         return True
     if "torch" in sys.modules:
-        from .device import is_out_of_memory
+        from ..device import is_out_of_memory
 
         return is_out_of_memory(exc)
     return False
@@ -225,8 +225,8 @@ def read_result(folder: str) -> Dict[str, Any]:
     Arrays come through `EsegetaLib.io`, on the input's grid."""
     import numpy as np
 
-    from .errors import EsegetaError
-    from .io import read_image
+    from ..errors import EsegetaError
+    from ..io import read_image
 
     folder = Path(folder)
     try:
@@ -265,8 +265,8 @@ def default_python() -> str:
 
 def library_root() -> str:
     """The folder that holds the `EsegetaLib` package (the worker's working directory, so that
-    `-m EsegetaLib.worker` imports this very copy, installed or from source)."""
-    return str(Path(__file__).resolve().parents[1])
+    `-m EsegetaLib.slicer.worker` imports this very copy, installed or from source)."""
+    return str(Path(__file__).resolve().parents[2])
 
 
 class WorkerProcess:
@@ -297,7 +297,7 @@ class WorkerProcess:
         env["PYTHONUNBUFFERED"] = "1"
         # `-m` puts the working directory first on sys.path: the worker imports the EsegetaLib that
         # sits next to this file, whatever else is installed.
-        command = [self.python, "-m", "EsegetaLib.worker", self.job_path]
+        command = [self.python, "-m", "EsegetaLib.slicer.worker", self.job_path]
         kwargs: Dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP

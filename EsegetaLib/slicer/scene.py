@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import colors
-from .errors import EsegetaError
+from ..errors import EsegetaError
 from .slicer_env import SLICER_VERSION, logic, new_scene, release_scene, slicer_module
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "segment_mask", "point_to_voxel", "add_map", "configure_map_display", "display_range",
     "add_run_folder", "add_segmentation", "show_overlay", "show_volume_rendering",
     "add_metrics_table", "table_rows", "export_review", "read_review", "build_review_scene",
-    "write_review", "write_result_scene", "map_node_name", "ensure_slice_views", "logic",
+    "map_node_name", "ensure_slice_views", "logic",
     "default_segment_colors", "ATTRIBUTE_PREFIX",
 ]
 
@@ -705,36 +705,3 @@ def ensure_slice_views(scene) -> List[Any]:
             scene.AddNode(composite)
     return [scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode"))]
-
-
-def write_review(out_dir, image, explanation, metrics_rows: Sequence[Mapping[str, Any]] = (),
-                 run_parameters: Optional[Mapping[str, Any]] = None, *, previews: bool = True,
-                 three_d: bool = True, **options) -> Dict[str, Any]:
-    """What `esegeta explain` calls: `out_dir/esegeta.mrb` and `out_dir/previews/*.png`.
-
-    image: `EsegetaLib.io.Image` or `(array (C,I,J,K), ijk_to_ras)`; explanation:
-    `EsegetaLib.results.Explanation`; metrics_rows: one dict per method (`method`, metric values,
-    `runtime_s`, `device`); options: those of `build_review_scene` (volume_name, class_name,
-    segment_names, show_method, opacity, include_segmentation). Previews cut through the strongest
-    attribution of the shown map; `three_d=False` skips the OpenGL rendering.
-    Returns {"mrb": path, "previews": [paths], "notes": [...]} (notes say what was skipped)."""
-    out = Path(out_dir)
-    built = build_review_scene(image, explanation, metrics_rows, run_parameters, **options)
-    scene = built["scene"]
-    try:
-        result: Dict[str, Any] = {"mrb": export_review(scene, out / "esegeta.mrb"), "previews": [],
-                                  "notes": []}
-        if previews and built["shown"] is not None:
-            from . import previews as preview_module
-
-            rendered = preview_module.write_previews(scene, out / "previews", built["input"], built["shown"],
-                                                     built["segmentation"], opacity=options.get("opacity", 0.5),
-                                                     three_d=three_d)
-            result["previews"], result["notes"] = rendered["paths"], rendered["notes"]
-        return result
-    finally:
-        release_scene(scene)
-
-
-# The name the CLI runner looks for (`EsegetaLib.runner`); same function.
-write_result_scene = write_review

@@ -46,9 +46,10 @@ def colormap_rgba(name: str, n: int = N_COLORS) -> np.ndarray:
 
 
 def _build_table(scene, name: str):
-    from .slicer_env import slicer_module
+    # `slicer` directly, not through `slicer_env` (which builds scenes with these tables: importing it
+    # here would be a circle); a scene exists, so `slicer` (desktop or slicer-core) is importable.
+    import slicer
 
-    slicer = slicer_module()
     node = slicer.vtkMRMLColorTableNode()
     node.SetName(name)
     node.SetSingletonTag(_singleton_tag(name))
