@@ -30,6 +30,8 @@ from .errors import EsegetaCancelled, EsegetaError, is_cancelled
 from .methods.base import MethodContext, MethodSpec, VolumeStats, get_method
 from .options import EngineOptions, Target
 from .results import MethodResult
+from .trust import (DETERMINISM_TOLERANCE, add_completeness_check, add_determinism_check,
+                    require_determinism)
 from .targets import (TargetScore, check_class, check_target, labels_from, probabilities,
                       region_mask)
 from .windows import WindowGrid, choose_patch
@@ -169,6 +171,10 @@ class ExplainSession:
         self.batch_size = self._initial_batch_size()
 
         self.probabilities = self._blended_probabilities()  # (n_classes, I, J, K) float32
+        # Every method assumes the same input gives the same output: refuse a model that does not.
+        self.determinism = require_determinism(
+            self._full_precision_logits, self._window_batch(self._x_pad, [0]),
+            float(extra.get("determinism_tolerance", DETERMINISM_TOLERANCE)))
         self.n_classes = int(self.probabilities.shape[0])
         self.segmentation = labels_from(self.probabilities, self.target)
         self.region = region_mask(self.target, shape, self.probabilities)
@@ -179,6 +185,13 @@ class ExplainSession:
         self._base_scorer: Optional[PatchedScore] = None
 
     # -- set-up helpers
+    def _full_precision_logits(self, x: torch.Tensor) -> torch.Tensor:
+        saved, self.scorer.amp_dtype = self.scorer.amp_dtype, None
+        try:
+            return self.scorer.logits(x)
+        finally:
+            self.scorer.amp_dtype = saved
+
     def _use_host_accumulators(self) -> bool:
         choice = self.options.host_accumulator
         if choice == "auto":
@@ -368,8 +381,15 @@ class ExplainSession:
         diag.update(n_windows=len(self.windows), n_windows_in_region=len(self.active),
                     batch_size=self.batch_size, device=str(self.device), precision=self.options.precision)
         self._report(1.0, f"{spec.name}: done")
-        return MethodResult(name=spec.name, attribution=attribution.numpy(), params=resolved,
-                            seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata())
+        result = MethodResult(name=spec.name, attribution=attribution.numpy(), params=resolved,
+                              seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata())
+        self._trust_report(result, resolved)
+        return result
+
+    def _trust_report(self, result: MethodResult, params: Dict[str, Any]) -> None:
+        """The checks every result carries (methods may have added their own already)."""
+        add_determinism_check(result, self.determinism)
+        add_completeness_check(result, result.diagnostics, params.get("tolerance"))
 
     def _run_guarded(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor, generator):
         """`_run`; layer methods with the network's in-place modules switched off (their kept layer
