@@ -36,9 +36,10 @@ MethodList = List[Tuple[str, Dict[str, Any]]]
 # path integral with a completeness check, and a class-activation map.
 DEMO_METHODS = ("Saliency", "InputXGradient", "IntegratedGradients", "GradCAM")
 DEMO_PARAMS: Dict[str, Dict[str, Any]] = {"IntegratedGradients": {"n_steps": 16}}
-# Metrics that need no further model runs: the faithfulness curves and infidelity (default set)
-# rerun the model dozens of times per method and would multiply the demo's time by five.
-DEMO_METRICS = "relevance_mass,relevance_rank,sparseness,complexity"
+# Metrics that need no further model runs, and the deletion/insertion curves (curves.json and
+# deletion_insertion.png: 2 x 20 forward passes per method). Infidelity and sensitivity are left to
+# --metrics default|all: they would multiply the demo's time.
+DEMO_METRICS = "deletion,insertion,relevance_mass,relevance_rank,sparseness,complexity"
 
 
 @dataclass
@@ -316,8 +317,10 @@ def prepare(request: ExplainRequest) -> PreparedRun:
 
 def _load_model(path, inputs: List[Tuple[str, Path]]):
     from . import models
+    from .sample import is_bundled_model
 
-    if path is None:
+    if is_bundled_model(path):
+        path = None
         model = models.load_default_model()
     else:
         check_readable(path, "model")
@@ -594,13 +597,14 @@ def _scene(prepared: PreparedRun, explanation, folder: Path, rows, note, warn) -
 # ---------------------------------------------------------------------------------- run.json
 def _run_json(prepared: PreparedRun, explanation, command, argv, started, timings, rows, written, scene_record):
     from . import provenance
+    from .sample import is_bundled_model
 
     request = prepared.request
     inputs = [provenance.file_record(path, role) for role, path in prepared.inputs]
     card = prepared.model.card
     parameters = {
         "volume": str(Path(request.volume).resolve()),
-        "model": str(Path(request.model).resolve()) if request.model else "bundled default model",
+        "model": "bundled default model" if is_bundled_model(request.model) else str(Path(request.model).resolve()),
         "methods": {name: explanation.results[name].params for name, _ in prepared.methods},
         "methods_given": {name: params for name, params in prepared.methods},
         "class_index": prepared.target.class_index, "class_name": prepared.class_name,

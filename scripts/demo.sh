@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${ESEGETA_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# CPU build of torch pinned (a bare `torch` pulls a multi-GB CUDA build); GPU users keep theirs.
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+# torch==2.13.0: the CPU-only build on Linux without an NVIDIA GPU, an installed torch kept
+# (see scripts/install_torch.sh for every case).
+bash scripts/install_torch.sh "$VENV/bin/python"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[full,scene]"
 exec "$VENV/bin/esegeta" demo "$@"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .explain import add_run_arguments, request_from, run_request
+from .explain import add_run_arguments, how_to_open, request_from, run_request
 
 NAME = "demo"
-DEFAULT_OUT = "esegeta-demo"
+DEFAULT_OUT = "esegeta-demo"  # ignored by git in a checkout (.gitignore), replaced by the next demo
 
 
 def add_parser(subparsers, common):
@@ -15,14 +15,15 @@ def add_parser(subparsers, common):
 
     parser = subparsers.add_parser(NAME, parents=[common], help="explain the bundled sample with the bundled model",
                                    description=__doc__.replace("\n", " "))
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help=f"result directory (default: ./{DEFAULT_OUT})")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"result directory (default: ./{DEFAULT_OUT}, replacing an earlier demo's result)")
     add_run_arguments(parser, methods_default=",".join(DEMO_METHODS), metrics_default=DEMO_METRICS)
     parser.set_defaults(handler=run)
     return parser
 
 
 def run(args) -> int:
+    from ..outputs import RESULT_MARKER
     from ..runner import DEMO_PARAMS, parse_param_assignments, split_list
     from ..sample import load_sample
 
@@ -34,22 +35,18 @@ def run(args) -> int:
     for method, params in DEMO_PARAMS.items():
         if (method.lower() in chosen or chosen == {"all"}) and method not in given:
             request.params.setdefault(method, dict(params))
-    folder = run_request(args, request, Path(args.out), NAME)
+    out = Path(args.out or DEFAULT_OUT)
+    if args.out is None and _earlier_demo(out / RESULT_MARKER):
+        args.overwrite = True  # the default folder holds an earlier demo: replace it
+    folder = run_request(args, request, out, NAME)
     print(how_to_open(folder))
     return 0
 
 
-def how_to_open(folder: Path) -> str:
-    folder = Path(folder)
-    lines = [f"Results: {folder}"]
-    if (folder / "esegeta.mrb").exists():
-        lines.append(f"Open in 3D Slicer: drag {folder / 'esegeta.mrb'} onto the Slicer window "
-                     "(or File > Open Data); the maps are overlaid on the sample with their colour tables.")
-    else:
-        lines.append("Open in 3D Slicer: File > Add Data, choose the sample (see run.json 'inputs'), "
-                     f"{folder / 'segmentation.nii.gz'} (as a segmentation) and the maps in "
-                     f"{folder / 'attributions'}; set a map as foreground in the slice views.")
-    if (folder / "previews").is_dir():
-        lines.append(f"Previews: {folder / 'previews'}")
-    lines.append(f"Metrics: {folder / 'metrics.csv'} (faithfulness metrics too: --metrics default or all)")
-    return "\n".join(lines)
+def _earlier_demo(run_json: Path) -> bool:
+    import json
+
+    try:
+        return json.loads(run_json.read_text()).get("command") == NAME
+    except (OSError, ValueError, AttributeError):
+        return False

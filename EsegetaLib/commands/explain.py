@@ -1,4 +1,4 @@
-"""`esegeta explain VOLUME --model MODEL --out DIR`: attribution maps for a segmentation model on
+"""`esegeta explain VOLUME [--model MODEL] --out DIR`: attribution maps for a segmentation model on
 one volume, written with the segmentation, metrics and provenance into DIR (whole or not at all)."""
 from __future__ import annotations
 
@@ -78,8 +78,9 @@ def add_parser(subparsers, common):
     parser = subparsers.add_parser(NAME, parents=[common], help="explain a model's segmentation of a volume",
                                    description=__doc__.replace("\n", " "))
     parser.add_argument("volume", metavar="VOLUME", help="input volume (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)")
-    parser.add_argument("--model", required=True, metavar="MODEL",
-                        help="TorchScript (.pt/.ts), torch.export (.pt2) or a model card (.json)")
+    parser.add_argument("--model", default="bundled", metavar="MODEL",
+                        help="torch.export (.pt2), TorchScript (.pt/.ts), a model card (.json), or 'bundled' "
+                             "(the bundled vessel UNet for TOF-MRA; the default)")
     parser.add_argument("--out", required=True, metavar="DIR", help="result directory (created; must be empty)")
     add_run_arguments(parser, methods_default="Saliency,IntegratedGradients")
     parser.set_defaults(handler=run)
@@ -128,5 +129,26 @@ def run(args) -> int:
     request = request_from(args, args.volume, args.model)
     folder = run_request(args, request, out, NAME)
     if not args.quiet:
-        print(f"Results written to {folder}")
+        print(how_to_open(folder))
     return 0
+
+
+def how_to_open(folder: Path) -> str:
+    """The closing lines of `explain` and `demo`: where the result is and how to look at it."""
+    folder = Path(folder)
+    lines = [f"Results written to {folder}"]
+    if (folder / "esegeta.mrb").exists():
+        lines.append(f"Open in 3D Slicer: drag {folder / 'esegeta.mrb'} onto the Slicer window "
+                     "(or File > Open Data); the maps are overlaid on the volume with their colour tables.")
+    else:
+        attributions = folder / "attributions"
+        lines.append("Open in 3D Slicer: File > Add Data, choose the input volume (run.json 'inputs'), the "
+                     f"segmentation in {folder} and the maps in {attributions}; set a map as foreground.")
+    lines.append(f"Open in a browser: esegeta view {folder}")
+    if (folder / "previews").is_dir():
+        lines.append(f"Pictures: {folder / 'previews'}")
+    if (folder / "deletion_insertion.png").is_file():
+        lines.append(f"Metrics: {folder / 'metrics.csv'} (curves: {folder / 'deletion_insertion.png'})")
+    else:
+        lines.append(f"Metrics: {folder / 'metrics.csv'}")
+    return "\n".join(lines)

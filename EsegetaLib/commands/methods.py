@@ -23,12 +23,14 @@ def _baseline(meta) -> str:
     return "yes" if meta["needs_baseline"] else "-"
 
 
-def _shown(value) -> str:
-    return "-" if value in ("", None) else str(value)  # '' means "chosen automatically" / "none"
+def _shown(param) -> str:
+    if param.get("auto"):
+        return "auto"  # the default (0 or empty) means "chosen from the volume or the model"
+    return "-" if param["default"] in ("", None) else str(param["default"])
 
 
 def _defaults(meta) -> str:
-    return ", ".join(f"{p['name']}={_shown(p['default'])}" for p in meta["params"]) or "-"
+    return ", ".join(f"{p['name']}={_shown(p)}" for p in meta["params"]) or "-"
 
 
 def table(metas) -> str:

@@ -44,6 +44,7 @@ class ParamSpec:
     maximum: Optional[float] = None
     choices: Optional[Tuple[Any, ...]] = None
     help: str = ""
+    auto: bool = False  # the default means "chosen automatically from the volume/model" (shown as auto)
 
     def validate(self, value: Any, method: str) -> Any:
         """Coerce `value` to this parameter's type or raise a one-line EsegetaError."""
@@ -166,6 +167,7 @@ class MethodSpec:
                     "max": p.maximum,
                     "choices": list(p.choices) if p.choices else None,
                     "help": p.help,
+                    "auto": p.auto,
                 }
                 for p in self.params
             ],

@@ -33,7 +33,7 @@ BASELINE_PARAMS = (
               help="reference input: blur (Gaussian-blurred input, default: works on InstanceNorm/GroupNorm "
                    "networks), constant_low (1st-percentile intensity), zero, mean, noise, user"),
     ParamSpec("blur_sigma_mm", "float", 0.0, minimum=0.0, maximum=1000.0,
-              help="Gaussian sigma of the blur baseline in mm; 0 = automatic (8 voxels of the coarsest spacing)"),
+              help="Gaussian sigma of the blur baseline in mm; 0 = automatic (8 voxels of the coarsest spacing)", auto=True),
     ParamSpec("baseline_volume", "str", "",
               help="for baseline=user: path to a .npy or NIfTI volume (or an array) on the input grid"),
 )

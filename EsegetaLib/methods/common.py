@@ -12,6 +12,7 @@ LAYER_PARAM = ParamSpec(
     "layer", "str", "",
     help="dotted module name inside the network (as in network.named_modules()); empty = automatic "
          "choice (last block at reduced resolution before the classifier)",
+    auto=True,
 )
 CHANNEL_REDUCE_PARAM = ParamSpec(
     "channel_reduce", "choice", "sum", choices=("sum", "mean", "abs_sum"),

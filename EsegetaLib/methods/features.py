@@ -21,7 +21,7 @@ REGION_PARAMS = (
     ParamSpec("restrict_to_region", "bool", True,
               help="perturb only the target region's bounding box plus a margin (voxels outside get 0)"),
     ParamSpec("margin_mm", "float", 0.0, minimum=0.0, maximum=1000.0,
-              help="margin around the region in mm; 0 = one feature block"),
+              help="margin around the region in mm; 0 = one feature block", auto=True),
 )
 
 
@@ -30,7 +30,7 @@ def feature_params(block_fraction: float, kind_default: str = "grid"):
         ParamSpec("features", "choice", kind_default, choices=("grid", "slic"),
                   help="grid of blocks, or SLIC supervoxels (scikit-image)"),
         ParamSpec("block_mm", "float", 0.0, minimum=0.0, maximum=1000.0,
-                  help="block edge in mm (SLIC: typical supervoxel size); 0 = block_fraction of the volume"),
+                  help="block edge in mm (SLIC: typical supervoxel size); 0 = block_fraction of the volume", auto=True),
         ParamSpec("block_fraction", "float", block_fraction, minimum=0.01, maximum=1.0,
                   help="block edge as a fraction of each volume axis (used when block_mm is 0)"),
         ParamSpec("slic_compactness", "float", 0.1, minimum=0.0001, maximum=100.0,

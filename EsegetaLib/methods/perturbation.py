@@ -127,7 +127,7 @@ SPECS = [
         name="Occlusion", family="perturbation", signed=True, needs_baseline=True, needs_layer=False, cost=171.0,
         patching="global",
         params=(ParamSpec("window_mm", "float", 0.0, minimum=0.0, maximum=1000.0,
-                          help="occluding cube edge in mm; 0 = window_fraction of each axis"),
+                          help="occluding cube edge in mm; 0 = window_fraction of each axis", auto=True),
                 ParamSpec("window_fraction", "float", 0.125, minimum=0.01, maximum=1.0,
                           help="window edge as a fraction of each volume axis"),
                 ParamSpec("stride_fraction", "float", 1.0, minimum=0.1, maximum=1.0,

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import EsegetaError
+from ..sample import is_bundled_model
 
-BUNDLED = ("bundled", "default")
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".pt2", ".json")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -314,7 +314,7 @@ def _models(value, base: Path, problem) -> List[ModelEntry]:
             problem(f"{key}.path", "is missing: a model file (.pt, .ts, .pt2, model card .json) or 'bundled'")
             continue
         classes, scripted = None, False
-        if str(given).lower() in BUNDLED:
+        if is_bundled_model(given):
             path, default_name = None, "default"
             classes = _card_classes(None)
         else:

@@ -190,7 +190,7 @@ def test_bad_option_values(capsys, inputs, out, option, fragments):
 
 
 def test_missing_required_arguments(capsys, out):
-    assert_bad_input(capsys, ["explain", "--out", out], out, "required", "VOLUME", "--model")
+    assert_bad_input(capsys, ["explain", "--out", out], out, "required", "VOLUME")
 
 
 def test_debug_shows_the_traceback(capsys, inputs, out):

@@ -43,6 +43,7 @@ def test_explain_writes_every_output_on_the_input_grid(inputs, tmp_path, capsys)
     assert code == 0, captured.err
     assert "warning: no CUDA GPU" in captured.err or "cuda" in json.loads((out / "run.json").read_text())["device"]["device"]
     assert f"Results written to {out}" in captured.out
+    assert f"esegeta view {out}" in captured.out and "Slicer" in captured.out  # how to open it
 
     source = read_image(inputs["nifti"])
     files = sorted(p.name for p in (out / "attributions").iterdir())
@@ -262,3 +263,20 @@ def test_a_failing_review_scene_is_a_warning_not_a_lost_run(inputs, tmp_path, ca
     run = json.loads((out / "run.json").read_text())
     assert run["scene"]["written"] is False and not (out / "esegeta.mrb").exists()
     assert (out / "attributions" / "Saliency.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("model", [None, "bundled"])
+def test_the_bundled_model_is_the_default_and_has_a_name(inputs, tmp_path, capsys, model):
+    """No --model, or --model bundled (as study files and Slicer accept): the bundled vessel UNet."""
+    from EsegetaLib.models import DEFAULT_CARD
+    from EsegetaLib.sample import resource_path
+
+    out = tmp_path / "bundled"
+    argv = ["explain", str(inputs["nifti"]), "--out", str(out), "--methods", "Saliency", "--metrics", "none",
+            "--no-scene", "--device", "cpu", "--quiet"] + (["--model", model] if model else [])
+    assert main(argv) == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["parameters"]["model"] == "bundled default model"
+    card = json.loads(resource_path(DEFAULT_CARD).read_text())
+    assert run["parameters"]["model_card"]["name"] == card["name"]
+    assert read_image(out / "attributions" / "Saliency.nii.gz").array.shape == (1,) + SHAPE

@@ -34,6 +34,12 @@ def test_methods_table_has_a_row_per_method(capsys):
         assert rows[spec.name][2] == ("signed" if spec.signed else "unsigned")
     ig = next(line for line in out if line.startswith("IntegratedGradients "))
     assert "n_steps=" in ig and "baseline=" in ig
+    # parameters whose default means "chosen from the volume or model" say so, not 0.0 or -
+    assert "blur_sigma_mm=auto" in ig and "blur_sigma_mm=0.0" not in ig
+    occlusion = next(line for line in out if line.startswith("Occlusion "))
+    assert "window_mm=auto" in occlusion and "margin_mm=auto" in occlusion
+    assert "layer=auto" in next(line for line in out if line.startswith("GradCAM "))
+    assert not any("=0.0," in line or line.endswith("=0.0") for line in out)
 
 
 def test_subcommands_are_discovered_from_their_modules():
@@ -76,10 +82,11 @@ def test_demo_runs_on_the_bundled_sample_and_model(tmp_path):
         pytest.skip(f"the bundled default model {resource_path(DEFAULT_CARD)} is not in this checkout yet")
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "EsegetaLib", "demo", "--out", str(out), "--methods", "Saliency",
-                             "--metrics", "none", "--no-scene", "--device", "cpu"],
+                             "--no-scene", "--device", "cpu"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert f"Results: {out}" in result.stdout and "Slicer" in result.stdout
+    assert f"Results written to {out}" in result.stdout and "Slicer" in result.stdout
+    assert f"esegeta view {out}" in result.stdout
     sample = read_image(resource_path("sample_tof.nii.gz"))
     saliency = read_image(out / "attributions" / "Saliency.nii.gz")
     assert saliency.array.shape == sample.array.shape
@@ -88,3 +95,21 @@ def test_demo_runs_on_the_bundled_sample_and_model(tmp_path):
     assert run["command"] == "demo" and run["parameters"]["class_name"]
     segmentation = read_image(out / "segmentation.nii.gz").array
     assert segmentation.any()  # the bundled model finds vessels in the bundled sample
+    # the demo's metrics include the faithfulness curves the README shows
+    curves = json.loads((out / "curves.json").read_text())
+    for mode in ("deletion", "insertion"):
+        assert len(curves["Saliency"][mode]["score"]) > 2
+    assert (out / "deletion_insertion.png").stat().st_size > 10_000
+
+
+def test_the_demo_writes_into_an_ignored_folder_and_replaces_only_its_own_result(tmp_path):
+    from EsegetaLib.commands.demo import DEFAULT_OUT, _earlier_demo
+
+    ignored = subprocess.run(["git", "check-ignore", "-q", DEFAULT_OUT + "/"], cwd=REPO)
+    assert ignored.returncode == 0, f"{DEFAULT_OUT}/ is not ignored by git in the checkout"
+    run_json = tmp_path / "run.json"
+    assert not _earlier_demo(run_json)
+    run_json.write_text(json.dumps({"command": "explain"}))
+    assert not _earlier_demo(run_json)  # someone's explain result there is never replaced silently
+    run_json.write_text(json.dumps({"command": "demo"}))
+    assert _earlier_demo(run_json)
