@@ -1,37 +1,28 @@
-"""Load segmentation models safely and put their intensity normalisation in front of them.
-
-Three ways in:
-- a TorchScript file (`.pt`, `.pth`, `.ts`): architecture and weights in one file, no pickle;
-- a `torch.export` program (`.pt2`);
-- a model card (`.json`): a MONAI network class with its arguments plus a state dict loaded with
-  `torch.load(weights_only=True)`, or a TorchScript/`.pt2` file, together with what the model
-  expects (channels, class names, activation, normalisation, patch size, spacing).
-A pickled whole model (`torch.save(model)`) is refused: unpickling runs arbitrary code.
+"""What every model format shares: the model card, the description of what was loaded, the
+intensity normalisation as a differentiable first layer, and tensor-only loading.
 
 Why the normalisation is a layer: attribution methods differentiate the function they are given.
 With the normalisation as the network's first (differentiable) layer, whose constants are computed
 once from the volume and then held fixed, every map is on the original intensity grid, and
-perturbing the input does not silently re-normalise it.
+perturbing the input does not silently re-normalise it.  Formats whose model works on another grid
+(nnU-Net plans, a MONAI bundle's Spacingd) put their resampling inside that function as well
+(`models.resampling`), so maps stay gradients with respect to the user's own voxels.
 """
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import zipfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .errors import EsegetaError
+from ..errors import EsegetaError
 
 NORMALIZATIONS = ("zscore", "percentile", "minmax", "none")
 DEFAULT_CARD = "default_model.json"
-_TORCHSCRIPT_EXT = (".pt", ".pth", ".ts")
-_EXPORT_EXT = (".pt2",)
+ACTIVATIONS = ("softmax", "sigmoid")
 _ARBITRARY_PICKLE = ("refused to unpickle {path}: it holds Python objects beyond tensors, and loading "
                      "a pickle can run arbitrary code; export the model with torch.jit.script/trace "
                      "or torch.export, or save its state_dict and describe it in a model card "
@@ -199,12 +190,76 @@ def _set_mode(network, training: bool) -> None:
 
 
 @dataclass
+class ModelDescription:
+    """What was loaded, in one record shown by the CLI, the Slicer panel, study reports and run.json.
+
+    format: torchscript | export | card | nnunet | monai_bundle. spacing: the model's voxel size in
+    mm on the input's (I, J, K) axes (None: the model runs on the volume's own grid). patch_size: the
+    model's window in its own grid. preprocessing: one line per step of the explained function, in
+    order (normalisation, resampling, ...). details: format-specific facts (trainer, folds, ...).
+    """
+
+    format: str
+    name: str
+    path: Optional[str] = None
+    classes: Optional[List[str]] = None
+    activation: str = "softmax"
+    activation_source: str = "model card"
+    in_channels: Optional[int] = None
+    out_channels: Optional[int] = None
+    spacing: Optional[List[float]] = None
+    patch_size: Optional[List[int]] = None
+    normalization: str = "none"
+    preprocessing: List[str] = field(default_factory=list)
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> List[str]:
+        """Human-readable summary, one fact per line (CLI notes, Slicer panel)."""
+        classes = ", ".join(f"{i}={n}" for i, n in enumerate(self.classes or [])) or "not named"
+        out = [f"model: {self.name} ({FORMAT_NAMES.get(self.format, self.format)})",
+               f"classes: {classes}; activation: {self.activation} ({self.activation_source})"]
+        if self.spacing is not None or self.patch_size is not None:
+            out.append(f"model grid: spacing {_fmt(self.spacing)} mm, patch {_fmt(self.patch_size)}")
+        out.append(f"normalisation: {self.normalization}")
+        out.extend(f"preprocessing: {step}" for step in self.preprocessing)
+        for key, value in self.details.items():
+            out.append(f"{key}: {value}")
+        return out
+
+
+FORMAT_NAMES = {"torchscript": "TorchScript", "export": "torch.export program", "card": "model card",
+                "nnunet": "nnU-Net v2 trained-model folder", "monai_bundle": "MONAI bundle"}
+
+
+def _fmt(values) -> str:
+    if values is None:
+        return "any"
+    return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def describe_normalization(spec: Dict[str, Any]) -> str:
+    kind = spec.get("type", "none")
+    extra = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type")
+    return f"{kind} per channel, constants from the volume, held fixed" + (f" ({extra})" if extra else "") \
+        if kind != "none" else "none"
+
+
+@dataclass
 class LoadedModel:
-    """A network ready to run, with its card. `network` is the raw model (eval mode, CPU)."""
+    """A network ready to run, with its card. `network` is the raw model (eval mode, CPU).
+
+    `format` names the loader; `activation_source` says where the activation came from (the card,
+    detection of a one-channel output, or an override)."""
 
     card: ModelCard
     network: Any
     path: Optional[str] = None
+    format: str = "card"
+    activation_source: str = "model card"
+    out_channels: Optional[int] = None
 
     def check_channels(self, array: np.ndarray) -> None:
         """One-line error when the volume's channel count differs from what the model expects."""
@@ -215,164 +270,91 @@ class LoadedModel:
                                f"volume has {channels}: give a volume with {expected} channel(s) "
                                "(e.g. a multi-component NRRD) or another model")
 
-    def network_for(self, array: np.ndarray):
-        """normalisation (constants from `array` (C,I,J,K), held fixed) followed by the network."""
+    def network_for(self, array: np.ndarray, spacing: Optional[Sequence[float]] = None):
+        """The explained function for this volume: normalisation (constants from `array`
+        (C,I,J,K), held fixed) followed by the network. `spacing` (mm per I,J,K axis) is used by
+        formats that resample (nnU-Net, MONAI bundles); ignored here."""
         self.check_channels(array)
         normalize = make_normalization(array, self.card.normalization)
         return NormalizedNetwork(normalize, self.network).eval()
 
     def engine_hints(self) -> Dict[str, Any]:
-        """What the card says about running it: for `EngineOptions`/`Target` defaults."""
+        """What the card says about running it: for `EngineOptions`/`Target` defaults.
+        `whole_volume`: the explained function must see the whole volume in one window (it
+        resamples and runs its own sliding window inside)."""
         return {key: value for key, value in (
             ("patch_size", self.card.patch_size), ("divisor", self.card.divisor),
             ("activation", self.card.activation), ("head", self.card.head)) if value is not None}
 
+    def set_activation(self, activation: Optional[str] = None) -> str:
+        """Settle the activation: an explicit `activation` wins; else a model with one output
+        channel is a sigmoid model (softmax over one channel is constant), class 0 = foreground.
+        Returns the activation now in the card."""
+        if activation is not None:
+            if activation not in ACTIVATIONS:
+                raise EsegetaError(f"--activation must be softmax or sigmoid; got {activation!r}")
+            self.card.activation = activation
+            self.activation_source = "given"
+            return activation
+        channels = self.probe_out_channels()
+        if channels == 1 and self.card.activation != "sigmoid":
+            self.card.activation = "sigmoid"
+            self.activation_source = "detected: one output channel (class 0 = foreground; sigmoid > 0.5)"
+            if not self.card.classes:
+                self.card.classes = ["foreground"]
+        return self.card.activation
 
-# ------------------------------------------------------------------------------------------ loading
-def load_model(path, normalization=None) -> LoadedModel:
-    """Load a TorchScript file, a `.pt2` export or a model card `.json` (see the module docstring).
+    def probe_out_channels(self) -> Optional[int]:
+        """Output channels, known from the format or found with one small forward pass of zeros
+        (None when the network refuses the probe size: nothing is decided then)."""
+        if self.out_channels is not None:
+            return self.out_channels
+        if self.card.classes and self.card.activation == "softmax" and len(self.card.classes) > 1:
+            return len(self.card.classes)
+        from ..targets import select_head
 
-    `normalization` overrides the card's (or sets one for a bare TorchScript/export file, whose
-    default is "none").
-    """
-    path = str(path)
-    if not os.path.exists(path):
-        raise EsegetaError(f"model file not found: {path}")
-    if os.path.isdir(path):
-        raise EsegetaError(f"{path} is a folder; give a model file (.pt, .ts, .pt2 or a model card .json)")
-    lower = path.lower()
-    if lower.endswith(".json"):
-        card = ModelCard.read(path)
-        network = _network_from_card(card, os.path.dirname(os.path.abspath(path)), path)
-    elif lower.endswith(_TORCHSCRIPT_EXT + _EXPORT_EXT):
-        network = _load_archive(path)
-        card = ModelCard(name=Path(path).name.split(".")[0], architecture="torchscript" if not
-                         lower.endswith(".pt2") else "export", weights=Path(path).name,
-                         in_channels=_infer_in_channels(network), divisor=None)
-    else:
-        raise EsegetaError(f"{path}: unknown model file type; use TorchScript (.pt/.ts), torch.export "
-                           "(.pt2) or a model card (.json)")
-    if normalization is not None:
-        card.normalization = _normalization_spec(normalization, "normalization")
-    _set_mode(network, False)
-    return LoadedModel(card=card, network=network, path=path)
+        size = int(self.card.patch_size[0]) if self.card.patch_size else max(16, int(self.card.divisor or 16))
+        size = min(size, 32 if not self.card.divisor else max(int(self.card.divisor), 32))
+        x = torch.zeros((1, int(self.card.in_channels or 1), size, size, size))
+        try:
+            with torch.no_grad():
+                out = select_head(self.network(x), self.card.head)
+        except Exception:  # noqa: BLE001 - a network that needs other sizes: leave the card as it is
+            return None
+        if isinstance(out, torch.Tensor) and out.dim() == 5:
+            self.out_channels = int(out.shape[1])
+        return self.out_channels
 
-
-def load_default_model() -> LoadedModel:
-    """The bundled vessel UNet trained on synthetic TOF-MRA (`scripts/train_default_model.py`)."""
-    from .sample import resource_path
-
-    path = resource_path(DEFAULT_CARD)
-    if not path.is_file():
-        raise EsegetaError(f"the bundled model card {path} is missing: reinstall esegeta or run "
-                           "scripts/train_default_model.py")
-    return load_model(str(path))
+    @property
+    def description(self) -> ModelDescription:
+        card = self.card
+        return ModelDescription(
+            format=self.format, name=card.name, path=self.path, classes=card.classes,
+            activation=card.activation, activation_source=self.activation_source,
+            in_channels=card.in_channels, out_channels=self.out_channels, spacing=card.spacing,
+            patch_size=card.patch_size, normalization=describe_normalization(card.normalization),
+            preprocessing=[], details={})
 
 
-def build_network(card: ModelCard):
-    """Instantiate the MONAI network the card names, with its arguments (no weights)."""
+# ------------------------------------------------------------------------------ safe loading
+def load_tensors(path, what: str, allowed: Sequence[Any] = ()):
+    """torch.load with weights_only=True: pickled code is refused with an explanation. `allowed`:
+    extra types the format's checkpoints need (torch.serialization.safe_globals), nothing else."""
     try:
-        from monai.networks import nets
-    except ImportError as exc:
-        raise EsegetaError(f"model card '{card.name}' names a MONAI network: pip install monai") from exc
-    cls = getattr(nets, card.architecture, None)
-    if cls is None or not isinstance(cls, type):
-        raise EsegetaError(f"model card '{card.name}': '{card.architecture}' is not a network in "
-                           "monai.networks.nets (e.g. UNet, DynUNet, SegResNet, SwinUNETR)")
-    try:
-        return cls(**card.arguments)
-    except TypeError as exc:
-        raise EsegetaError(f"model card '{card.name}': bad arguments for {card.architecture}: "
-                           f"{exc}") from exc
-
-
-def _network_from_card(card: ModelCard, folder: str, card_path: str):
-    if card.architecture in ("torchscript", "export"):
-        if not card.weights:
-            raise EsegetaError(f"{card_path}: 'weights' must name the {card.architecture} file")
-        network = _load_archive(os.path.join(folder, card.weights))
-    else:
-        network = build_network(card)
-        if card.weights:
-            state = load_state_dict(os.path.join(folder, card.weights))
-            missing, unexpected = _match_state(network, state)
-            if missing or unexpected:
-                raise EsegetaError(
-                    f"{card_path}: the weights do not fit {card.architecture}{tuple(card.arguments.items())}"
-                    f": missing {missing[:3]}, unexpected {unexpected[:3]}; check the card's arguments")
-    if card.in_channels is None:
-        card.in_channels = _infer_in_channels(network)
-    return network
-
-
-def _match_state(network, state):
-    try:
-        result = network.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        first = str(exc).strip().splitlines()
-        return [], [first[-1].strip() if first else "shape mismatch"]
-    return list(result.missing_keys), list(result.unexpected_keys)
-
-
-def load_state_dict(path) -> Dict[str, Any]:
-    """Tensors only (`weights_only=True`); unwraps {"state_dict": ...} and DataParallel prefixes."""
-    if not os.path.exists(path):
-        raise EsegetaError(f"weights file not found: {path}")
-    state = _load_tensors(path, "a PyTorch weights file")
-    for key in ("state_dict", "model_state_dict", "model", "network_weights"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise EsegetaError(f"{path} does not hold a state dict (name -> tensor)")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def _load_tensors(path, what: str):
-    """torch.load with weights_only=True: pickled code is refused with an explanation."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise EsegetaError(_ARBITRARY_PICKLE.format(path=path)) from exc
     except Exception as exc:
-        raise EsegetaError(f"{path} is not {what}: {_first_line(exc)}") from exc
+        raise EsegetaError(f"{path} is not {what}: {first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
-def _load_archive(path):
-    """TorchScript or torch.export program; explain what to do with anything else."""
-    if not os.path.exists(path):
-        raise EsegetaError(f"model file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise EsegetaError(f"{path} is not a model file (TorchScript, torch.export or state dict "
-                           "archives are zip files)")
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    if path.lower().endswith(_EXPORT_EXT) or any("/serialized_exported_program" in n or
-                                                   n.endswith("models/model.json") for n in names):
-        try:
-            return torch.export.load(path).module()
-        except Exception as exc:
-            raise EsegetaError(f"cannot load {path} as a torch.export program: {_first_line(exc)}") from exc
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        try:
-            return torch.jit.load(path, map_location="cpu")
-        except Exception as exc:
-            raise EsegetaError(f"cannot load {path} as TorchScript: {_first_line(exc)}") from exc
-    # A plain torch.save archive: a state dict needs an architecture; a whole model is a pickle.
-    state = _load_tensors(path, "a model file")
-    raise EsegetaError(f"{path} holds weights only ({type(state).__name__}), no architecture: write a "
-                       "model card .json naming the network and pointing at these weights "
-                       "(docs/readme/models.md)")
-
-
-def _infer_in_channels(network) -> Optional[int]:
+def infer_in_channels(network) -> Optional[int]:
     """Input channels of the first convolution (its weight is (out, in, k, k, k)), if any."""
     for _, tensor in network.named_parameters():
         if tensor.ndim == 5:
