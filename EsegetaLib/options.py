@@ -59,3 +59,11 @@ class EngineOptions:
     default_patch: int = 96
     host_accumulator: Union[bool, str] = "auto"
     extra: dict = field(default_factory=dict)
+
+
+BUNDLED_MODEL_NAMES = ("bundled", "default")  # what `--model`, study files and Slicer accept for it
+
+
+def is_bundled_model(model) -> bool:
+    """True for no model (None) or the names `bundled`/`default`: the bundled vessel UNet."""
+    return model is None or str(model).strip().lower() in BUNDLED_MODEL_NAMES

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import EsegetaCancelled, EsegetaError, is_cancelled
-from .options import PRECISIONS, EngineOptions, Target
+from .options import PRECISIONS, EngineOptions, Target, is_bundled_model
 
 ProgressFn = Callable[[float, str], None]
 MethodList = List[Tuple[str, Dict[str, Any]]]
@@ -317,7 +317,6 @@ def prepare(request: ExplainRequest) -> PreparedRun:
 
 def _load_model(path, inputs: List[Tuple[str, Path]]):
     from . import models
-    from .sample import is_bundled_model
 
     if is_bundled_model(path):
         path = None
@@ -597,7 +596,6 @@ def _scene(prepared: PreparedRun, explanation, folder: Path, rows, note, warn) -
 # ---------------------------------------------------------------------------------- run.json
 def _run_json(prepared: PreparedRun, explanation, command, argv, started, timings, rows, written, scene_record):
     from . import provenance
-    from .sample import is_bundled_model
 
     request = prepared.request
     inputs = [provenance.file_record(path, role) for role, path in prepared.inputs]

@@ -26,14 +26,6 @@ SAMPLE_SPACING = (0.4, 0.4, 0.5)
 SAMPLE_SEED = 2026
 
 
-BUNDLED_MODEL_NAMES = ("bundled", "default")  # what `--model`, study files and Slicer accept for it
-
-
-def is_bundled_model(model) -> bool:
-    """True for no model (None) or the names `bundled`/`default`: the bundled vessel UNet."""
-    return model is None or str(model).strip().lower() in BUNDLED_MODEL_NAMES
-
-
 def resource_path(name: str):
     """Path of a file bundled in `EsegetaLib/resources` (works from a checkout and a wheel)."""
     return resources.files("EsegetaLib").joinpath("resources", name)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import EsegetaError
-from ..options import PRECISIONS, REGIONS
+from ..options import PRECISIONS, REGIONS, is_bundled_model
 
 # ------------------------------------------------------------------------------------ dependencies
 
@@ -327,7 +327,7 @@ def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any
         raise EsegetaError("Patch size must be 0 (the model's own) or at least 16 voxels.")
     if not 0.0 <= settings.overlap < 1.0:
         raise EsegetaError("Overlap must be at least 0 and below 1.")
-    model = settings.model_path.strip() or None
+    model = None if is_bundled_model(settings.model_path.strip() or None) else settings.model_path.strip()
     if model is not None and not Path(model).is_file():
         raise EsegetaError(f"Model file '{model}' does not exist; choose a .pt/.pt2/.json model or clear "
                            "the field to use the bundled one.")
@@ -342,7 +342,7 @@ def model_card_summary(path: str) -> Dict[str, Any]:
     """What the panel says about a model file before loading it (no torch needed): name, classes,
     description, patch size; a TorchScript/export file has no card."""
     text_path = str(path or "").strip()
-    if not text_path:
+    if not text_path or is_bundled_model(text_path):
         return {"name": "bundled vessel model", "classes": None, "text": "The bundled model (synthetic TOF-MRA vessels)."}
     file = Path(text_path)
     if not file.is_file():

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import EsegetaError
-from ..sample import is_bundled_model
+from ..options import is_bundled_model
 
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".pt2", ".json")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
