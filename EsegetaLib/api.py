@@ -71,7 +71,8 @@ def explain(volume, network, methods, target: Optional[Target] = None,
         while key in results:
             key, k = f"{spec.name}#{k}", k + 1
         results[key] = result
-    engine = {"device": str(session.device), "precision": options.precision,
+    engine = {"device": str(session.device), "precision": session.precision,
+              "precision_requested": options.precision, "precision_reason": session.precision_reason,
               "batch_size": session.batch_size, "divisor": options.divisor, "blend": options.blend,
               "windows": [[[w.start, w.stop] for w in window] for window in session.windows],
               "dtype": str(session.dtype).replace("torch.", "")}

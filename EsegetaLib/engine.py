@@ -17,6 +17,7 @@ Windows whose part of the region is empty contribute nothing to F and are skippe
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from .device import (autocast_dtype, free_memory_bytes, is_out_of_memory, release_memory,
-                     resolve_device)
+                     resolve_device, resolve_precision)
 from .errors import EsegetaCancelled, EsegetaError, is_cancelled
 from .methods.base import MethodContext, MethodSpec, VolumeStats, get_method
 from .options import EngineOptions, Target
@@ -146,8 +147,10 @@ class ExplainSession:
         if not isinstance(network, nn.Module):
             raise EsegetaError(f"The model must be a torch.nn.Module; got {type(network).__name__}.")
         self.device = resolve_device(self.options.device)
-        self.amp_dtype = autocast_dtype(self.options.precision)
         self.dtype = _network_dtype(network)
+        # "auto" -> bf16 where the device computes it natively, else fp32 (device.resolve_precision)
+        self.precision, self.precision_reason = resolve_precision(self.options.precision, self.device, self.dtype)
+        self.amp_dtype = autocast_dtype(self.precision)
         self.network = network.eval().to(self.device)
         conv = _first_conv(self.network)
         if conv is not None and conv.in_channels != array.shape[0]:
@@ -350,18 +353,49 @@ class ExplainSession:
             batch = batch[None]
         return self._base_scorer(batch.to(self.device, self.dtype)).double()
 
+    @property
+    def score_counters(self) -> Dict[str, int]:
+        """How much work `score` has done: volumes evaluated and windows rerun (a window reruns only
+        when a perturbation changed one of its voxels; the unperturbed window scores are cached)."""
+        scorer = self._base_scorer
+        return {"volumes_evaluated": scorer.evaluations if scorer else 0,
+                "windows_rerun": scorer.windows_rerun if scorer else 0}
+
     # -- attribution
     def attribute(self, method: Union[str, MethodSpec], params: Optional[Dict[str, Any]] = None,
                   inputs=None) -> MethodResult:
-        """Run one method on the session's volume (or on `inputs`, a volume of the same shape)."""
+        """Run one method on the session's volume (or on `inputs`, a volume of the same shape).
+
+        Under bf16/fp16 autocast the result carries a "precision" check. With precision 'auto', a
+        method whose completeness check fails under bf16 is rerun in fp32 (the check says so and
+        gives both errors; `seconds` counts both runs)."""
         spec = method if isinstance(method, MethodSpec) else get_method(method)
         resolved = spec.resolve_params(params)
-        if inputs is None:
-            x = self.volume
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(as_volume(inputs, "The input"))).to(self.dtype)
-            if tuple(x.shape) != tuple(self.volume.shape):
-                raise EsegetaError(f"The input has shape {tuple(x.shape)}; the session's volume is {tuple(self.volume.shape)}.")
+        x = self.volume if inputs is None else self._as_input(inputs)
+        started = time.perf_counter()
+        result = self._attribute(spec, resolved, x)
+        if self.amp_dtype is not None:
+            result = self._precision_guard(spec, resolved, x, result)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _as_input(self, inputs) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(as_volume(inputs, "The input"))).to(self.dtype)
+        if tuple(x.shape) != tuple(self.volume.shape):
+            raise EsegetaError(f"The input has shape {tuple(x.shape)}; the session's volume is {tuple(self.volume.shape)}.")
+        return x
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Autocast off for the block (the fp32 rerun of a method that lost completeness in bf16)."""
+        saved = self.amp_dtype, self.scorer.amp_dtype
+        self.amp_dtype = self.scorer.amp_dtype = None
+        try:
+            yield
+        finally:
+            self.amp_dtype, self.scorer.amp_dtype = saved
+
+    def _attribute(self, spec: MethodSpec, resolved: Dict[str, Any], x: torch.Tensor) -> MethodResult:
         started = time.perf_counter()
         self.counters = {"oom_retries": 0, "fp32_retries": 0}
         seed = int(self.options.seed)
@@ -379,7 +413,8 @@ class ExplainSession:
             raise EsegetaError(f"{spec.name} produced {bad} non-finite values; try precision 'fp32' or other parameters.")
         diag.update(self.counters)
         diag.update(n_windows=len(self.windows), n_windows_in_region=len(self.active),
-                    batch_size=self.batch_size, device=str(self.device), precision=self.options.precision)
+                    batch_size=self.batch_size, device=str(self.device), precision=self.active_precision,
+                    precision_requested=self.options.precision)
         self._report(1.0, f"{spec.name}: done")
         result = MethodResult(name=spec.name, attribution=attribution.numpy(), params=resolved,
                               seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata())
@@ -407,6 +442,104 @@ class ExplainSession:
         if switched:
             diag["inplace_modules_switched"] = switched
         return attribution, diag
+
+    @property
+    def active_precision(self) -> str:
+        """The precision the network runs in right now ('fp32' inside `full_precision`)."""
+        return "fp32" if self.scorer.amp_dtype is None else self.precision
+
+    def _precision_guard(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor,
+                         result: MethodResult) -> MethodResult:
+        """The "precision" trust check of a map computed under autocast; under 'auto', the fp32
+        rerun of a method whose completeness check does not pass."""
+        how = f"{self.precision} autocast ({self.precision_reason})"
+        status, value = completeness_status(result)
+        if status is None:
+            result.add_check("precision", "not_run", None,
+                             f"computed under {how}; {spec.name} has no completeness check to confirm that "
+                             "reduced precision kept the map; choose precision fp32 for a full-precision map.")
+            return result
+        if status == "pass":
+            result.add_check("precision", "pass", value,
+                             f"computed under {how}; the completeness check held (relative error {_g(value)}).")
+            return result
+        if self.options.precision != "auto":
+            result.add_check("precision", "warn", value,
+                             f"computed under {how} as requested; completeness relative error {_g(value)} is over "
+                             f"tolerance: rerun with precision fp32 (or 'auto', which does so).")
+            return result
+        with self.full_precision():
+            rerun = self._attribute(spec, params, x)
+        status32, value32 = completeness_status(rerun)
+        rerun.add_check("precision", "pass" if status32 == "pass" else "warn", value,
+                        f"{self.precision} autocast lost completeness (relative error {_g(value)}, over tolerance); "
+                        f"this map was recomputed in fp32 (relative error {_g(value32)}).")
+        rerun.diagnostics["reduced_precision_relative_convergence_delta"] = value
+        rerun.diagnostics["reduced_precision_seconds"] = result.seconds
+        return rerun
+
+    def attribute_many(self, method: Union[str, MethodSpec], params: Optional[Dict[str, Any]], inputs,
+                       full_precision: bool = False, progress: Optional[ProgressFn] = None) -> torch.Tensor:
+        """Maps of one method for several volumes of the session's shape: (S, C, I, J, K) -> (S, C, I, J, K)
+        float32 (float64 for a float64 network), host.
+
+        Additive and blended methods send the copies through the windows together (as many copies
+        as fill a batch with every active window), each copy with its own `prepare` (a baseline of
+        its own input) drawn from the same seed as `attribute` draws it: the maps equal
+        `attribute(inputs=x_s).attribution` one by one, up to float summation order. Noise tunnels
+        and global (perturbation) methods run copy by copy. `full_precision` runs with autocast
+        off (to match a map that was rerun in fp32). No trust checks, no fp32 rerun: this serves
+        metrics such as sensitivity that compare maps with the method's own result.
+        `progress(fraction, message)` covers the whole call."""
+        spec = method if isinstance(method, MethodSpec) else get_method(method)
+        resolved = spec.resolve_params(params)
+        xs = torch.as_tensor(inputs)
+        if xs.dim() == 4:
+            xs = xs[None]
+        if xs.dim() != 5 or tuple(xs.shape[1:]) != tuple(self.volume.shape):
+            raise EsegetaError(f"attribute_many needs (S, C, I, J, K) volumes of the session's shape "
+                               f"{tuple(self.volume.shape)}; got {tuple(xs.shape)}.")
+        xs = xs.detach().cpu().to(self.dtype)
+        n = int(xs.shape[0])
+        out = torch.empty(tuple(xs.shape), dtype=torch.float64 if self.dtype == torch.float64 else torch.float32)
+        saved = self.progress, self.progress_span
+        if progress is not None:
+            self.progress, self.progress_span = progress, (0.0, 1.0)
+        try:
+            with self.full_precision() if full_precision else contextlib.nullcontext():
+                if spec.patching in ("additive", "blended"):
+                    self._many_windows(spec, resolved, xs, out)
+                else:
+                    for j in range(n):
+                        self.progress_span = (j / n, (j + 1) / n) if progress is not None else saved[1]
+                        out[j] = torch.from_numpy(self._attribute(spec, resolved, xs[j]).attribution)
+        finally:
+            self.progress, self.progress_span = saved
+        return out
+
+    def _many_windows(self, spec: MethodSpec, params: Dict[str, Any], xs: torch.Tensor, out: torch.Tensor) -> None:
+        self.counters = {"oom_retries": 0, "fp32_retries": 0}
+        seed, n = int(self.options.seed), int(xs.shape[0])
+        layer, _ = self._layer(spec, params)
+        group = max(1, self.batch_size // max(1, len(self.active)))
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        for j0 in range(0, n, group):
+            j1 = min(n, j0 + group)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                # each copy's prepare from a generator seeded as `attribute` seeds it
+                prepared = [self._prepare(spec, params, xs[j], torch.Generator().manual_seed(seed))
+                            for j in range(j0, j1)]
+                acc, _ = self._windows_pass(spec, params, self.grid.pad(xs[j0:j1]), prepared, layer,
+                                            torch.Generator().manual_seed(seed),
+                                            blended=spec.patching == "blended", report_base=(j0 / n, j1 / n))
+            for k in range(j1 - j0):
+                part = acc[k:k + 1]
+                attribution = self.grid.crop(part)[0] if spec.patching == "blended" else self.grid.fold(part)[0]
+                if spec.finalize is not None:
+                    attribution = spec.finalize(attribution, params)
+                out[j0 + k] = attribution.to(out.dtype).cpu()
+            del acc
 
     def _run(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor, generator) -> Tuple[torch.Tensor, Dict]:
         if spec.patching == "global":
@@ -447,7 +580,8 @@ class ExplainSession:
     def _windows_pass(self, spec, params, x_pad, prepared, layer, generator, blended=False,
                       report_base: Tuple[float, float] = (0.0, 1.0)) -> Tuple[torch.Tensor, Dict]:
         """Sum (or blend) per-window maps of `spec` into padded accumulators (S, C, *padded), one per
-        input copy in `x_pad` (S, C, *padded): S > 1 batches noise samples together."""
+        input copy in `x_pad` (S, C, *padded): S > 1 batches noise samples (or perturbed copies)
+        together. `prepared`: one dict shared by all copies, or a list with one dict per copy."""
         acc_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         acc_device = torch.device("cpu") if self.host else self.device
         acc = torch.zeros(tuple(x_pad.shape), dtype=acc_dtype, device=acc_device)
@@ -460,7 +594,7 @@ class ExplainSession:
             ctx = MethodContext(
                 forward=self.scorer, network=self.network, inputs=inputs.to(self.device, self.dtype),
                 params=params, stats=self.stats, forward_args=(self.window_weights(windows),),
-                prepared={k: self._slice_prepared(v, windows) for k, v in prepared.items()},
+                prepared=self._prepared_for(prepared, chunk),
                 layer=layer, region=None, generator=generator,
                 # per example: B windows x this many steps fill one forward of `batch_size`
                 internal_batch_size=max(1, self.batch_size // len(chunk)))
@@ -480,6 +614,13 @@ class ExplainSession:
                 acc[(s,) + w] += part
             diags.add(diag)
         return acc, diags.values
+
+    def _prepared_for(self, prepared, chunk: Sequence[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
+        """`prepared` sliced to the (copy, window) pairs of a chunk."""
+        if not isinstance(prepared, list):
+            return {k: self._slice_prepared(v, [i for _, i in chunk]) for k, v in prepared.items()}
+        return {k: torch.cat([self._slice_prepared(prepared[s][k], [i]) for s, i in chunk])
+                for k in (prepared[0] if prepared else {})}
 
     def _slice_prepared(self, value: torch.Tensor, chunk: Sequence[int]) -> torch.Tensor:
         """Leading dim 1 -> (B, C, *patch); a stack of N samples -> (B, N, C, *patch)."""
@@ -538,6 +679,30 @@ class ExplainSession:
         if spec.finalize is not None:
             attribution = spec.finalize(attribution, params)
         return attribution, diag
+
+
+# Completeness tolerance used when a result has no "completeness" trust check of its own (the
+# relative convergence delta |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)| of path methods).
+COMPLETENESS_TOLERANCE = 0.01
+
+
+def _g(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def completeness_status(result: MethodResult) -> Tuple[Optional[str], Optional[float]]:
+    """(status, relative error) of a result's completeness: its "completeness" TrustCheck when it
+    has one (pass/warn/fail), else its relative convergence delta against COMPLETENESS_TOLERANCE;
+    (None, None) for methods without a completeness property (or a check that did not run)."""
+    for check in result.checks:
+        if check.name == "completeness":
+            if check.status == "not_run":
+                return None, None
+            return check.status, check.value
+    delta = result.diagnostics.get("relative_convergence_delta")
+    if isinstance(delta, (int, float)) and not isinstance(delta, bool):
+        return ("pass" if float(delta) <= COMPLETENESS_TOLERANCE else "fail"), float(delta)
+    return None, None
 
 
 def _relative_delta(diag: Dict[str, Any], attribution: Optional[torch.Tensor]) -> None:

@@ -11,7 +11,7 @@ SCORES = ("logit", "probability")
 ACTIVATIONS = ("softmax", "sigmoid")
 REDUCTIONS = ("sum", "mean")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -48,7 +48,9 @@ class EngineOptions:
     it (UNets with k poolings need 2**k)."""
 
     device: str = "auto"
-    precision: str = "fp32"
+    # "auto": bf16 autocast where the device computes bf16 natively (device.native_bf16) and the
+    # method's completeness check still holds (else that method is rerun in fp32); fp32 elsewhere.
+    precision: str = "auto"
     patch_size: Optional[Union[int, Sequence[int]]] = None
     overlap: float = 0.25
     batch_size: Union[int, str] = "auto"

@@ -53,7 +53,7 @@ class ExplainRequest:
     class_index: Optional[Union[int, str]] = None  # index or class name; None: the card's default
     region: str = "predicted"  # predicted | whole | roi:MASKFILE | point:I,J,K
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     patch_size: Optional[int] = None  # None: the model card's
     overlap: float = 0.25
     batch_size: Union[int, str] = "auto"
@@ -431,7 +431,8 @@ def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, with_metric
             results[spec.name] = session.attribute(spec, params)
         peaks[spec.name] = {"attribution_peak_mb": meter.peak_mb}
     session.progress = None  # metrics report their own progress; their reruns would jump the bar back
-    engine = {"device": str(session.device), "precision": prepared.options.precision,
+    engine = {"device": str(session.device), "precision": session.precision,
+              "precision_requested": prepared.options.precision, "precision_reason": session.precision_reason,
               "dtype": str(session.dtype).replace("torch.", ""), "batch_size": session.batch_size,
               "divisor": prepared.options.divisor, "overlap": prepared.options.overlap,
               "seed": prepared.options.seed, "patch_size_requested": prepared.options.patch_size,

@@ -7,7 +7,8 @@ the sliding-window engine, the window's blending weight. Unlike a count of thres
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -152,6 +153,16 @@ class TargetScore(nn.Module):
         self.target = target
         self.device = device
         self.amp_dtype = amp_dtype
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Autocast off within the block: scores of the function being explained (the full-precision
+        model), e.g. the endpoints F(x), F(b) of a completeness check of a map computed in bf16."""
+        saved, self.amp_dtype = self.amp_dtype, None
+        try:
+            yield
+        finally:
+            self.amp_dtype = saved
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp_dtype):

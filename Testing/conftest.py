@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Precision 'auto' (the default) picks bf16 on CPUs with native bf16 (EsegetaLib.device.native_bf16).
+# Pin the capability answer to "no" so that every test computes the same numbers on any CI CPU
+# (subprocesses inherit it); the precision tests set it explicitly. Export 1 to run the suite in bf16.
+os.environ.setdefault("ESEGETA_NATIVE_BF16", "0")
 SHARED_DATA = Path(os.environ.get("ESEGETA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

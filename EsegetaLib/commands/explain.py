@@ -53,8 +53,10 @@ def add_run_arguments(parser, methods_default: str, metrics_default: str = "defa
     engine = parser.add_argument_group("engine")
     engine.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: a CUDA GPU when there is one, else the CPU (default: auto)")
-    engine.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                        help="autocast precision, with an fp32 retry of non-finite patches (default: fp32)")
+    engine.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="auto: bf16 autocast where the device computes bf16 natively (recent GPUs, CPUs "
+                             "with AMX or AVX-512 BF16), a method that loses completeness in bf16 rerun in "
+                             "fp32; fp32 elsewhere. Non-finite patches are always retried in fp32 (default: auto)")
     engine.add_argument("--patch-size", type=_positive_int, default=None, metavar="N",
                         help="sliding-window size in voxels (default: the model card's)")
     engine.add_argument("--overlap", type=_fraction, default=0.25, metavar="F",

@@ -6,6 +6,7 @@ explains"); `finalize` (e.g. Saliency's absolute value) is applied once to that 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict
 
 import numpy as np
@@ -69,6 +70,16 @@ def merge_diagnostics(parts):
             "relative_convergence_delta": abs(delta) / max(abs(change), 1e-12)}
 
 
+def endpoint_scores(ctx: MethodContext, *inputs: torch.Tensor):
+    """F of each input without gradient and in full precision (autocast off where the forward
+    allows it): completeness compares a map with the change of the function being explained, the
+    full-precision model, even when the map was computed under bf16 autocast."""
+    exact = getattr(ctx.forward, "full_precision", None)
+    args = ctx.forward_args or ()
+    with torch.no_grad(), (exact() if exact is not None else contextlib.nullcontext()):
+        return [ctx.forward(x, *args) for x in inputs]
+
+
 def integrated_gradients(ctx: MethodContext):
     from captum.attr import IntegratedGradients
     steps = ctx.params["n_steps"]
@@ -77,9 +88,7 @@ def integrated_gradients(ctx: MethodContext):
         ctx.inputs, baselines=baselines, additional_forward_args=_args(ctx), n_steps=steps,
         method=ctx.params["integration"], internal_batch_size=steps_batch(ctx, ctx.inputs.shape[0], steps),
     )
-    with torch.no_grad():
-        args = ctx.forward_args or ()
-        diag = completeness(attr, ctx.forward(ctx.inputs, *args), ctx.forward(baselines, *args))
+    diag = completeness(attr, *endpoint_scores(ctx, ctx.inputs, baselines))
     return attr, diag
 
 
@@ -89,9 +98,7 @@ def deep_lift(ctx: MethodContext):
     from captum.attr import DeepLift
     baselines = baselines_of(ctx)
     attr = DeepLift(ctx.forward).attribute(ctx.inputs, baselines=baselines, additional_forward_args=_args(ctx))
-    with torch.no_grad():
-        args = ctx.forward_args or ()
-        diag = completeness(attr, ctx.forward(ctx.inputs, *args), ctx.forward(baselines, *args))
+    diag = completeness(attr, *endpoint_scores(ctx, ctx.inputs, baselines))
     return attr, diag
 
 

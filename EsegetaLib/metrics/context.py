@@ -38,6 +38,10 @@ class MetricContext:
     progress: Optional[Callable[[float, str], None]] = None
     # Scores shared by all methods (same perturbations for every method): computed once.
     cache: Dict[Any, torch.Tensor] = field(default_factory=dict)
+    # Progress of the metric being computed: its share of the whole run and its label (set by
+    # evaluate_maps before each metric; `report` maps a fraction within the metric onto it).
+    span: Tuple[float, float] = (0.0, 1.0)
+    label: str = "metrics"
 
     def __post_init__(self) -> None:
         if self.inputs.dim() < 2:
@@ -58,6 +62,13 @@ class MetricContext:
     def check_cancel(self) -> None:
         if is_cancelled(self.cancel):
             raise EsegetaCancelled("metrics cancelled")
+
+    def report(self, fraction: float, message: str = "") -> None:
+        """Progress within the current metric: `fraction` in [0, 1] of it, shown as '<label>: message'."""
+        if self.progress is not None:
+            a, b = self.span
+            self.progress(a + (b - a) * min(max(float(fraction), 0.0), 1.0),
+                          f"{self.label}: {message}" if message else self.label)
 
     def generator(self, *stream: int) -> torch.Generator:
         """A generator seeded by (seed, *stream): draws are reproducible batch by batch and the

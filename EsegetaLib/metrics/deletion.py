@@ -48,16 +48,26 @@ def deletion_insertion(attribution, ctx: MetricContext, mode: str = "deletion", 
     counts = np.unique(np.round(np.linspace(0, n_features, int(n_steps) + 1)).astype(np.int64))
     x, b = ctx.inputs, ctx.baseline
     raw = torch.empty(len(counts), dtype=torch.float64, device=ctx.device)
-    for start, stop in batch_ranges(len(counts), ctx.batch_size):
+    # The all-baseline end of the curve is the same volume for every method and both modes: F(b)
+    # is computed once per run (the all-input end reruns no window of the patched score anyway).
+    at_baseline = len(counts) - 1 if mode == "deletion" else 0
+    todo = list(range(len(counts)))
+    if "F(baseline)" in ctx.cache:
+        raw[at_baseline] = ctx.cache["F(baseline)"]
+        todo.remove(at_baseline)
+    for start, stop in batch_ranges(len(todo), ctx.batch_size):
         ctx.check_cancel()
-        k = torch.as_tensor(counts[start:stop], device=ctx.device, dtype=torch.int32)
+        ctx.report(start / len(todo), f"steps {start + 1}-{stop}/{len(todo)}")
+        rows = todo[start:stop]
+        k = torch.as_tensor(counts[rows], device=ctx.device, dtype=torch.int32)
         changed = (ranks.unsqueeze(0) < k.view(-1, *([1] * ranks.dim()))).unsqueeze(1)  # (n,1,*S)
         if mode == "deletion":
             batch = torch.where(changed, b.unsqueeze(0), x.unsqueeze(0))
         else:
             batch = torch.where(changed, x.unsqueeze(0), b.unsqueeze(0))
-        raw[start:stop] = ctx.score(batch)
+        raw[rows] = ctx.score(batch)
         del batch, changed
+    ctx.cache["F(baseline)"] = raw[at_baseline].clone()
     fractions = counts / n_features
     f_input = raw[0] if mode == "deletion" else raw[-1]
     f_base = raw[-1] if mode == "deletion" else raw[0]

@@ -81,11 +81,11 @@ def resolve_params(params: Optional[Mapping[str, Mapping[str, Any]]]) -> Dict[st
 
 
 def _run_metric(name: str, attribution, ctx: MetricContext, p: Dict[str, Any], explain_fn, make_explain_fn,
-                network, reference_mask):
+                network, reference_mask, explain_many=None):
     if name == "infidelity":
         return infidelity(attribution, ctx, **p)
     if name == "sensitivity":
-        return sensitivity(attribution, ctx, explain_fn, **p)
+        return sensitivity(attribution, ctx, explain_fn, explain_many=explain_many, **p)
     if name in ("deletion", "insertion"):
         return deletion_insertion(attribution, ctx, mode=name, **p)
     if name == "relevance_mass":
@@ -105,12 +105,15 @@ def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
                   metrics=None, params=None, stats=None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                   explain_fns: Optional[Mapping[str, ExplainFn]] = None,
                   make_explain_fns: Optional[Mapping[str, Callable[[torch.nn.Module], ExplainFn]]] = None,
+                  explain_many_fns: Optional[Mapping[str, Callable[..., torch.Tensor]]] = None,
                   network: Optional[torch.nn.Module] = None, region=None, reference_mask=None,
                   baseline=None, batch_size: int = 4, seed: int = 0, cancel: Any = None,
                   progress: Optional[Callable[[float, str], Any]] = None, device=None,
                   attribution_seconds: Optional[Mapping[str, float]] = None) -> MetricsReport:
     """Metrics of each named map. inputs: (C,*S) (or (*S)); score_fn: (N,C,*S) -> (N,) target scores;
-    explain_fns[name](x) -> map of x (sensitivity); make_explain_fns[name](net) -> explain function on
+    explain_fns[name](x) -> map of x (sensitivity, one perturbed volume at a time), or
+    explain_many_fns[name](xs (n,C,*S), progress=None) -> (n,C,*S) maps (sensitivity, batched: the
+    session's `attribute_many`); make_explain_fns[name](net) -> explain function on
     a network copy, with `network` (randomisation); region: the explained region (default reference
     mask); baseline: tensor/array, number or choice name (default: the engine's blurred input)."""
     from ..engine import as_volume, volume_stats
@@ -129,6 +132,7 @@ def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
                         spread=intensity_spread(stats), region=region_t, batch_size=batch_size, seed=seed,
                         cancel=cancel, progress=progress)
     explain_fns = dict(explain_fns or {})
+    explain_many_fns = dict(explain_many_fns or {})
     make_explain_fns = dict(make_explain_fns or {})
     report = MetricsReport(settings={"metrics": names, "params": {m: p[m] for m in names}, "seed": seed,
                                      "device": str(dev), "batch_size": ctx.batch_size,
@@ -142,17 +146,18 @@ def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
             row["attribution_s"] = float(attribution_seconds[method])
         for name in names:
             ctx.check_cancel()
-            if progress:
-                progress(step / total, f"metric {name} of {method}")
+            ctx.span, ctx.label = (step / total, (step + 1) / total), f"metric {name} of {method}"
+            ctx.report(0.0)
             step += 1
             if name in NEEDS_EXPLAIN and (
-                    (name == "sensitivity" and method not in explain_fns)
+                    (name == "sensitivity" and method not in explain_fns and method not in explain_many_fns)
                     or (name == "randomisation" and (method not in make_explain_fns or network is None))):
                 continue  # a precomputed map without its method: nothing to recompute
             meter = Meter(dev)
             with meter.measure():
                 values = _run_metric(name, attribution, ctx, p[name], explain_fns.get(method),
-                                     make_explain_fns.get(method), network, mask_t)
+                                     make_explain_fns.get(method), network, mask_t,
+                                     explain_many_fns.get(method))
             curve = values.pop("curve", None)
             stages = values.pop("stages", None)
             if curve is not None:
@@ -201,12 +206,15 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
     cancel = session.cancel if cancel is None else cancel
     roi_target = dataclasses.replace(session.target, region="roi", mask=np.asarray(session.region, dtype=bool))
 
-    def explain_fn_for(result):
-        def explain_fn(xp: torch.Tensor) -> torch.Tensor:
-            out = session.attribute((result.metadata or {}).get("name", result.name), result.params,
-                                    inputs=xp.detach().cpu())
-            return torch.from_numpy(out.attribution)
-        return explain_fn
+    def explain_many_fn_for(result):
+        # the perturbed volumes in the precision the result was finally computed in (an 'auto' run
+        # may have rerun this method in fp32)
+        full = session.amp_dtype is not None and (result.diagnostics or {}).get("precision") == "fp32"
+
+        def explain_many(xs: torch.Tensor, progress=None) -> torch.Tensor:
+            return session.attribute_many((result.metadata or {}).get("name", result.name), result.params,
+                                          xs, full_precision=full, progress=progress)
+        return explain_many
 
     def make_explain_fn_for(result):
         def make(net: torch.nn.Module) -> ExplainFn:
@@ -231,12 +239,13 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
     report = evaluate_maps(
         x, {name: r.attribution for name, r in items.items()}, session.score,
         metrics=metrics, params=params, stats=session.stats, device=session.device,
-        explain_fns={name: explain_fn_for(r) for name, r in rerun.items()},
+        explain_many_fns={name: explain_many_fn_for(r) for name, r in rerun.items()},
         make_explain_fns={name: make_explain_fn_for(r) for name, r in rerun.items()},
         network=session.network, region=session.region, reference_mask=reference_mask, baseline=baseline,
         batch_size=batch_size, seed=seed, cancel=cancel, progress=progress,
         attribution_seconds={name: r.seconds for name, r in items.items()})
     report.settings["windows"] = len(session.windows)
-    report.settings["precision"] = session.options.precision
+    report.settings["precision"] = session.precision
+    report.settings["precision_requested"] = session.options.precision
     gc.collect()
     return report

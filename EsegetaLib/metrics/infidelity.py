@@ -85,6 +85,8 @@ def infidelity(attribution, ctx: MetricContext, n_samples: int = 16, noise: floa
         fx = ctx.score_input()
     for start, stop in batch_ranges(n_samples, ctx.batch_size):
         ctx.check_cancel()
+        ctx.report(start / n_samples, f"perturbations {start + 1}-{stop}/{n_samples}"
+                   + ("" if new_diffs else " (score changes shared with an earlier method)"))
         pert = (noise_batch(ctx, start, stop, sigma) if perturbation == "noise"
                 else block_removal_batch(ctx, start, stop, int(block), float(fraction)))
         dots[start:stop] = (pert * a).flatten(1).sum(1, dtype=torch.float64)

@@ -160,6 +160,7 @@ def parameter_randomisation(attribution, ctx: MetricContext, network: torch.nn.M
         ctx.check_cancel()
         if index not in chosen:
             continue
+        ctx.report(len(stages) / max(1, len(chosen)), f"stage {len(stages) + 1}/{len(chosen)} (layers up to {name})")
         e = attribution_tensor(make_explain_fn(model)(ctx.inputs), ctx).sum(0)
         stages.append({"stage": index + 1, "layer": name, **compare_maps(a, e, mask)})
     last = stages[-1]

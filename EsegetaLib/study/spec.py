@@ -21,7 +21,7 @@ cases, one per (volume, model), each with its own seed derived from the study se
       - {name: IntegratedGradients, params: {n_steps: 16}}
     target: {class: 1, region: predicted}      # predicted | whole | roi | point:I,J,K
     metrics: [infidelity, sparseness]          # or default | all | none
-    engine: {device: auto, precision: fp32, retries: 1}
+    engine: {device: auto, precision: auto, retries: 1}
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ MODEL_KEYS = ("name", "path")
 METHOD_KEYS = ("name", "params")
 TARGET_KEYS = ("class", "region")
 ENGINE_DEFAULTS: Dict[str, Any] = {
-    "device": "auto", "precision": "fp32", "patch_size": None, "overlap": 0.25, "batch_size": "auto",
+    "device": "auto", "precision": "auto", "patch_size": None, "overlap": 0.25, "batch_size": "auto",
     "retries": 1,           # extra attempts of a case after an unexpected error (not after bad input)
     "scene": False,         # esegeta.mrb + previews per case (slow; the study has its own figures)
     "gallery_cases": 3,     # cases shown in figures/gallery.png
