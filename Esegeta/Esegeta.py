@@ -131,7 +131,7 @@ class EsegetaParameterNode:
     methods: str = ",".join(SELF_TEST_METHODS)
     methodParams: str = "{}"
     device: Annotated[str, Choice(list(slicer_logic.DEVICE_CHOICES))] = "auto"
-    precision: Annotated[str, Choice(["fp32", "bf16", "fp16"])] = "fp32"
+    precision: Annotated[str, Choice(["auto", "fp32", "bf16", "fp16"])] = "auto"
     patchSize: Annotated[int, WithinRange(0, 1024)] = 0
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
     metrics: str = ""

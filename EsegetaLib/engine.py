@@ -31,8 +31,8 @@ from .errors import EsegetaCancelled, EsegetaError, is_cancelled
 from .methods.base import MethodContext, MethodSpec, VolumeStats, get_method
 from .options import EngineOptions, Target
 from .results import MethodResult
-from .trust import (DETERMINISM_TOLERANCE, add_completeness_check, add_determinism_check,
-                    require_determinism)
+from .trust import (COMPLETENESS_TOLERANCE, DETERMINISM_TOLERANCE, add_completeness_check,
+                    add_determinism_check, require_determinism)
 from .targets import (TargetScore, check_class, check_target, labels_from, probabilities,
                       region_mask)
 from .windows import WindowGrid, choose_patch
@@ -681,18 +681,13 @@ class ExplainSession:
         return attribution, diag
 
 
-# Completeness tolerance used when a result has no "completeness" trust check of its own (the
-# relative convergence delta |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)| of path methods).
-COMPLETENESS_TOLERANCE = 0.01
-
-
 def _g(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
 def completeness_status(result: MethodResult) -> Tuple[Optional[str], Optional[float]]:
     """(status, relative error) of a result's completeness: its "completeness" TrustCheck when it
-    has one (pass/warn/fail), else its relative convergence delta against COMPLETENESS_TOLERANCE;
+    has one (pass/warn/fail), else its relative convergence delta against trust.COMPLETENESS_TOLERANCE;
     (None, None) for methods without a completeness property (or a check that did not run)."""
     for check in result.checks:
         if check.name == "completeness":
@@ -701,7 +696,7 @@ def completeness_status(result: MethodResult) -> Tuple[Optional[str], Optional[f
             return check.status, check.value
     delta = result.diagnostics.get("relative_convergence_delta")
     if isinstance(delta, (int, float)) and not isinstance(delta, bool):
-        return ("pass" if float(delta) <= COMPLETENESS_TOLERANCE else "fail"), float(delta)
+        return ("pass" if float(delta) <= COMPLETENESS_TOLERANCE else "warn"), float(delta)
     return None, None
 
 

@@ -285,7 +285,7 @@ class PanelSettings:
     has_roi: bool = False
     has_point: bool = False
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     patch_size: int = 0  # 0 = the model card's, else automatic
     overlap: float = 0.25
     metrics: List[str] = field(default_factory=list)

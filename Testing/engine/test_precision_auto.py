@@ -91,7 +91,7 @@ def test_method_losing_completeness_in_bf16_is_rerun_in_fp32(cpu_reports):
     bf16 = ExplainSession(image, net, target, EngineOptions(precision="bf16", divisor=4)).attribute(
         "IntegratedGradients", params)
     status_bf16, error_bf16 = completeness_status(bf16)
-    assert status_bf16 == "fail" and error_bf16 > 0.01
+    assert status_bf16 == "warn" and error_bf16 > 0.01  # the 'completeness' trust check (trust.py)
     assert {c.name: c for c in bf16.checks}["precision"].status == "warn"  # requested bf16: warned, kept
     fp32 = ExplainSession(image, net, target, EngineOptions(precision="fp32", divisor=4)).attribute(
         "IntegratedGradients", params)
