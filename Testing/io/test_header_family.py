@@ -143,7 +143,7 @@ def test_bad_headers_refused_with_one_line_naming_the_field(tmp_path, variant):
 # ------------------------------------------------------------------ Slicer's own reader (slicer-core)
 def slicer_volume(scene, path):
     """(values (I,J,K), IJK-to-RAS) of a volume node loaded by Slicer's vtkMRMLVolumeArchetypeStorageNode."""
-    from EsegetaLib import scene as S
+    from EsegetaLib.slicer import scene as S
 
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
@@ -175,7 +175,7 @@ def test_slicer_storage_node_reads_input_and_map_on_one_grid(tmp_path, variant):
     """Slicer loads the input and Esegeta's map as two nodes with equal IJK-to-RAS, each voxel at
     the RAS point where Esegeta computed it."""
     pytest.importorskip("slicer", reason="slicer-core (pip install esegeta[scene]) not installed")
-    from EsegetaLib import scene as S
+    from EsegetaLib.slicer import scene as S
 
     path = variant.make(tmp_path)
     image = read_image(path)
