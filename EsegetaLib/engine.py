@@ -35,7 +35,7 @@ from .trust import (COMPLETENESS_TOLERANCE, DETERMINISM_TOLERANCE, add_completen
                     add_determinism_check, require_determinism)
 from .targets import (TargetScore, check_class, check_target, labels_from, probabilities,
                       region_mask)
-from .windows import WindowGrid, choose_patch
+from .windows import WindowGrid, choose_patch, fit_patch
 
 ProgressFn = Callable[[float, str], Any]
 
@@ -162,10 +162,12 @@ class ExplainSession:
         self.stats = volume_stats(array, spacing)
         shape = self.stats.shape
         extra = self.options.extra or {}
-        patch = choose_patch(shape, self.options.patch_size, int(self.options.divisor),
-                             int(self.options.max_window_voxels), int(self.options.default_patch))
+        requested = choose_patch(shape, self.options.patch_size, int(self.options.divisor),
+                                 int(self.options.max_window_voxels), int(self.options.default_patch))
+        patch = fit_patch(shape, requested, int(self.options.divisor)) if self.options.fit_patch else requested
         self.grid = WindowGrid.build(shape, patch, float(self.options.overlap), self.options.blend,
                                      extra.get("pad_mode", "edge"))
+        self.grid.requested = requested
         self.windows = self.grid.windows
         self.host = self._use_host_accumulators()
         self.scorer = TargetScore(self.network, self.target, self.device, self.amp_dtype)

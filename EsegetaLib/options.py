@@ -59,6 +59,10 @@ class EngineOptions:
     seed: int = 0
     max_window_voxels: int = 128 ** 3
     default_patch: int = 96
+    # Per axis, shrink a window the volume does not fill to the volume's size rounded up to the
+    # divisor (windows.fit_patch). False keeps the patch as given: for networks that need a fixed
+    # input size (e.g. MONAI UNETR's img_size).
+    fit_patch: bool = True
     host_accumulator: Union[bool, str] = "auto"
     extra: dict = field(default_factory=dict)
 

@@ -48,6 +48,13 @@ def choose_patch(shape: Sequence[int], patch_size, divisor: int, max_window_voxe
     return tuple(_round_up(p, divisor) for p in patch)
 
 
+def fit_patch(shape: Sequence[int], patch: Sequence[int], divisor: int) -> Tuple[int, int, int]:
+    """Per axis, the window no larger than the volume needs: the volume's size rounded up to
+    `divisor` where that is smaller than `patch` (a 34-slice volume gets 48-slice windows at
+    divisor 16, not 64: the rest would only explain padding)."""
+    return tuple(min(int(p), _round_up(s, divisor)) for s, p in zip(shape, patch))
+
+
 def _source_index(size: int, padded: int, mode: str) -> np.ndarray:
     """For each position of a padded axis (padding at the end), the source voxel it copies."""
     idx = np.arange(padded)
@@ -72,6 +79,7 @@ class WindowGrid:
     importance: torch.Tensor  # (*patch) blending kernel, float64
     count: torch.Tensor  # (*padded_shape) sum of kernels, float64
     index: Tuple[np.ndarray, np.ndarray, np.ndarray]  # padded position -> source position per axis
+    requested: Optional[Tuple[int, int, int]] = None  # the patch asked for, before `fit_patch`
 
     @classmethod
     def build(cls, shape, patch, overlap: float = 0.25, blend: str = "gaussian",
@@ -148,4 +156,10 @@ def describe(grid: WindowGrid, n_active: Optional[int] = None) -> dict:
     }
     if n_active is not None:
         info["n_windows_in_region"] = n_active
+    if grid.requested is not None and tuple(grid.requested) != tuple(grid.patch):
+        info["patch_requested"] = list(grid.requested)
+        axes = [f"{name} {size} voxels: window {p} instead of {r}" for name, size, p, r
+                in zip("IJK", grid.shape, grid.patch, grid.requested) if p != r]
+        info["patch_note"] = ("windows fitted per axis to the volume (its size rounded up to the divisor): "
+                              + "; ".join(axes))
     return info
