@@ -233,14 +233,23 @@ def read_result(folder: str) -> Dict[str, Any]:
         run = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise EsegetaError(f"no readable result in {folder}: {exc}") from exc
+    grid = (run.get("input_geometry") or {}).get("ijk_to_ras")
+
+    def on_input_grid(file: str):
+        """The file's voxels, refused if they are not on the input's grid (never placed elsewhere)."""
+        image = read_image(folder / file)
+        if grid is not None and not np.allclose(image.ijk_to_ras, np.asarray(grid, dtype=float), atol=1e-4, rtol=0):
+            raise EsegetaError(f"{folder / file} is not on the input volume's grid; the result cannot be imported.")
+        return image.array[0]
+
     maps, signed = {}, {}
     for name, entry in (run.get("results") or {}).items():
-        maps[name] = read_image(folder / entry["file"]).array[0].astype(np.float32)
+        maps[name] = on_input_grid(entry["file"]).astype(np.float32)
         meta = entry.get("metadata") or {}
         signed[name] = bool(meta["signed"]) if "signed" in meta else bool(np.any(maps[name] < 0))
     segmentation = None
     if run.get("segmentation"):
-        segmentation = read_image(folder / run["segmentation"]).array[0].astype(np.uint8)
+        segmentation = on_input_grid(run["segmentation"]).astype(np.uint8)
     metrics: List[Dict[str, Any]] = []
     metrics_path = folder / "metrics.json"
     if metrics_path.is_file():

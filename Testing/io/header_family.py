@@ -287,6 +287,34 @@ def metaimage_variants() -> List[Variant]:
     ]
 
 
+# ------------------------------------------------------------- representatives for end-to-end runs
+EXPLAIN_SHAPE = (20, 16, 12)
+# A few bright voxels on a zero background, placed so that any flip or transposition moves them.
+BLOB = [(3, 4, 2), (4, 4, 2), (14, 11, 8), (6, 12, 9)]
+
+
+def blob() -> np.ndarray:
+    data = np.zeros(EXPLAIN_SHAPE, dtype=np.float32)
+    for n, ijk in enumerate(BLOB):
+        data[ijk] = 50 + 10 * n
+    return data
+
+
+def representatives() -> List[Variant]:
+    """The variants readers disagree on, as volumes big enough for a real network (explain runs)."""
+    return [
+        # ITK takes the qform, nibabel the sform: 25 mm and 10 degrees apart.
+        Variant("nifti qform 2 != sform 3", "nifti", _nifti("differ", q=QFORM, s=SFORM, qcode=2, scode=3, data=blob)),
+        # Left-handed in LPS (Slicer stores such a grid with K reversed).
+        Variant("nrrd LAS detached gzip", "nrrd", _nrrd("las", _space_fields("LAS"), data=blob, detached=True,
+                                                        encoding="gzip")),
+        Variant("nrrd spacings, no space", "nrrd", _nrrd("spacings", ["spacings: 0.5 0.6 0.7", "axis mins: 1 2 3"],
+                                                         data=blob)),
+        Variant("mha with AnatomicalOrientation", "metaimage",
+                _mha("orient", _transform_fields() + ["AnatomicalOrientation = RAI"], data=blob)),
+    ]
+
+
 def all_variants() -> List[Variant]:
     return nifti_variants() + nrrd_variants() + metaimage_variants()
 

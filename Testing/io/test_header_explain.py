@@ -22,30 +22,8 @@ from EsegetaLib.io import extension_for, read_image  # noqa: E402
 sitk = pytest.importorskip("SimpleITK")
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
-SHAPE = (20, 16, 12)
-# A few bright voxels on a zero background, placed so that any flip or transposition moves them.
-BLOB = [(3, 4, 2), (4, 4, 2), (14, 11, 8), (6, 12, 9)]
-
-
-def blob(dtype=np.float32) -> np.ndarray:
-    data = np.zeros(SHAPE, dtype=dtype)
-    for n, ijk in enumerate(BLOB):
-        data[ijk] = 50 + 10 * n
-    return data
-
-
-def _nrrd_blob(name, fields, detached=False, encoding="raw"):
-    return H._nrrd(name, fields, data=blob, detached=detached, encoding=encoding)
-
-
-REPRESENTATIVES = [
-    # ITK takes the qform, nibabel the sform: 25 mm and 10 degrees apart.
-    ("nifti qform 2 != sform 3", H._nifti("differ", q=H.QFORM, s=H.SFORM, qcode=2, scode=3, data=blob)),
-    ("nrrd LAS detached gzip", _nrrd_blob("las", H._space_fields("LAS"), detached=True, encoding="gzip")),
-    ("nrrd spacings, no space", _nrrd_blob("spacings", ["spacings: 0.5 0.6 0.7", "axis mins: 1 2 3"])),
-    ("mha with AnatomicalOrientation", H._mha("orient", H._transform_fields() + ["AnatomicalOrientation = RAI"],
-                                              data=blob)),
-]
+REPRESENTATIVES = H.representatives()
+BLOB = H.BLOB
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +40,9 @@ def ijk_array(image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
 
 
-@pytest.mark.parametrize("name,make", REPRESENTATIVES, ids=[r[0] for r in REPRESENTATIVES])
-def test_explain_outputs_overlay_the_input_in_itk(tmp_path, model, name, make, capsys):
-    path = make(tmp_path)
+@pytest.mark.parametrize("variant", REPRESENTATIVES, ids=[v.name for v in REPRESENTATIVES])
+def test_explain_outputs_overlay_the_input_in_itk(tmp_path, model, variant, capsys):
+    path = variant.make(tmp_path)
     out = tmp_path / "result"
     code = main(["explain", str(path), "--model", str(model), "--out", str(out), "--methods",
                  "Saliency,InputXGradient", "--param", "Saliency.absolute=false", "--region", "whole",
