@@ -143,7 +143,7 @@ class ExplainSession:
         self.progress_span = progress_span
         array = as_volume(volume)
         if hasattr(network, "network_for") and not isinstance(network, nn.Module):
-            network = network.network_for(array)  # a LoadedModel: normalisation built in
+            network = network.network_for(array, spacing=spacing)  # a LoadedModel: its preprocessing built in
         if not isinstance(network, nn.Module):
             raise EsegetaError(f"The model must be a torch.nn.Module; got {type(network).__name__}.")
         self.device = resolve_device(self.options.device)

@@ -60,6 +60,8 @@ class ExplainRequest:
     metrics: Union[str, Sequence[str]] = "default"  # names | "all" | "none" | "default"
     seed: int = 0
     scene: bool = True  # esegeta.mrb + previews/ when slicer-core is installed
+    activation: Optional[str] = None  # softmax | sigmoid; None: the model's (one output channel: sigmoid)
+    fold: Optional[Union[int, str]] = None  # nnU-Net folders: a fold number or "all"; None: every fold
 
 
 @dataclass
@@ -275,11 +277,15 @@ def prepare(request: ExplainRequest) -> PreparedRun:
         raise EsegetaError(f"Volume '{volume_path}' contains NaN or infinite voxels; fix or mask them first.")
     inputs: List[Tuple[str, Path]] = [("volume", volume_path)]
 
-    model = _load_model(request.model, inputs)
+    model = _load_model(request.model, inputs, fold=request.fold, activation=request.activation)
     card = model.card
     from .methods.base import check_network_support, get_method
 
-    check_network_support([get_method(name) for name, _ in methods], model.network)
+    specs = [get_method(name) for name, _ in methods]
+    check_network_support(specs, model.network)
+    refusals = {s.name: model.refusal(s) for s in specs if hasattr(model, "refusal") and model.refusal(s)}
+    if refusals:
+        raise EsegetaError(f"{', '.join(refusals)} {next(iter(refusals.values()))}.")
     in_channels = getattr(card, "in_channels", None)  # None: not known before the first forward
     if in_channels is not None and in_channels > image.channels:
         raise EsegetaError(f"The model expects {in_channels} input channels but '{volume_path}' has "
@@ -305,6 +311,13 @@ def prepare(request: ExplainRequest) -> PreparedRun:
     target = Target(class_index=class_index, region=region, activation=hints.get("activation", "softmax"),
                     head=hints.get("head", 0), mask=mask, point=point)
     patch = request.patch_size if request.patch_size is not None else hints.get("patch_size")
+    if hints.get("whole_volume"):
+        # The model resamples and runs its own sliding window inside the explained function: the
+        # engine gives it the whole volume in one window, with no padding.
+        if request.patch_size is not None:
+            warnings.append(f"--patch-size {request.patch_size} is ignored: this {model.format} model runs its own "
+                            "sliding window at its own patch size inside the explained function.")
+        patch = tuple(int(s) for s in image.spatial_shape)
     options = EngineOptions(device=device, precision=request.precision, patch_size=patch,
                             overlap=float(request.overlap),
                             batch_size=request.batch_size if request.batch_size == "auto" else int(request.batch_size),
@@ -315,15 +328,19 @@ def prepare(request: ExplainRequest) -> PreparedRun:
                        device=device, warnings=warnings)
 
 
-def _load_model(path, inputs: List[Tuple[str, Path]]):
+def _load_model(path, inputs: List[Tuple[str, Path]], fold=None, activation: Optional[str] = None):
     from . import models
 
     if is_bundled_model(path):
+        if fold is not None:
+            raise EsegetaError("--fold applies to nnU-Net trained-model folders only, not to the bundled model.")
         path = None
         model = models.load_default_model()
+        if activation is not None:
+            model.set_activation(activation)
     else:
         check_readable(path, "model")
-        model = models.load_model(path)
+        model = models.load_model(path, fold=fold, activation=activation)
     for role, file in model_files(model, path):
         inputs.append((role, file))
     return model
@@ -331,6 +348,8 @@ def _load_model(path, inputs: List[Tuple[str, Path]]):
 
 def model_files(model, given) -> List[Tuple[str, Path]]:
     """Files a model was loaded from (the file given, and a card's weights file), for checksums."""
+    if hasattr(model, "source_files"):  # folders and bundles: every file the network came from
+        return [(role, Path(file)) for role, file in model.source_files()]
     path = getattr(model, "path", None) or given
     if path is None or not Path(path).is_file():
         return []
@@ -413,7 +432,7 @@ def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, with_metric
     from .results import Explanation
 
     image = prepared.image
-    network = prepared.model.network_for(image.array)
+    network = prepared.model.network_for(image.array, spacing=image.spacing)
     specs = [get_method(name) for name, _ in prepared.methods]
     # Progress: segmentation counts as one unit, each method by its relative cost; metrics after.
     weights = [1.0] + [max(float(spec.cost), 1.0) for spec in specs]
@@ -438,6 +457,8 @@ def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, with_metric
               "seed": prepared.options.seed, "patch_size_requested": prepared.options.patch_size,
               "n_windows": len(session.windows)}
     engine.update(describe_grid(session))
+    if getattr(network, "record", None):  # what the model's own preprocessing resampled, and how
+        engine["model_preprocessing"] = network.record
     explanation = Explanation(segmentation=session.segmentation, region=session.region, results=results,
                               target=_target_record(prepared, session), engine=engine,
                               seconds=time.perf_counter() - t0)
@@ -611,6 +632,8 @@ def _run_json(prepared: PreparedRun, explanation, command, argv, started, timing
         "patch_size": request.patch_size, "overlap": request.overlap, "batch_size": request.batch_size,
         "metrics": prepared.metrics, "seed": request.seed,
         "model_card": _card_record(card),
+        "activation": request.activation, "fold": request.fold,
+        "model_description": prepared.model.description.to_dict() if hasattr(prepared.model, "description") else None,
     }
     return provenance.run_record(
         command=command, argv=argv, inputs=inputs, parameters=parameters,

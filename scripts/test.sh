@@ -16,5 +16,8 @@ fi
 # torch==2.13.0: the CPU-only build on Linux without an NVIDIA GPU, an installed torch kept
 # (see scripts/install_torch.sh for every case).
 bash scripts/install_torch.sh "$VENV/bin/python"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[full,scene,study,test]"
+# The installed torch pinned in the same command, so that the nnunet extra's dependencies
+# (timm -> torchvision) resolve against it instead of upgrading it.
+TORCH_PIN="torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[full,scene,study,test,nnunet]" "$TORCH_PIN"
 exec "$VENV/bin/python" -m pytest Testing -q "$@"

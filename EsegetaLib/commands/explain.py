@@ -48,6 +48,9 @@ def add_run_arguments(parser, methods_default: str, metrics_default: str = "defa
                       help="a method parameter, repeatable (e.g. IntegratedGradients.n_steps=32)")
     what.add_argument("--class", dest="class_index", default=None, metavar="N",
                       help="class index or name from the model card (default: the first foreground class)")
+    what.add_argument("--activation", default=None, choices=("softmax", "sigmoid"),
+                      help="how outputs become probabilities (default: the model's; a one-channel model is "
+                           "sigmoid, class 0 = foreground)")
     what.add_argument("--region", default="predicted", metavar="predicted|whole|roi:MASKFILE|point:I,J,K",
                       help="voxels whose score is explained (default: predicted, the model's own mask)")
     engine = parser.add_argument_group("engine")
@@ -81,8 +84,12 @@ def add_parser(subparsers, common):
                                    description=__doc__.replace("\n", " "))
     parser.add_argument("volume", metavar="VOLUME", help="input volume (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)")
     parser.add_argument("--model", default="bundled", metavar="MODEL",
-                        help="torch.export (.pt2), TorchScript (.pt/.ts), a model card (.json), or 'bundled' "
+                        help="torch.export (.pt2), TorchScript (.pt/.ts), a model card (.json), an nnU-Net v2 "
+                             "trained-model folder, a MONAI bundle (folder or .zip), or 'bundled' "
                              "(the bundled vessel UNet for TOF-MRA; the default)")
+    parser.add_argument("--fold", default=None, metavar="N|all",
+                        help="nnU-Net folders: one fold, or 'all' (the fold_all model); default: every fold_N, "
+                             "ensembled (mean of the folds' logits)")
     parser.add_argument("--out", required=True, metavar="DIR", help="result directory (created; must be empty)")
     add_run_arguments(parser, methods_default="Saliency,IntegratedGradients")
     parser.set_defaults(handler=run)
@@ -96,7 +103,8 @@ def request_from(args, volume, model):
                           params=parse_param_assignments(args.param), class_index=args.class_index,
                           region=args.region, device=args.device, precision=args.precision,
                           patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size,
-                          metrics=args.metrics, seed=args.seed, scene=args.scene)
+                          metrics=args.metrics, seed=args.seed, scene=args.scene,
+                          activation=getattr(args, "activation", None), fold=getattr(args, "fold", None))
 
 
 def run_request(args, request, out: Path, command: str) -> Path:
@@ -115,6 +123,8 @@ def run_request(args, request, out: Path, command: str) -> Path:
         prepared = prepare(request)
         for warning in prepared.warnings:
             progress.warn(warning)
+        for line in prepared.model.description.lines():
+            progress.note(line)
         methods = ", ".join(name for name, _ in prepared.methods)
         label = f"class {prepared.target.class_index}"
         if prepared.class_name != label:

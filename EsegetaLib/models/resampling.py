@@ -1,0 +1,87 @@
+"""Differentiable spatial preprocessing: exact separable resampling as a torch layer.
+
+A resampler that treats each axis on its own (spline or linear `resize`, nearest along one axis,
+`torch.nn.functional.interpolate`) is a linear map out = M_0 (x) M_1 (x) M_2 applied to the volume,
+one matrix (n_out, n_in) per axis.  `axis_matrices` reads those matrices off the library's own
+resampling function by resampling unit vectors, so the torch layer reproduces that function (to
+float rounding) while autograd differentiates it: maps are then gradients with respect to the
+user's own voxels, on the input grid.  Written here because no library exposes its resampling as
+a differentiable operator with the same numbers.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+# Other axes of the probe volumes keep this size with a zoom of exactly 1 (an identity for any
+# interpolating resampler), so each probe sees only the axis being measured.
+_PROBE_WIDTH = 4
+
+
+def axis_matrices(resample: Callable[[np.ndarray, Sequence[int]], np.ndarray], shape_in: Sequence[int],
+                  shape_out: Sequence[int]) -> List[Optional[np.ndarray]]:
+    """Per spatial axis, the (n_out, n_in) matrix of `resample(data (C, X, Y, Z), new_shape)`, or
+    None where the axis keeps its size.  Probes: channel j holds unit vector e_j along the axis."""
+    matrices: List[Optional[np.ndarray]] = []
+    for axis, (n_in, n_out) in enumerate(zip(shape_in, shape_out)):
+        n_in, n_out = int(n_in), int(n_out)
+        if n_in == n_out:
+            matrices.append(None)
+            continue
+        probe_in = [_PROBE_WIDTH] * 3
+        probe_in[axis] = n_in
+        probe_out = list(probe_in)
+        probe_out[axis] = n_out
+        data = np.zeros((n_in, *probe_in), dtype=np.float64)
+        for j in range(n_in):
+            index = [j] + [slice(None)] * 3
+            index[1 + axis] = j
+            data[tuple(index)] = 1.0
+        out = np.asarray(resample(data, probe_out), dtype=np.float64)
+        middle = [_PROBE_WIDTH // 2] * 3
+        middle[axis] = slice(None)
+        matrices.append(np.stack([out[(j, *middle)] for j in range(n_in)], axis=1))  # (n_out, n_in)
+    return matrices
+
+
+class SeparableResample(torch.nn.Module):
+    """(B, C, X, Y, Z) -> (B, C, X', Y', Z'): out = M_0 (x) M_1 (x) M_2 x, exact and differentiable.
+
+    `lower`/`upper` (broadcastable to the output, e.g. (C, 1, 1, 1)): clamp after the matrices of
+    every axis but `last_axis` (all axes when None), before that axis's matrix, reproducing
+    resamplers that clip their output to the input's range (scikit-image `resize(clip=True)`;
+    nnU-Net clips per channel, or per slice when it resamples the anisotropic axis separately).
+    """
+
+    def __init__(self, matrices: Sequence[Optional[np.ndarray]], lower: Optional[np.ndarray] = None,
+                 upper: Optional[np.ndarray] = None, last_axis: Optional[int] = None):
+        super().__init__()
+        self.identity = [m is None for m in matrices]
+        self.last_axis = last_axis
+        self.clip = lower is not None and not all(self.identity)
+        for axis, m in enumerate(matrices):
+            self.register_buffer(f"m{axis}", torch.as_tensor(np.zeros((0, 0)) if m is None else m,
+                                                             dtype=torch.float64))
+        self.register_buffer("lower", torch.as_tensor(lower if lower is not None else np.zeros(0), dtype=torch.float64))
+        self.register_buffer("upper", torch.as_tensor(upper if upper is not None else np.zeros(0), dtype=torch.float64))
+
+    def _axis(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        if self.identity[axis]:
+            return x
+        m = getattr(self, f"m{axis}").to(x.dtype)
+        return torch.movedim(torch.matmul(torch.movedim(x, 2 + axis, -1), m.T), -1, 2 + axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for axis in range(3):
+            if axis != self.last_axis:
+                x = self._axis(x, axis)
+        if self.clip:
+            x = torch.clamp(x, self.lower.to(x.dtype), self.upper.to(x.dtype))
+        if self.last_axis is not None:
+            x = self._axis(x, self.last_axis)
+        return x
+
+    def output_shape(self, shape: Sequence[int]) -> List[int]:
+        return [int(s) if self.identity[a] else int(getattr(self, f"m{a}").shape[0]) for a, s in enumerate(shape)]

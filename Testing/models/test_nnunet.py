@@ -1,0 +1,240 @@
+"""nnU-Net v2 trained-model folders: built with nnU-Net's own classes, checked against nnU-Net's
+own predictor, gradients exact through its resampling and sliding window."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2", reason="nnU-Net tests need the nnunet extra (pip install 'esegeta[nnunet]')")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nnunet_helpers import (RESENC, anisotropic_affine, dice, make_nnunet_folder, plans,  # noqa: E402
+                            tube_volume)
+
+from EsegetaLib.cli import main  # noqa: E402
+from EsegetaLib.errors import EsegetaError  # noqa: E402
+from EsegetaLib.models import load_model  # noqa: E402
+
+SPACING = (0.8, 0.9, 2.5)  # anisotropic along K: nnU-Net resamples that axis separately
+
+
+@pytest.fixture(scope="module")
+def nnunet_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    folder = make_nnunet_folder(root, folds=(0, 1))
+    return root, folder
+
+
+@pytest.fixture(scope="module")
+def volume_file(tmp_path_factory):
+    from EsegetaLib.io import Image, write_image
+
+    path = tmp_path_factory.mktemp("vol") / "case_0000.nii.gz"
+    array = tube_volume()
+    write_image(path, array, Image(array=array, ijk_to_ras=anisotropic_affine(SPACING), format="nifti"))
+    return path
+
+
+def nnunet_prediction(folder: Path, volume: Path, out: Path, folds) -> Path:
+    """nnU-Net's own predictor on the file (its SimpleITK reader, preprocessing and export)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=folds,
+                                                   checkpoint_name="checkpoint_final.pth")
+    out.mkdir(parents=True, exist_ok=True)
+    predictor.predict_from_files_sequential([[str(volume)]], str(out), save_probabilities=False, overwrite=True,
+                                            folder_with_segs_from_prev_stage=None)
+    return out / "case.nii.gz"
+
+
+@pytest.mark.parametrize("fold", ["0", None])
+def test_segmentation_equals_nnunet_predictor(nnunet_root, volume_file, tmp_path, capsys, fold):
+    """esegeta explain on the folder = nnUNetPredictor on the same file: Dice >= 0.99, same grid.
+    fold None: both folds, ensembled (mean of the folds' logits) by both."""
+    from EsegetaLib.io import read_image
+
+    _, folder = nnunet_root
+    argv = ["explain", str(volume_file), "--model", str(folder), "--out", str(tmp_path / "run"),
+            "--methods", "Saliency", "--metrics", "none", "--no-scene", "--device", "cpu", "--region", "whole"]
+    if fold is not None:
+        argv += ["--fold", fold]
+    assert main(argv) == 0, capsys.readouterr().err
+    notes = capsys.readouterr().err
+    assert "nnU-Net v2 trained-model folder" in notes and "PlainConvUNet" in notes
+    ours = read_image(tmp_path / "run" / "segmentation.nii.gz")
+    reference = read_image(nnunet_prediction(folder, volume_file, tmp_path / "nnunet",
+                                             (0,) if fold else (0, 1)))
+    assert ours.array.shape == reference.array.shape
+    np.testing.assert_allclose(ours.ijk_to_ras, reference.ijk_to_ras, atol=1e-5)
+    score = dice(ours.array[0], reference.array[0])
+    print(f"\nfold {fold or '0+1'}: Dice vs nnUNetPredictor {score:.4f}, foreground "
+          f"{int((reference.array > 0).sum())} voxels")
+    assert (reference.array > 0).sum() > 100 and (reference.array == 0).sum() > 100
+    assert score >= 0.99
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    described = run["parameters"]["model_description"]
+    assert described["format"] == "nnunet" and described["classes"] == ["background", "vessel"]
+    pre = run["engine"]["model_preprocessing"]
+    assert pre["resampled_from"]["spacing"] == pytest.approx(list(SPACING[::-1]))
+    assert pre["resampled_to"]["spacing"] == [2.0, 1.0, 1.0] and pre["folds"] == ([fold] if fold else ["0", "1"])
+    roles = [item["role"] for item in run["inputs"]]
+    assert "nnU-Net plans" in roles and any(r.startswith("nnU-Net checkpoint") for r in roles)
+    saliency = read_image(tmp_path / "run" / "attributions" / "Saliency.nii.gz")
+    assert saliency.array.shape == ours.array.shape and np.abs(saliency.array).sum() > 0
+
+
+def test_resampling_matrices_reproduce_nnunet_resampling():
+    """The separable matrices (with scikit-image's clipping to the input range) give what nnU-Net's
+    resample_data_or_seg_to_shape gives: cubic with a separate anisotropic axis, cubic, linear."""
+    from functools import partial
+
+    from nnunetv2.preprocessing.resampling.default_resampling import (determine_do_sep_z_and_axis,
+                                                                      resample_data_or_seg_to_shape)
+
+    from EsegetaLib.models.resampling import SeparableResample, axis_matrices
+
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(2, 18, 30, 36))
+    for current, order in (((2.5, 0.9, 0.8), 3), ((1.2, 0.9, 0.8), 3), ((2.5, 0.9, 0.8), 1)):
+        target, shape_out = (2.0, 1.0, 1.0), [22, 27, 29]
+        function = partial(resample_data_or_seg_to_shape, is_seg=False, order=order, order_z=0, force_separate_z=None)
+        expected = function(data, shape_out, current, target)
+        from unittest import mock
+
+        from nnunetv2.preprocessing.resampling import default_resampling
+
+        with mock.patch.object(default_resampling, "resize", partial(default_resampling.resize, clip=False)):
+            matrices = axis_matrices(lambda d, s: function(d, s, current, target), data.shape[1:], shape_out)
+        separate, axis = determine_do_sep_z_and_axis(None, current, target)
+        if separate:
+            other = tuple(a + 1 for a in range(3) if a != axis)
+            lower, upper = data.min(axis=other, keepdims=True), data.max(axis=other, keepdims=True)
+            layer = SeparableResample(matrices, lower, upper, last_axis=int(axis))
+        else:
+            lower = data.min(axis=(1, 2, 3), keepdims=True)
+            layer = SeparableResample(matrices, lower, data.max(axis=(1, 2, 3), keepdims=True))
+        ours = layer(torch.from_numpy(data[None]))[0].numpy()
+        np.testing.assert_allclose(ours, expected, atol=1e-10)
+
+
+def test_saliency_through_resampling_is_the_gradient_of_the_pipeline(nnunet_root):
+    """float64: the engine's Saliency on the input grid = d/dx of sum(region * logit_1) of the whole
+    resampled pipeline, taken in one autograd graph; completeness of the map's geometry."""
+    from EsegetaLib.engine import ExplainSession
+    from EsegetaLib.options import EngineOptions, Target
+
+    _, folder = nnunet_root
+    model = load_model(folder, fold=0)
+    volume = tube_volume(shape=(30, 26, 14))
+    function = model.network_for(volume, SPACING).double()
+    session = ExplainSession(volume, function, Target(class_index=1, region="predicted"),
+                             EngineOptions(device="cpu", patch_size=volume.shape[1:], divisor=1),
+                             spacing=SPACING)
+    result = session.attribute("Saliency", {"absolute": False})
+    x = torch.from_numpy(volume[None].astype(np.float64)).requires_grad_(True)
+    region = torch.from_numpy(session.region)
+    score = (function(x)[0, 1] * region).sum()
+    (grad,) = torch.autograd.grad(score, x)
+    assert result.map.shape == volume.shape[1:]
+    err = float(np.abs(result.map - grad[0].sum(0).numpy()).max())
+    print(f"\nSaliency vs one-graph gradient: max abs error {err:.2e} (max |grad| {float(grad.abs().max()):.3g})")
+    assert err <= 1e-9 * max(1.0, float(grad.abs().max()))
+    assert float(grad.abs().sum()) > 0 and session.region.any()
+
+
+def test_fold_ensemble_is_the_mean_of_the_folds(nnunet_root):
+    _, folder = nnunet_root
+    volume = tube_volume(shape=(20, 20, 10))
+    x = torch.from_numpy(volume[None])
+    with torch.no_grad():
+        both = load_model(folder).network_for(volume, SPACING)(x)
+        each = [load_model(folder, fold=f).network_for(volume, SPACING)(x) for f in (0, 1)]
+    torch.testing.assert_close(both, (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-5)
+    assert float((each[0] - each[1]).abs().max()) > 1e-3  # the folds differ
+
+
+def test_every_method_runs_or_is_refused_with_a_reason(nnunet_root, volume_file):
+    """Gradient and perturbation methods run through nnU-Net's pipeline; layer methods are refused
+    in one line that says why (the layer runs once per nnU-Net patch on the resampled grid), and so
+    is Captum's DeepLift (its module hooks keep one call per module)."""
+    from EsegetaLib.methods import all_methods
+    from EsegetaLib.runner import ExplainRequest, _run_engine, prepare
+
+    _, folder = nnunet_root
+    cheap = {"IntegratedGradients": {"n_steps": 2}, "DeepLiftShap": {"n_baselines": 1},
+             "GradientShap": {"n_samples": 1, "n_baselines": 1}, "SmoothGrad": {"nt_samples": 1},
+             "SmoothGradSquared": {"nt_samples": 1}, "VarGrad": {"nt_samples": 2},
+             "Occlusion": {"window_fraction": 0.5}, "FeatureAblation": {"block_fraction": 0.5},
+             "ShapleyValueSampling": {"n_samples": 1, "block_fraction": 0.5},
+             "Lime": {"n_samples": 8, "block_fraction": 0.5}, "KernelShap": {"n_samples": 8, "block_fraction": 0.5},
+             "RISE": {"n_masks": 2}}
+    ran, refused = [], []
+    for spec in all_methods():
+        request = ExplainRequest(volume=volume_file, model=folder, fold="0", methods=spec.name,
+                                 params={spec.name: cheap.get(spec.name, {})}, metrics="none", scene=False,
+                                 device="cpu", region="whole")
+        try:
+            prepared = prepare(request)
+        except EsegetaError as exc:
+            message = str(exc)
+            assert "\n" not in message and "nnU-Net patch" in message, message
+            refused.append(spec.name)
+            continue
+        explanation = _run_engine(prepared, lambda f, m: None, None, with_metrics=False)[0]
+        result = explanation.results[spec.name]
+        assert result.map.shape == (36, 30, 18) and np.isfinite(result.map).all(), spec.name
+        ran.append(spec.name)
+    print(f"\nran on nnU-Net: {', '.join(ran)}\nrefused: {', '.join(refused)}")
+    assert {"Saliency", "IntegratedGradients", "GuidedBackprop", "Occlusion", "RISE"} <= set(ran)
+    assert set(refused) == {s.name for s in all_methods() if s.needs_layer} | {"DeepLift", "DeepLiftShap"}
+
+
+def test_residual_encoder_unet_folder_loads_and_runs(tmp_path):
+    """ResidualEncoderUNet (nnU-Net ResEnc plans) is built by nnU-Net's trainer and runs."""
+    folder = make_nnunet_folder(tmp_path, plans_dict=plans(architecture=RESENC, normalization="CTNormalization"))
+    model = load_model(folder)
+    assert type(model.network).__name__ == "ResidualEncoderUNet"
+    assert "CTNormalization" in model.description.normalization
+    volume = tube_volume(shape=(20, 20, 10))
+    with torch.no_grad():
+        out = model.network_for(volume, SPACING)(torch.from_numpy(volume[None]))
+    assert out.shape == (1, 2, 20, 20, 10) and torch.isfinite(out).all()
+    clipped = model.network_for(volume, SPACING).norm_record[0]
+    assert clipped["clip"] == [60.0, 700.0] and clipped["offset"] == 300.0
+
+
+def one_error_line(capsys, argv) -> str:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("esegeta: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_nnunet_inputs_get_one_line(nnunet_root, volume_file, tmp_path, capsys):
+    import shutil
+
+    _, folder = nnunet_root
+    run = ["explain", volume_file, "--out", tmp_path / "out", "--device", "cpu", "--model"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_error_line(capsys, run + [empty])
+    assert "neither an nnU-Net" in line and "plans.json" in line and "configs/inference.json" in line
+    line = one_error_line(capsys, run + [folder, "--fold", "3"])
+    assert "fold 3" in line and "0, 1" in line
+    # A checkpoint that would need arbitrary code to unpickle (a pickled object of a class).
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    state = torch.load(bad / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    state["trainer"] = torch.nn.Linear(1, 1)  # a whole module object: unpickling would import and run code
+    torch.save(state, bad / "fold_0" / "checkpoint_final.pth")
+    line = one_error_line(capsys, run + [bad, "--fold", "0"])
+    assert "arbitrary code" in line
+    assert not (tmp_path / "out").exists()
