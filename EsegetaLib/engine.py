@@ -143,7 +143,11 @@ class ExplainSession:
         self.progress_span = progress_span
         array = as_volume(volume)
         if hasattr(network, "network_for") and not isinstance(network, nn.Module):
-            network = network.network_for(array, spacing=spacing)  # a LoadedModel: its preprocessing built in
+            # A LoadedModel: its preprocessing built in (formats that resample need the spacing).
+            import inspect
+
+            takes_spacing = "spacing" in inspect.signature(network.network_for).parameters
+            network = network.network_for(array, spacing=spacing) if takes_spacing else network.network_for(array)
         if not isinstance(network, nn.Module):
             raise EsegetaError(f"The model must be a torch.nn.Module; got {type(network).__name__}.")
         self.device = resolve_device(self.options.device)
