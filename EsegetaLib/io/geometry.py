@@ -41,8 +41,8 @@ def check_orthogonal(matrix: np.ndarray, field: str) -> None:
         raise EsegetaError(f"{field} has a zero-length axis; fix the header")
     unit = m / norms
     if np.max(np.abs(unit.T @ unit - np.eye(3))) > ORTHOGONALITY_TOLERANCE:
-        raise EsegetaError(f"{field} is not orthogonal (the voxel axes are sheared); ITK and Slicer cannot place "
-                           "such a grid: resample the image onto a rotated grid first")
+        raise EsegetaError(f"{field} is not orthogonal (the voxel axes are sheared); a Slicer volume cannot hold "
+                           "such a grid, so maps would not overlay it: resample the image onto a rotated grid first")
 
 
 def check_grid(affine: np.ndarray, field: str) -> np.ndarray:

@@ -27,6 +27,7 @@ from .geometry import affine_from, check_grid, check_spacing
 
 # ITK's tolerances (itkNiftiImageIO.cxx): sform ~ qform element by element, and the "very similar" test.
 _SIMILAR_MATRIX, _SIMILAR_OFFSET, _VERY_SIMILAR = 1e-5, 1e-7, 1e-4
+_INTENT_GENMATRIX = 1004  # NIFTI_INTENT_GENMATRIX: ITK throws "not yet implemented"
 _UNIT_SCALE = {"meter": 1e3, "mm": 1.0, "micron": 1e-3}  # ITK converts spatial units to millimetres
 
 
@@ -132,6 +133,9 @@ def read(path) -> Tuple[np.ndarray, np.ndarray, object]:
     if len(extra) > 1:
         raise EsegetaError(f"{path} has more than one non-spatial axis (NIfTI dim = {list(shape)}); expected a 3-D "
                            "volume or 3-D + channels")
+    if int(header["intent_code"]) == _INTENT_GENMATRIX:
+        raise EsegetaError("NIfTI intent_code is GENMATRIX (a matrix per voxel); ITK and Slicer cannot read it: "
+                           "save the volume with intent none")
     affine, _ = itk_affine(header)
     check_grid(affine, "NIfTI qform/sform")
     data = np.asanyarray(img.dataobj)  # applies scl_slope/inter as ITK does (slope 0 or NaN: none)

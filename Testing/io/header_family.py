@@ -141,6 +141,8 @@ def nifti_variants() -> List[Variant]:
         Variant("nifti sheared sform, no qform", "nifti", _nifti("sheared_s", s=_sheared(), qcode=0), refuse="sform"),
         Variant("nifti zero pixdim", "nifti", _nifti("zero_pixdim", q=QFORM, pixdim=(0.5, 0.0, 0.7)), refuse="pixdim"),
         Variant("nifti NaN in sform", "nifti", _nifti("nan_sform", q=QFORM, s=_nan_sform()), refuse="sform"),
+        Variant("nifti intent GENMATRIX", "nifti", _nifti("genmatrix", q=QFORM, intent=1004),
+                refuse="intent_code"),
         Variant("nifti 2-D image", "nifti", _nifti("flat", q=QFORM, data=lambda: values((5, 6))), refuse="2-D"),
     ]
     return out
@@ -319,12 +321,26 @@ def all_variants() -> List[Variant]:
     return nifti_variants() + nrrd_variants() + metaimage_variants()
 
 
+def itk_verdict(path: Path) -> str:
+    """What SimpleITK (ITK 5.4) does with the file: 'reads' or 'refuses'."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return "n/a"
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        sitk.ReadImage(str(path))
+        return "reads"
+    except RuntimeError:
+        return "refuses"
+
+
 def table(folder: Path) -> str:
-    """Markdown table: every variant, pass or refused (with Esegeta's one line)."""
+    """Markdown table: every variant, what ITK does, and Esegeta's result (pass, or its one line)."""
     from EsegetaLib.errors import EsegetaError
     from EsegetaLib.io import read_image
 
-    rows = ["| variant | result | detail |", "| --- | --- | --- |"]
+    rows = ["| variant | SimpleITK | Esegeta | detail |", "| --- | --- | --- | --- |"]
     for v in all_variants():
         path = v.make(folder)
         try:
@@ -332,7 +348,7 @@ def table(folder: Path) -> str:
             result, detail = "pass", v.note
         except EsegetaError as exc:
             result, detail = "refused", str(exc).replace(str(path) + ": ", "").replace(str(path), os.path.basename(path))
-        rows.append(f"| {v.name} | {result} | {detail} |")
+        rows.append(f"| {v.name} | {itk_verdict(path)} | {result} | {detail} |")
     return "\n".join(rows)
 
 
