@@ -12,7 +12,7 @@ from .engine import ExplainSession, ProgressFn
 from .errors import EsegetaError
 from .methods.base import MethodSpec, check_network_support, get_method
 from .options import EngineOptions, Target
-from .results import Explanation
+from .results import TARGET_SEPARATOR, Explanation
 
 MethodRequest = Union[str, MethodSpec, Tuple[Union[str, MethodSpec], Dict[str, Any]]]
 
@@ -38,6 +38,8 @@ def resolve_methods(methods: Union[MethodRequest, Iterable[MethodRequest], Dict[
 def _target_record(target: Target, region_voxels: int) -> Dict[str, Any]:
     record = dataclasses.asdict(target)
     record["mask"] = None if target.mask is None else f"{int(np.asarray(target.mask).astype(bool).sum())} voxels"
+    record["class_names"] = None if target.class_names is None else list(target.class_names)
+    record["classes"] = None if target.classes is None else [int(c) for c in target.classes]
     record["region_voxels"] = region_voxels
     return record
 
@@ -66,21 +68,37 @@ def explain(volume, network, methods, target: Optional[Target] = None,
     for n, (spec, params) in enumerate(requests):
         session.check_cancel()
         session.progress_span = (edges[n + 1], edges[n + 2])
-        result = session.attribute(spec, params)
         key, k = spec.name, 2
-        while key in results:
+        while key in results or f"{session.target_names[0]}{TARGET_SEPARATOR}{key}" in results:
             key, k = f"{spec.name}#{k}", k + 1
-        results[key] = result
+        if len(session.targets) == 1:
+            results[key] = session.attribute(spec, params)
+        else:
+            for name, result in session.attribute_targets(spec, params).items():
+                results[f"{name}{TARGET_SEPARATOR}{key}"] = result
     engine = {"device": str(session.device), "precision": session.precision,
               "precision_requested": options.precision, "precision_reason": session.precision_reason,
               "batch_size": session.batch_size, "divisor": options.divisor, "blend": options.blend,
               "windows": [[[w.start, w.stop] for w in window] for window in session.windows],
               "dtype": str(session.dtype).replace("torch.", "")}
     engine.update({k: v for k, v in describe_grid(session).items()})
-    return Explanation(segmentation=session.segmentation, region=session.region, results=results,
-                       target=_target_record(target, session.region_voxels), engine=engine,
+    return Explanation(segmentation=session.segmentation, region=session.regions_union, results=results,
+                       target=_target_record(target, int(session.regions_union.sum())), engine=engine,
                        seconds=time.perf_counter() - started,
-                       probabilities=session.probabilities if keep_probabilities else None)
+                       probabilities=session.probabilities if keep_probabilities else None,
+                       targets=target_records(session), target_regions=target_regions(session))
+
+
+def target_records(session: ExplainSession) -> List[Dict[str, Any]]:
+    """One JSON-ready record per target: name, class index, region facts (voxels, point, band...)."""
+    return [{"name": t.name, "class_index": t.class_index, **t.info} for t in session.targets]
+
+
+def target_regions(session: ExplainSession) -> Dict[str, np.ndarray]:
+    """Each target's signed region (int8: +1 region / inside band, -1 outside band) when there are several."""
+    if len(session.targets) == 1:
+        return {}
+    return {t.name: t.sign for t in session.targets}
 
 
 def describe_grid(session: ExplainSession) -> Dict[str, Any]:

@@ -33,8 +33,8 @@ from .options import EngineOptions, Target
 from .results import MethodResult
 from .trust import (COMPLETENESS_TOLERANCE, DETERMINISM_TOLERANCE, add_completeness_check,
                     add_determinism_check, require_determinism)
-from .targets import (TargetScore, check_class, check_target, labels_from, probabilities,
-                      region_mask)
+from .multitarget import VJP_MODES, MultiTargetScore, TargetRows, batches_targets
+from .targets import ResolvedTarget, TargetScore, check_class, check_target, labels_from, probabilities, resolve_targets
 from .windows import WindowGrid, choose_patch, fit_patch
 
 ProgressFn = Callable[[float, str], Any]
@@ -186,12 +186,52 @@ class ExplainSession:
             float(extra.get("determinism_tolerance", DETERMINISM_TOLERANCE)))
         self.n_classes = int(self.probabilities.shape[0])
         self.segmentation = labels_from(self.probabilities, self.target)
-        self.region = region_mask(self.target, shape, self.probabilities)
+        # Every score asked for (several classes or components give several); regions held fixed.
+        self.targets: List[ResolvedTarget] = resolve_targets(self.target, shape, self.probabilities,
+                                                             self.stats.spacing)
+        self.select_target(0)
+
+    # -- targets
+    @property
+    def target_names(self) -> List[str]:
+        return [t.name for t in self.targets]
+
+    @property
+    def regions_union(self) -> np.ndarray:
+        """(I, J, K) bool: every target's region (the one region for a single target)."""
+        if len(self.targets) == 1:
+            return self.region
+        return np.logical_or.reduce([t.region for t in self.targets])
+
+    def _target_index(self, which: Union[int, str]) -> int:
+        if isinstance(which, str):
+            if which not in self.target_names:
+                raise EsegetaError(f"No target named {which!r}; the targets are {', '.join(self.target_names)}.")
+            return self.target_names.index(which)
+        if not 0 <= int(which) < len(self.targets):
+            raise EsegetaError(f"Target {which} is out of range: there are {len(self.targets)} targets.")
+        return int(which)
+
+    def select_target(self, which: Union[int, str]) -> ResolvedTarget:
+        """Make target `which` (index or name) the one that `attribute`, `score`, `region`,
+        `window_weights` and `active` refer to; returns it."""
+        k = self._target_index(which)
+        t = self.targets[k]
+        self.current_target = k
+        self.region = t.region
+        self.region_weights = t.weights()  # (I, J, K) float64, signed for boundary targets
         self.region_voxels = int(self.region.sum())
-        norm = float(self.region_voxels) if self.target.reduction == "mean" else 1.0
-        self._region_pad = self.grid.embed(torch.from_numpy(self.region).to(torch.float64)) / norm
-        self.active = [i for i, w in enumerate(self.windows) if bool(self._region_pad[w].any())]
+        self._region_pad = self._weights_pad(t)
+        self.active = self._active_windows(self._region_pad)
+        self.scorer.class_index = t.class_index
         self._base_scorer: Optional[PatchedScore] = None
+        return t
+
+    def _weights_pad(self, t: ResolvedTarget) -> torch.Tensor:
+        return self.grid.embed(torch.from_numpy(t.weights()))
+
+    def _active_windows(self, weights_pad: torch.Tensor) -> List[int]:
+        return [i for i, w in enumerate(self.windows) if bool(weights_pad[w].any())]
 
     # -- set-up helpers
     def _full_precision_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -369,12 +409,15 @@ class ExplainSession:
 
     # -- attribution
     def attribute(self, method: Union[str, MethodSpec], params: Optional[Dict[str, Any]] = None,
-                  inputs=None) -> MethodResult:
-        """Run one method on the session's volume (or on `inputs`, a volume of the same shape).
+                  inputs=None, target: Optional[Union[int, str]] = None) -> MethodResult:
+        """Run one method on the session's volume (or on `inputs`, a volume of the same shape) for
+        the selected target (or `target`, an index or name, which becomes the selected one).
 
         Under bf16/fp16 autocast the result carries a "precision" check. With precision 'auto', a
         method whose completeness check fails under bf16 is rerun in fp32 (the check says so and
         gives both errors; `seconds` counts both runs)."""
+        if target is not None:
+            self.select_target(target)
         spec = method if isinstance(method, MethodSpec) else get_method(method)
         resolved = spec.resolve_params(params)
         x = self.volume if inputs is None else self._as_input(inputs)
@@ -421,6 +464,8 @@ class ExplainSession:
         diag.update(n_windows=len(self.windows), n_windows_in_region=len(self.active),
                     batch_size=self.batch_size, device=str(self.device), precision=self.active_precision,
                     precision_requested=self.options.precision)
+        if len(self.targets) > 1:
+            diag["target"] = self.targets[self.current_target].name
         self._report(1.0, f"{spec.name}: done")
         result = MethodResult(name=spec.name, attribution=attribution.numpy(), params=resolved,
                               seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata())
@@ -546,6 +591,184 @@ class ExplainSession:
                     attribution = spec.finalize(attribution, params)
                 out[j0 + k] = attribution.to(out.dtype).cpu()
             del acc
+
+    # -- several targets
+    def attribute_targets(self, method: Union[str, MethodSpec], params: Optional[Dict[str, Any]] = None
+                          ) -> Dict[str, MethodResult]:
+        """One map per target, {target name: MethodResult}, in target order.
+
+        Methods linear in the gradient of a weighted score (`multitarget.batches_targets`) run
+        `options.target_batch` targets per pass: one forward per window and one batched backward.
+        Others run one target at a time; `diagnostics['multi_target']` says which happened."""
+        spec = method if isinstance(method, MethodSpec) else get_method(method)
+        resolved = spec.resolve_params(params)
+        saved = self.current_target
+        try:
+            if len(self.targets) == 1:
+                result = self.attribute(spec, resolved, target=0)
+                return {self.targets[0].name: result}
+            if not batches_targets(spec, resolved):
+                out = {}
+                why = (f"one target at a time: {spec.name} is not a sum of per-example gradients of a "
+                       "weighted score, so its targets cannot share one backward pass")
+                for k, t in enumerate(self.targets):
+                    result = self.attribute(spec, resolved, target=k)
+                    result.diagnostics["multi_target"] = why
+                    out[t.name] = result
+                return out
+            return self._attribute_batched(spec, resolved)
+        finally:
+            self.select_target(saved)
+
+    def _attribute_batched(self, spec: MethodSpec, params: Dict[str, Any]) -> Dict[str, MethodResult]:
+        size = max(1, int(getattr(self.options, "target_batch", 8) or 8))
+        groups = [list(range(a, min(a + size, len(self.targets)))) for a in range(0, len(self.targets), size)]
+        out: Dict[str, MethodResult] = {}
+        seed = int(self.options.seed)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        for n, group in enumerate(groups):
+            started = time.perf_counter()
+            self.counters = {"oom_retries": 0, "fp32_retries": 0}
+            span = self.progress_span
+            a, b = span[0] + (span[1] - span[0]) * n / len(groups), span[0] + (span[1] - span[0]) * (n + 1) / len(groups)
+            self.progress_span = (a, b)
+            try:
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed)  # every group draws what a single-target run draws
+                    generator = torch.Generator().manual_seed(seed)
+                    maps, diags = self._run_targets(spec, params, self.volume, generator, group)
+            finally:
+                self.progress_span = span
+            seconds = time.perf_counter() - started
+            for k, attribution, diag in zip(group, maps, diags):
+                attribution = attribution.to(torch.float64 if self.dtype == torch.float64 else torch.float32).cpu()
+                if not bool(torch.isfinite(attribution).all()):
+                    bad = int((~torch.isfinite(attribution)).sum())
+                    raise EsegetaError(f"{spec.name} produced {bad} non-finite values for target "
+                                       f"{self.targets[k].name}; try precision 'fp32' or other parameters.")
+                diag.update(self.counters)
+                diag.update(n_windows=len(self.windows), batch_size=self.batch_size, device=str(self.device),
+                            precision=self.active_precision, precision_requested=self.options.precision,
+                            target=self.targets[k].name,
+                            multi_target=f"batched: {len(group)} targets shared one forward per window and "
+                                         f"one backward pass ({seconds:.3f} s for the {len(group)})",
+                            targets_in_pass=len(group), pass_seconds=seconds)
+                result = MethodResult(name=spec.name, attribution=attribution.numpy(), params=params,
+                                      seconds=seconds / len(group), diagnostics=diag, metadata=spec.metadata())
+                self._trust_report(result, params)
+                if self.amp_dtype is not None:
+                    self.select_target(k)  # the guard's fp32 rerun is of this target
+                    result = self._precision_guard(spec, params, self.volume, result)
+                out[self.targets[k].name] = result
+        self._report(1.0, f"{spec.name}: done ({len(self.targets)} targets)")
+        return out
+
+    def _run_targets(self, spec, params, x, generator, group: List[int]):
+        """Maps and diagnostics of `group`'s targets from one batched pass (noise tunnels: one per sample)."""
+        if spec.patching == "noise_tunnel":
+            return self._noise_tunnel_targets(spec, params, x, generator, group)
+        prepared = self._prepare(spec, params, x, generator)
+        acc, diags = self._targets_pass(spec, params, self.grid.pad(x[None]), prepared, generator, group)
+        maps = []
+        for g, diag in enumerate(diags):
+            attribution = self.grid.fold(acc[g:g + 1])[0]
+            _relative_delta(diag, attribution)
+            if spec.finalize is not None:
+                attribution = spec.finalize(attribution, params)
+            maps.append(attribution)
+        return maps, diags
+
+    def _noise_tunnel_targets(self, spec, params, x, generator, group: List[int]):
+        from .methods import noise as nt
+
+        base = get_method(params["base_method"])
+        inner = nt.base_params(params)
+        kind = params.get("nt_type") or nt.NT_TYPES.get(spec.name, "smoothgrad")
+        samples = int(params["nt_samples"])
+        sigma = nt.stdev(self.stats, params)
+        prepared = self._prepare(base, inner, x, generator)
+        aggregators = [nt.Aggregator(kind) for _ in group]
+        for j in range(samples):
+            noisy = x + nt.draw(x[None], sigma, 1, generator)[0].to(x.dtype)
+            acc, _ = self._targets_pass(base, inner, self.grid.pad(noisy[None]), prepared, generator, group,
+                                        report_base=(j / samples, (j + 1) / samples))
+            for g, aggregator in enumerate(aggregators):
+                sample = self.grid.fold(acc[g:g + 1])[0]
+                if base.finalize is not None:
+                    sample = base.finalize(sample, inner)
+                aggregator.add(sample.to(torch.float64))
+        maps = []
+        for aggregator in aggregators:
+            out = aggregator.result()
+            maps.append(spec.finalize(out, params) if spec.finalize is not None else out)
+        diags = [{"noise_stdev": sigma, "base_method": base.name, "nt_type": kind} for _ in group]
+        return maps, diags
+
+    def _targets_pass(self, spec, params, x_pad, prepared, generator, group: List[int],
+                      report_base: Tuple[float, float] = (0.0, 1.0)):
+        """Per-window maps of `spec` for every target of `group` at once, summed into padded
+        accumulators (G, C, *padded). A batch's rows are (window, target) pairs; `MultiTargetScore`
+        runs the network once per window and backpropagates the rows' cotangents together."""
+        acc_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        acc_device = torch.device("cpu") if self.host else self.device
+        acc = torch.zeros((len(group),) + tuple(x_pad.shape[1:]), dtype=acc_dtype, device=acc_device)
+        weights_pad = [self._weights_pad(self.targets[k]) for k in group]
+        active = [set(self._active_windows(w)) for w in weights_pad]
+        windows = sorted(set().union(*active))
+        multi = MultiTargetScore(self.scorer)
+        per_target = [_Diagnostics() for _ in group]
+        counters = {"vmap_fallbacks": 0}
+        vjp = str((self.options.extra or {}).get("target_vjp", "auto"))
+        if vjp not in VJP_MODES:
+            raise EsegetaError(f"target_vjp must be one of {', '.join(VJP_MODES)}; got {vjp!r}.")
+
+        def work(chunk):
+            rows = [(i, g) for i in chunk for g in range(len(group)) if i in active[g]]
+            inputs = torch.stack([x_pad[(0, slice(None)) + self.windows[i]] for i, _ in rows]).to(self.device, self.dtype)
+            weights = torch.stack([self.grid.weight(self.windows[i]) * weights_pad[g][self.windows[i]]
+                                   for i, g in rows])[:, None].to(self.device, self.dtype)
+            layout = TargetRows([i for i, _ in rows], [self.targets[group[g]].class_index for _, g in rows],
+                                vjp=vjp)
+            sliced = {key: self._slice_prepared(value, [i for i, _ in rows]) for key, value in prepared.items()}
+            ctx = MethodContext(
+                forward=multi, network=self.network, inputs=inputs, params=params, stats=self.stats,
+                forward_args=(weights, layout), prepared=sliced, layer=None, region=None, generator=generator,
+                internal_batch_size=max(1, self.batch_size // len(chunk)))
+            attribution, diag = _split(spec.attribute(ctx))
+            changes = None
+            if "score_change" in diag:  # completeness per target: F_k(x) - F_k(baseline) per row
+                from .methods.common import baselines_of
+
+                with torch.no_grad():
+                    changes = (multi(inputs, weights, layout) - multi(baselines_of(ctx), weights, layout)).double().cpu()
+            counters["vmap_fallbacks"] += layout.vmap_fallbacks
+            return rows, attribution.detach(), diag, changes
+
+        a, b = report_base
+        report = lambda done, total: self._report(a + (b - a) * done / total,
+                                                  f"{spec.name}: window {done}/{total} ({len(group)} targets)")
+        for _, (rows, attribution, diag, changes) in self.run_batches(windows, work, report):
+            attribution = attribution.to(acc_device, acc_dtype)
+            sums = attribution.flatten(1).double().sum(dim=1).cpu()
+            for r, (i, g) in enumerate(rows):
+                acc[(g, slice(None)) + self.windows[i]] += attribution[r]
+            for g, record in enumerate(per_target):
+                mine = [r for r, (_, h) in enumerate(rows) if h == g]
+                if not mine:
+                    continue
+                shared = {k: v for k, v in diag.items()
+                          if k not in ("convergence_delta", "score_change", "relative_convergence_delta")}
+                if changes is not None:
+                    change = float(changes[mine].sum())
+                    shared.update(convergence_delta=float(sums[mine].sum()) - change, score_change=change)
+                record.add(shared)
+        diags = []
+        for g, record in enumerate(per_target):
+            values = dict(record.values)
+            values.update(n_windows_in_region=len(active[g]), vmap_fallbacks=counters["vmap_fallbacks"],
+                          target_vjp=vjp if vjp != "auto" else ("loop" if self.device.type == "cpu" else "vmap"))
+            diags.append(values)
+        return acc, diags
 
     def _run(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor, generator) -> Tuple[torch.Tensor, Dict]:
         if spec.patching == "global":

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-REGIONS = ("predicted", "whole", "roi", "point")
+REGIONS = ("predicted", "whole", "roi", "point", "component", "components", "boundary", "rois")
 SCORES = ("logit", "probability")
 ACTIVATIONS = ("softmax", "sigmoid")
 REDUCTIONS = ("sum", "mean")
@@ -22,7 +22,22 @@ class Target:
       predicted - voxels the model assigns to the class on the unperturbed input (mask held fixed);
       whole     - every voxel;
       roi       - `mask`, a boolean array on the input's spatial grid;
-      point     - the voxel `point` (index on the input grid), or a ball of `radius` voxels.
+      point     - the voxel `point` (index on the input grid), or a ball of `radius` voxels;
+      component - the connected component (26-connected) of the class's predicted segmentation that
+                  contains `point`, held fixed like `predicted`; with `geodesic_mm`, only its voxels
+                  within that distance of the point along the component ("this branch near here");
+      components- every component of at least `min_component_voxels` voxels: one target each
+                  (named component_1, component_2, ... largest first; at most
+                  `max_components` of them when set);
+      boundary  - `predicted` with a boundary band (`boundary_mm`, see below);
+      rois      - `masks`, several boolean arrays: one target each (named by `mask_names`, else
+                  roi_1, roi_2, ...), e.g. every segment of a segmentation.
+    boundary_mm: when set (or region 'boundary'), the score contrasts the class's score just inside
+      the region's boundary (+1, voxels within boundary_mm of the outside) with just outside it (-1,
+      non-class voxels within boundary_mm of the region): "why is the wall here?". Works with
+      predicted, component, components and roi. None with region 'boundary' = the largest spacing.
+    classes: several classes at once (one target each, same region kind); None = `class_index` only.
+    class_names: names for the targets (index -> name), else "class_<c>".
     score: `logit` or `probability` (softmax over classes, or sigmoid per channel: `activation`).
     head: which output to use when the network returns a list/tuple (index) or dict (key);
       default 0 = the first element, the full-resolution head of MONAI/nnU-Net deep supervision.
@@ -38,6 +53,14 @@ class Target:
     radius: float = 0.0
     threshold: float = 0.5
     head: Union[int, str] = 0
+    geodesic_mm: Optional[float] = None
+    boundary_mm: Optional[float] = None
+    min_component_voxels: int = 27
+    max_components: Optional[int] = None
+    masks: Optional[Sequence[np.ndarray]] = None
+    mask_names: Optional[Sequence[str]] = None
+    classes: Optional[Sequence[int]] = None
+    class_names: Optional[Sequence[str]] = None
 
 
 @dataclass
@@ -64,6 +87,9 @@ class EngineOptions:
     # input size (e.g. MONAI UNETR's img_size).
     fit_patch: bool = True
     host_accumulator: Union[bool, str] = "auto"
+    # Several targets: how many share one forward per window and one batched backward (memory
+    # grows with it: the backward runs this many cotangents at once).
+    target_batch: int = 8
     extra: dict = field(default_factory=dict)
 
 

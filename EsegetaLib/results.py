@@ -54,12 +54,36 @@ class MethodResult:
         return self.attribution.sum(axis=0)
 
 
+TARGET_SEPARATOR = "/"
+
+
 @dataclass
 class Explanation:
+    """`results` is keyed by method name; with several targets by "<target>/<method>" (one map per
+    target and method; `targets` then lists each target's name, class, voxel count and region
+    facts, and `target_regions` holds each target's signed region, int8 (I, J, K))."""
     segmentation: np.ndarray  # uint8/int16 label map (I, J, K) from the same sliding-window model
-    region: np.ndarray  # bool (I, J, K): the target region that was explained
+    region: np.ndarray  # bool (I, J, K): the target region that was explained (union of the targets')
     results: Dict[str, MethodResult]
     target: Dict[str, Any]
     engine: Dict[str, Any]  # resolved device, precision, patch size, overlap, batch size, windows
     seconds: float = 0.0
     probabilities: Optional[np.ndarray] = None  # (n_classes, I, J, K) float32 when kept
+    targets: List[Dict[str, Any]] = field(default_factory=list)  # several targets: one record each
+    target_regions: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def multi_target(self) -> bool:
+        return len(self.targets) > 1
+
+    def by_target(self) -> Dict[str, Dict[str, MethodResult]]:
+        """{target name: {method: result}}; a single-target run is one entry named after its target
+        (or "target")."""
+        if not self.multi_target:
+            name = self.targets[0]["name"] if self.targets else "target"
+            return {name: dict(self.results)}
+        out: Dict[str, Dict[str, MethodResult]] = {t["name"]: {} for t in self.targets}
+        for key, result in self.results.items():
+            target, _, method = key.partition(TARGET_SEPARATOR)
+            out.setdefault(target, {})[method] = result
+        return out

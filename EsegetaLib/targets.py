@@ -8,7 +8,9 @@ the sliding-window engine, the window's blending weight. Unlike a count of thres
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,14 +52,14 @@ def check_target(target: Target) -> None:
 
 
 def check_class(target: Target, n_classes: int) -> None:
-    c = target.class_index
-    if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < n_classes:
-        raise EsegetaError(
-            f"Class index {c!r} is out of range: the model outputs {n_classes} class"
-            f"{'es' if n_classes != 1 else ''} (0 to {n_classes - 1})."
-        )
+    for c in ([target.class_index] if target.classes is None else list(target.classes)):
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < n_classes:
+            raise EsegetaError(
+                f"Class index {c!r} is out of range: the model outputs {n_classes} class"
+                f"{'es' if n_classes != 1 else ''} (0 to {n_classes - 1})."
+            )
     if n_classes == 1 and target.activation == "softmax" and (
-            target.score == "probability" or target.region == "predicted"):
+            target.score == "probability" or target.region in ("predicted", "boundary", "component", "components")):
         raise EsegetaError(
             "The model has one output channel, where softmax is constant; use activation 'sigmoid'."
         )
@@ -70,9 +72,9 @@ def probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
-def class_score_map(logits: torch.Tensor, target: Target) -> torch.Tensor:
-    """(B, n_classes, *S) -> (B, *S): the target class's logit or probability per voxel."""
-    c = int(target.class_index)
+def class_score_map(logits: torch.Tensor, target: Target, class_index: Optional[int] = None) -> torch.Tensor:
+    """(B, n_classes, *S) -> (B, *S): the target class's (or `class_index`'s) logit or probability per voxel."""
+    c = int(target.class_index if class_index is None else class_index)
     if target.score == "logit":
         return logits[:, c]
     if target.activation == "sigmoid":
@@ -95,24 +97,39 @@ def labels_from(probs: np.ndarray, target: Target) -> np.ndarray:
     return labels.astype(np.uint8 if probs.shape[0] < 255 else np.int16)
 
 
-def region_mask(target: Target, shape: Sequence[int], probs: Optional[np.ndarray] = None) -> np.ndarray:
-    """The fixed boolean region (I, J, K) on the input grid; one-line errors for unusable regions."""
-    shape = tuple(int(s) for s in shape)
-    c = int(target.class_index)
+def class_mask(probs: np.ndarray, target: Target, c: int) -> np.ndarray:
+    """The model's segmentation of class `c` from blended probabilities (n_classes, *S)."""
+    if target.activation == "sigmoid":
+        return probs[c] > target.threshold
+    return probs.argmax(axis=0) == c
+
+
+def _empty_prediction(probs: np.ndarray, target: Target, c: int, region: str) -> EsegetaError:
+    present = sorted(set(np.unique(probs.argmax(axis=0)).tolist())) if target.activation != "sigmoid" \
+        else [k for k in range(probs.shape[0]) if (probs[k] > target.threshold).any()]
+    return EsegetaError(
+        f"The '{region}' region is empty: the model assigns no voxel to class {c} on this volume; "
+        f"use region 'whole', 'roi' or 'point', or another class (predicted: {present or 'none'})."
+    )
+
+
+def region_mask(target: Target, shape: Sequence[int], probs: Optional[np.ndarray] = None,
+                spacing: Optional[Sequence[float]] = None) -> np.ndarray:
+    """The fixed boolean region (I, J, K) of a single target on the input grid (for several targets
+    or a boundary band: the union of `resolve_targets`' regions); one-line errors for unusable regions."""
+    targets = resolve_targets(target, shape, probs, spacing)
+    if len(targets) == 1:
+        return targets[0].region
+    return np.logical_or.reduce([t.region for t in targets])
+
+
+def _basic_region(target: Target, shape, probs, c: int) -> np.ndarray:
     if target.region == "whole":
         return np.ones(shape, dtype=bool)
-    if target.region == "predicted":
-        if target.activation == "sigmoid":
-            mask = probs[c] > target.threshold
-        else:
-            mask = probs.argmax(axis=0) == c
+    if target.region in ("predicted", "boundary"):
+        mask = class_mask(probs, target, c)
         if not mask.any():
-            present = sorted(set(np.unique(probs.argmax(axis=0)).tolist())) if target.activation != "sigmoid" \
-                else [k for k in range(probs.shape[0]) if (probs[k] > target.threshold).any()]
-            raise EsegetaError(
-                f"The 'predicted' region is empty: the model assigns no voxel to class {c} on this volume; "
-                f"use region 'whole', 'roi' or 'point', or another class (predicted: {present or 'none'})."
-            )
+            raise _empty_prediction(probs, target, c, target.region)
         return mask
     if target.region == "roi":
         if target.mask is None:
@@ -139,6 +156,128 @@ def region_mask(target: Target, shape: Sequence[int], probs: Optional[np.ndarray
     return dist2 <= float(target.radius) ** 2
 
 
+@dataclass
+class ResolvedTarget:
+    """One explained score: class `class_index`, weights on the input grid (I, J, K).
+
+    `sign` is +1 on the region (the inside band for a boundary target), -1 on the outside band of a
+    boundary target, 0 elsewhere; the weight of a voxel is sign * scale_pos (sign > 0) or
+    sign * scale_neg (sign < 0): 1 for reduction 'sum', 1 / count of that side for 'mean'."""
+
+    name: str
+    class_index: int
+    sign: np.ndarray  # int8 (I, J, K)
+    scale_pos: float = 1.0
+    scale_neg: float = 1.0
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def region(self) -> np.ndarray:
+        return self.sign != 0
+
+    def weights(self, dtype=np.float64) -> np.ndarray:
+        w = np.where(self.sign > 0, self.scale_pos, 0.0) - np.where(self.sign < 0, self.scale_neg, 0.0)
+        return w.astype(dtype)
+
+
+def safe_name(text: str) -> str:
+    """A target name usable as a file and folder name (letters, digits, '-', '_', '.')."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._")
+    return name or "target"
+
+
+def _class_name(target: Target, c: int) -> str:
+    names = list(target.class_names or [])
+    return safe_name(names[c]) if 0 <= c < len(names) and str(names[c]).strip() else f"class_{c}"
+
+
+def resolve_targets(target: Target, shape: Sequence[int], probs: Optional[np.ndarray] = None,
+                    spacing: Optional[Sequence[float]] = None) -> List[ResolvedTarget]:
+    """Every score the target asks for: one per class in `target.classes` (or `class_index`), and
+    for region 'components' one per connected component of each class; regions held fixed.
+
+    Raises EsegetaError (one line) for unusable regions: empty prediction, a click outside the
+    segmentation (naming the nearest segmented voxel), an empty boundary band, no component large
+    enough."""
+    from . import regions
+
+    shape = tuple(int(s) for s in shape)
+    spacing = tuple(float(s) for s in (spacing if spacing is not None else (1.0, 1.0, 1.0)))
+    classes = [int(target.class_index)] if target.classes is None else [int(c) for c in target.classes]
+    if not classes:
+        raise EsegetaError("No class to explain: give at least one class.")
+    band = target.boundary_mm
+    if target.region == "boundary" and band is None:
+        band = max(spacing)
+    if band is not None and target.region in ("whole", "point", "rois"):
+        raise EsegetaError(f"A boundary band needs a region with a boundary (predicted, component, components or "
+                           f"roi); region '{target.region}' has none.")
+    if target.geodesic_mm is not None and target.region != "component":
+        raise EsegetaError("A geodesic limit (mm) applies to region 'component' only (component:I,J,K:MM).")
+    several = len(classes) > 1
+    out: List[ResolvedTarget] = []
+    for c in classes:
+        base = _class_name(target, c)
+        pieces: List[tuple] = []  # (name, region, within, info)
+        if target.region == "component":
+            seg = class_mask(probs, target, c)
+            what = f"the segmentation of {base}"
+            component = regions.component_at(seg, target.point, spacing, what=what)
+            point = regions.check_point(target.point, shape)
+            info = {"point": list(point), "component_voxels": int(component.sum())}
+            within = None
+            if target.geodesic_mm is not None:
+                within = regions.geodesic_limit(component, point, target.geodesic_mm, spacing)
+                info["geodesic_mm"] = float(target.geodesic_mm)
+            region = component if within is None else component & within
+            pieces.append((f"{base}_component" if several else base, region, within, info, component))
+        elif target.region == "components":
+            seg = class_mask(probs, target, c)
+            if not seg.any():
+                raise _empty_prediction(probs, target, c, "components")
+            parts = regions.components_by_size(seg, int(target.min_component_voxels))
+            if target.max_components is not None:
+                parts = parts[:max(1, int(target.max_components))]
+            if not parts:
+                raise EsegetaError(
+                    f"No component of {base} has {target.min_component_voxels} voxels or more; "
+                    "lower the minimum size (components:N).")
+            for n, part in enumerate(parts, start=1):
+                name = f"{base}_component_{n}" if several else f"component_{n}"
+                pieces.append((name, part, None, {"component": n, "component_voxels": int(part.sum())}, part))
+        elif target.region == "rois":
+            if not target.masks:
+                raise EsegetaError("Region 'rois' needs masks: pass Target(masks=[boolean arrays on the volume's grid]).")
+            labels = list(target.mask_names or [])
+            for n, mask in enumerate(target.masks, start=1):
+                region = _basic_region(Target(region="roi", mask=mask), shape, probs, c)
+                name = safe_name(labels[n - 1]) if n <= len(labels) else f"roi_{n}"
+                pieces.append((f"{base}_{name}" if several else name, region, None, {"roi": n}, region))
+        else:
+            region = _basic_region(target, shape, probs, c)
+            pieces.append((base, region, None, {}, region))
+        for name, region, within, info, full in pieces:
+            sign = region.astype(np.int8)
+            if band is not None:
+                allowed = None if target.region == "roi" else ~class_mask(probs, target, c)
+                inside, outside = regions.boundary_band(full, float(band), spacing, outside_allowed=allowed,
+                                                        within=within)
+                sign = inside.astype(np.int8) - outside.astype(np.int8)
+                info = dict(info, boundary_mm=float(band), inside_voxels=int(inside.sum()),
+                            outside_voxels=int(outside.sum()))
+            n_pos, n_neg = int((sign > 0).sum()), int((sign < 0).sum())
+            mean = target.reduction == "mean"
+            info = dict(info, voxels=n_pos + n_neg)
+            out.append(ResolvedTarget(name=name, class_index=c, sign=sign,
+                                      scale_pos=1.0 / max(n_pos, 1) if mean else 1.0,
+                                      scale_neg=1.0 / max(n_neg, 1) if mean else 1.0, info=info))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        for k, t in enumerate(out):
+            t.name = f"{t.name}_{k + 1}"
+    return out
+
+
 class TargetScore(nn.Module):
     """(B, C, *S) patch, (B, 1, *S) weights -> (B,) score = sum(weights * class score map).
 
@@ -153,6 +292,7 @@ class TargetScore(nn.Module):
         self.target = target
         self.device = device
         self.amp_dtype = amp_dtype
+        self.class_index = int(target.class_index)  # the engine switches it between targets
 
     @contextlib.contextmanager
     def full_precision(self) -> Iterator[None]:
@@ -171,7 +311,7 @@ class TargetScore(nn.Module):
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        scores = class_score_map(self.logits(x), self.target)
+        scores = class_score_map(self.logits(x), self.target, self.class_index)
         return (scores * weights[:, 0]).flatten(1).sum(dim=1)
 
 
