@@ -24,7 +24,6 @@ sitk = pytest.importorskip("SimpleITK")
 
 import header_family as H  # noqa: E402
 from helpers import write_torchscript  # noqa: E402
-from test_header_family import assert_same_world_values, slicer_volume  # noqa: E402
 
 from EsegetaLib.cli import main  # noqa: E402
 from EsegetaLib.io import read_image  # noqa: E402
@@ -124,12 +123,12 @@ def test_review_scene_nodes_share_the_inputs_grid(tmp_path, scene, model, varian
     for method in METHODS:
         name = next(n for n in by_name if f" - {method} - " in n)
         saved = read_image(out / "attributions" / f"{method}{'.nii.gz' if variant.fmt == 'nifti' else '.nrrd'}")
-        assert_same_world_values(saved.array[0], saved.ijk_to_ras, *by_name[name], f"{method} in the .mrb")
+        H.assert_same_world_values(saved.array[0], saved.ijk_to_ras, *by_name[name], f"{method} in the .mrb")
     # The bundle's input node sits where Slicer puts the original file.
-    original = slicer_volume(scene, path)
-    assert_same_world_values(image.array[0], image.ijk_to_ras, *original, "input file in Slicer")
+    original = H.slicer_volume(scene, path)
+    H.assert_same_world_values(image.array[0], image.ijk_to_ras, *original, "input file in Slicer")
     input_node = next(g for n, g in by_name.items() if " - " not in n)
-    assert_same_world_values(image.array[0], image.ijk_to_ras, *input_node, "input node in the .mrb")
+    H.assert_same_world_values(image.array[0], image.ijk_to_ras, *input_node, "input node in the .mrb")
 
 
 def test_result_off_the_input_grid_is_refused(tmp_path):
