@@ -32,6 +32,10 @@ class MetricContext:
     baseline: torch.Tensor  # (C, *S): what "removed" means (deletion/insertion)
     spread: float  # intensity spread of the volume (99th - 1st percentile): scales noise radii
     region: Optional[torch.Tensor] = None  # bool (*S): reference mask for localisation
+    spacing: Tuple[float, ...] = (1.0, 1.0, 1.0)  # mm per voxel: distances in mm (domains, bands, tolerances)
+    segmentation: Optional[Any] = None  # bool (*S) numpy: the model's segmentation of the target class
+    # (N, C, *S) perturbed volumes -> (N, *S) bool segmentations of the target class (topology metrics)
+    segment_fn: Optional[Callable[[torch.Tensor], Any]] = None
     batch_size: int = 4  # perturbed copies per score_fn call
     seed: int = 0
     cancel: Any = None

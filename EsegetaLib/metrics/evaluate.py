@@ -14,6 +14,7 @@ from ..errors import EsegetaError
 from .complexity import complexity, sparseness
 from .context import ExplainFn, Meter, MetricContext, ScoreFn, intensity_spread, resolve_baseline
 from .deletion import deletion_insertion
+from .groundtruth import pointing_game, relevance_shares, topology_deletion, voxel_average_precision
 from .infidelity import infidelity
 from .localisation import relevance_mass, relevance_rank
 from .randomisation import parameter_randomisation
@@ -25,10 +26,14 @@ METRIC_PARAMS: Dict[str, Dict[str, Any]] = {
     "infidelity": {"n_samples": 16, "perturbation": "blocks", "noise": 0.01, "block": 4, "fraction": 0.25,
                    "normalize": True},
     "sensitivity": {"n_samples": 10, "radius": 0.02},
-    "deletion": {"n_steps": 20, "block": 1},
-    "insertion": {"n_steps": 20, "block": 1},
+    "deletion": {"n_steps": 20, "block": 1, "domain": "foreground", "margin_mm": 2.0},
+    "insertion": {"n_steps": 20, "block": 1, "domain": "foreground", "margin_mm": 2.0},
     "relevance_mass": {"relevance": "positive"},
     "relevance_rank": {"relevance": "positive"},
+    "vxap": {"relevance": "positive"},
+    "pointing_game": {"relevance": "positive", "tolerance_mm": 0.0},
+    "topology_deletion": {"n_steps": 10, "block": 1, "max_fraction": 1.0, "domain": "region", "margin_mm": 2.0},
+    "relevance_shares": {"band_mm": 1.0},
     "sparseness": {},
     "complexity": {},
     "randomisation": {"max_stages": 8, "threshold": 0.5, "within": "volume", "margin": 2},
@@ -39,6 +44,8 @@ METRICS = tuple(METRIC_PARAMS)
 DEFAULT_METRICS = ("infidelity", "deletion", "insertion", "relevance_mass", "relevance_rank",
                    "sparseness", "complexity")
 NEEDS_EXPLAIN = ("sensitivity", "randomisation")
+# Against a reference mask (ground truth, or a user ROI standing in for it): `--reference-mask`.
+GROUND_TRUTH_METRICS = ("relevance_mass", "relevance_rank", "vxap", "pointing_game", "relevance_shares")
 
 
 def parse_metrics(spec: Union[None, str, Iterable[str]]) -> list:
@@ -87,7 +94,16 @@ def _run_metric(name: str, attribution, ctx: MetricContext, p: Dict[str, Any], e
     if name == "sensitivity":
         return sensitivity(attribution, ctx, explain_fn, explain_many=explain_many, **p)
     if name in ("deletion", "insertion"):
-        return deletion_insertion(attribution, ctx, mode=name, **p)
+        return deletion_insertion(attribution, ctx, mode=name, spacing=ctx.spacing, **p)
+    if name == "vxap":
+        return voxel_average_precision(attribution, ctx, mask=reference_mask, **p)
+    if name == "pointing_game":
+        return pointing_game(attribution, ctx, mask=reference_mask, spacing=ctx.spacing, **p)
+    if name == "topology_deletion":
+        return topology_deletion(attribution, ctx, ctx.segment_fn, spacing=ctx.spacing, **p)
+    if name == "relevance_shares":
+        return relevance_shares(attribution, ctx, segmentation=ctx.segmentation, mask=reference_mask,
+                                spacing=ctx.spacing, **p)
     if name == "relevance_mass":
         return relevance_mass(attribution, ctx, mask=reference_mask, **p)
     if name == "relevance_rank":
@@ -109,7 +125,8 @@ def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
                   network: Optional[torch.nn.Module] = None, region=None, reference_mask=None,
                   baseline=None, batch_size: int = 4, seed: int = 0, cancel: Any = None,
                   progress: Optional[Callable[[float, str], Any]] = None, device=None,
-                  attribution_seconds: Optional[Mapping[str, float]] = None) -> MetricsReport:
+                  attribution_seconds: Optional[Mapping[str, float]] = None, segmentation=None,
+                  segment_fn: Optional[Callable[[torch.Tensor], Any]] = None) -> MetricsReport:
     """Metrics of each named map. inputs: (C,*S) (or (*S)); score_fn: (N,C,*S) -> (N,) target scores;
     explain_fns[name](x) -> map of x (sensitivity, one perturbed volume at a time), or
     explain_many_fns[name](xs (n,C,*S), progress=None) -> (n,C,*S) maps (sensitivity, batched: the
@@ -130,7 +147,9 @@ def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
     mask_t = None if reference_mask is None else torch.as_tensor(np.asarray(reference_mask, dtype=bool), device=dev)
     ctx = MetricContext(inputs=x, score_fn=score_fn, baseline=resolve_baseline(x, stats, baseline),
                         spread=intensity_spread(stats), region=region_t, batch_size=batch_size, seed=seed,
-                        cancel=cancel, progress=progress)
+                        cancel=cancel, progress=progress, spacing=tuple(float(v) for v in stats.spacing),
+                        segmentation=None if segmentation is None else np.asarray(segmentation, dtype=bool),
+                        segment_fn=segment_fn)
     explain_fns = dict(explain_fns or {})
     explain_many_fns = dict(explain_many_fns or {})
     make_explain_fns = dict(make_explain_fns or {})
@@ -153,6 +172,10 @@ def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
                     (name == "sensitivity" and method not in explain_fns and method not in explain_many_fns)
                     or (name == "randomisation" and (method not in make_explain_fns or network is None))):
                 continue  # a precomputed map without its method: nothing to recompute
+            if name == "topology_deletion" and segment_fn is None:
+                report.settings.setdefault("not_run", {})[f"{method}/{name}"] = (
+                    "needs the model's segmentation of perturbed volumes (run through a session)")
+                continue
             meter = Meter(dev)
             with meter.measure():
                 values = _run_metric(name, attribution, ctx, p[name], explain_fns.get(method),
@@ -172,6 +195,14 @@ def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
     if progress:
         progress(1.0, "metrics done")
     return report
+
+
+def _class_foreground(probs: np.ndarray, target) -> np.ndarray:
+    """Voxels the model assigns to the target's class (as the 'predicted' region; may be empty)."""
+    c = int(target.class_index)
+    if target.activation == "sigmoid":
+        return probs[c] > target.threshold
+    return probs.argmax(axis=0) == c
 
 
 def _result_items(results) -> Dict[str, Any]:
@@ -236,6 +267,16 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
             return False
 
     rerun = {name: r for name, r in items.items() if registered(r)}
+    whole = dataclasses.replace(session.target, region="whole", mask=None, point=None)
+
+    def segment_fn(xs: torch.Tensor) -> np.ndarray:
+        """The sliding-window model's segmentation of the target class for each perturbed volume."""
+        masks = []
+        for xp in xs:
+            other = ExplainSession(xp.detach().cpu().numpy(), session.network, whole, session.options,
+                                   spacing=session.stats.spacing, cancel=cancel)
+            masks.append(_class_foreground(other.probabilities, session.target))
+        return np.stack(masks)
     report = evaluate_maps(
         x, {name: r.attribution for name, r in items.items()}, session.score,
         metrics=metrics, params=params, stats=session.stats, device=session.device,
@@ -243,7 +284,8 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
         make_explain_fns={name: make_explain_fn_for(r) for name, r in rerun.items()},
         network=session.network, region=session.region, reference_mask=reference_mask, baseline=baseline,
         batch_size=batch_size, seed=seed, cancel=cancel, progress=progress,
-        attribution_seconds={name: r.seconds for name, r in items.items()})
+        attribution_seconds={name: r.seconds for name, r in items.items()},
+        segmentation=_class_foreground(session.probabilities, session.target), segment_fn=segment_fn)
     report.settings["windows"] = len(session.windows)
     report.settings["precision"] = session.precision
     report.settings["precision_requested"] = session.options.precision

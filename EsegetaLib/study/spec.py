@@ -11,6 +11,8 @@ cases, one per (volume, model), each with its own seed derived from the study se
       - path: data/a.nii.gz          # one file (name: the file name without extensions, or `name:`)
         mask: data/a_vessels.nii.gz  # optional ROI mask (target.region: roi)
       - glob: data/cohort/*.nii.gz   # many files; mask may be a template: masks/{name}_roi.nii.gz
+      - glob: data/sub-*/tof.nii.gz  # same file name per folder: names from the differing parts (sub-01, ...)
+        reference: "{dir}/vessels.nii.gz"   # ground-truth mask for vxap, pointing_game, relevance_mass, ...
       - data/b.nrrd                  # shorthand for path (or glob when it has * ? [)
     models:
       - name: default
@@ -41,7 +43,7 @@ MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".pt2", ".json")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 TOP_KEYS = ("name", "description", "seed", "volumes", "models", "methods", "target", "metrics", "engine")
-VOLUME_KEYS = ("path", "glob", "name", "mask")
+VOLUME_KEYS = ("path", "glob", "name", "mask", "reference")
 MODEL_KEYS = ("name", "path")
 METHOD_KEYS = ("name", "params")
 TARGET_KEYS = ("class", "region")
@@ -82,6 +84,7 @@ class VolumeEntry:
     name: str
     path: str
     mask: Optional[str] = None
+    reference: Optional[str] = None  # ground-truth / reference mask for localisation metrics
 
 
 @dataclass
@@ -273,18 +276,40 @@ def _volumes(value, base: Path, problem) -> List[VolumeEntry]:
             if not paths:
                 problem(f"{key}.glob", f"'{entry['glob']}' matches no file ({pattern})")
                 continue
-        for path in paths:
-            name = entry.get("name") if has_path and "name" in entry else volume_name(path)
+        names = [entry["name"]] if has_path and "name" in entry else distinct_names(paths)
+        for path, name in zip(paths, names):
             if not _check_name(name, f"{key}.name" if "name" in entry else key, problem):
                 continue
-            mask = None
-            if entry.get("mask") is not None:
-                mask_path = _resolve(base, str(entry["mask"]).replace("{name}", name))
-                if not mask_path.is_file():
-                    problem(f"{key}.mask", f"mask '{mask_path}' for volume '{name}' does not exist")
-                mask = str(mask_path)
-            found.append((key, VolumeEntry(name=name, path=str(path.resolve()), mask=mask)))
+            files = {}
+            for field_name in ("mask", "reference"):
+                if entry.get(field_name) is None:
+                    continue
+                template = str(entry[field_name]).replace("{name}", name).replace("{dir}", str(path.parent))
+                file_path = _resolve(base, template)
+                if not file_path.is_file():
+                    problem(f"{key}.{field_name}", f"{field_name} '{file_path}' for volume '{name}' does not exist")
+                files[field_name] = str(file_path)
+            found.append((key, VolumeEntry(name=name, path=str(path.resolve()), **files)))
     return _unique(found, "volume", problem)
+
+
+def distinct_names(paths: Sequence[Path]) -> List[str]:
+    """Volume names for the files of one glob: the file names without extensions when they differ;
+    else the parts of the paths that differ (`sub-01/tof.nii.gz`, `sub-02/tof.nii.gz` -> `sub-01`,
+    `sub-02`), joined by '_', with characters a folder name cannot hold replaced by '-'."""
+    plain = [volume_name(p) for p in paths]
+    if len(set(plain)) == len(plain):
+        return plain
+    parts = [list(Path(p).resolve().parent.parts) + [volume_name(p)] for p in paths]
+    depth = min(len(x) for x in parts)
+    head = 0
+    while head < depth - 1 and len({x[head] for x in parts}) == 1:
+        head += 1
+    tail = 0
+    while tail < depth - head - 1 and len({x[len(x) - 1 - tail] for x in parts}) == 1:
+        tail += 1
+    names = ["_".join(x[head:len(x) - tail]) for x in parts]
+    return [re.sub(r"[^A-Za-z0-9._+-]", "-", n).lstrip("._+-") or n for n in names]
 
 
 def _unique(found, what: str, problem) -> list:

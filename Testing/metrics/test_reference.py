@@ -121,7 +121,7 @@ def test_deletion_matches_quantus_pixel_flipping(small_case):
     ctx = make_ctx(small_case, baseline=0.25)
     rng = np.random.default_rng(0)
     attr = torch.from_numpy(rng.normal(size=small_case["x"].shape))
-    ours = deletion_insertion(attr, ctx, mode="deletion", n_steps=16)
+    ours = deletion_insertion(attr, ctx, mode="deletion", n_steps=16, domain="volume")  # Quantus' steps
     metric = quantus.PixelFlipping(features_in_step=16 ** 3 // 16, perturb_baseline=0.25, normalise=False,
                                    abs=False, disable_warnings=True)
     ref = metric(model=ScoreAsLogits(small_case["score"]).eval(), x_batch=small_case["x"][None].numpy(),
