@@ -49,6 +49,16 @@ class GroundTruthCase:
     record: Dict[str, Any] = field(default_factory=dict)  # what was planted where (voxel indices)
 
 
+MIN_SIZE = 16
+
+
+def _check_shape(shape) -> Tuple[int, int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < MIN_SIZE:
+        raise EsegetaError(f"benchmark volumes need three axes of at least {MIN_SIZE} voxels; got {shape}.")
+    return shape
+
+
 def _tubes(shape, spacing, rng, n_tubes: int, radius_mm: Tuple[float, float]):
     """Separate unbranched tubes: per tube its centre-line points (mm) and radius (mm)."""
     tubes = []
@@ -92,7 +102,7 @@ def shortcut_case(seed: int, shape: Sequence[int] = (48, 48, 48), spacing: Seque
 
     Markers sit beside randomly chosen tubes (touching the tube wall, on a random side), at most one
     per tube, so every volume has labelled and unlabelled tubes of the same appearance."""
-    shape = tuple(int(s) for s in shape)
+    shape = _check_shape(shape)
     spacing = np.asarray(spacing, float)
     rng = np.random.default_rng(seed)
     tubes = _tubes(shape, spacing, rng, n_tubes, (0.7, 1.3))
@@ -157,7 +167,7 @@ def contrast_case(seed: int, shape: Sequence[int] = (48, 48, 48), spacing: Seque
     Tube and shell levels are drawn from overlapping ranges (0.35-0.85) with a contrast of 0.15-0.3
     of either sign, and the tissue between shells spans the same range, so no absolute threshold
     separates labelled from unlabelled tubes."""
-    shape = tuple(int(s) for s in shape)
+    shape = _check_shape(shape)
     spacing = np.asarray(spacing, float)
     rng = np.random.default_rng(seed)
     tubes = _tubes(shape, spacing, rng, n_tubes, (0.7, 1.2))

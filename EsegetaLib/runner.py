@@ -62,6 +62,9 @@ class ExplainRequest:
     scene: bool = True  # esegeta.mrb + previews/ when slicer-core is installed
     activation: Optional[str] = None  # softmax | sigmoid; None: the model's (one output channel: sigmoid)
     fold: Optional[Union[int, str]] = None  # nnU-Net folders: a fold number or "all"; None: every fold
+    # Ground-truth / reference mask (same grid) for localisation metrics: relevance_mass/rank, vxap,
+    # pointing_game, relevance_shares. None: the explained region is the reference.
+    reference_mask: Optional[Union[str, Path]] = None
 
 
 @dataclass
@@ -77,6 +80,7 @@ class PreparedRun:
     class_name: str
     device: str
     warnings: List[str] = field(default_factory=list)
+    reference_mask: Optional[np.ndarray] = None  # bool (I, J, K) from request.reference_mask
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -298,6 +302,10 @@ def prepare(request: ExplainRequest) -> PreparedRun:
     if region == "roi":
         mask = read_mask(mask_path, image)
         inputs.append(("mask", mask_path))
+    reference = None
+    if request.reference_mask is not None:
+        reference = read_mask(Path(request.reference_mask), image)
+        inputs.append(("reference_mask", Path(request.reference_mask)))
     if region == "point":
         shape = image.spatial_shape
         if any(not 0 <= p < s for p, s in zip(point, shape)):
@@ -325,7 +333,7 @@ def prepare(request: ExplainRequest) -> PreparedRun:
                             seed=int(request.seed))
     return PreparedRun(request=request, image=image, model=model, target=target, options=options,
                        methods=methods, metrics=metrics, inputs=inputs, class_name=class_name,
-                       device=device, warnings=warnings)
+                       device=device, warnings=warnings, reference_mask=reference)
 
 
 def _load_model(path, inputs: List[Tuple[str, Path]], fold=None, activation: Optional[str] = None):
@@ -545,6 +553,7 @@ def _metrics(prepared: PreparedRun, explanation, session, peaks, folder: Path, p
         from . import metrics as metrics_module
 
         report = metrics_module.evaluate(session, explanation, metrics=prepared.metrics,
+                                         reference_mask=prepared.reference_mask,
                                          progress=_scaled(progress, 0.75, 0.92, "metrics"), cancel=cancel)
         extra = {row["method"]: row for row in rows}
         for row in report.rows:

@@ -74,6 +74,10 @@ def add_run_arguments(parser, methods_default: str, metrics_default: str = "defa
                      help="evaluation metrics per method (default: "
                           + ("the metrics module's default set" if metrics_default == "default" else metrics_default)
                           + "); runtime, device and peak memory are always recorded")
+    out.add_argument("--reference-mask", default=None, metavar="MASKFILE",
+                     help="a ground-truth (or reference) mask on the volume's grid for the localisation metrics "
+                          "(relevance_mass, relevance_rank, vxap, pointing_game, relevance_shares); "
+                          "default: the explained region")
     out.add_argument("--no-scene", dest="scene", action="store_false",
                      help="skip esegeta.mrb and previews/ (the Slicer review scene)")
     out.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output directory")
@@ -104,7 +108,8 @@ def request_from(args, volume, model):
                           region=args.region, device=args.device, precision=args.precision,
                           patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size,
                           metrics=args.metrics, seed=args.seed, scene=args.scene,
-                          activation=getattr(args, "activation", None), fold=getattr(args, "fold", None))
+                          activation=getattr(args, "activation", None), fold=getattr(args, "fold", None),
+                          reference_mask=getattr(args, "reference_mask", None))
 
 
 def run_request(args, request, out: Path, command: str) -> Path:

@@ -47,6 +47,8 @@ def make_task(spec, case, out: Path) -> Dict[str, Any]:
         "metrics": spec.metrics, "seed": case.seed,
         "engine": {k: engine[k] for k in ("device", "precision", "patch_size", "overlap", "batch_size", "scene")},
     }
+    if case.volume.reference:  # only when given: earlier studies keep their fingerprints
+        task["reference_path"] = case.volume.reference
     task["fingerprint"] = fingerprint(task)
     task["retries"] = int(engine["retries"])
     task["out"] = str(Path(out).resolve())
@@ -109,7 +111,8 @@ def _request(task: Dict[str, Any]):
                           class_index=task["class_index"], region=task["region"], device=engine["device"],
                           precision=engine["precision"], patch_size=engine["patch_size"],
                           overlap=float(engine["overlap"]), batch_size=engine["batch_size"],
-                          metrics=task["metrics"], seed=int(task["seed"]), scene=bool(engine["scene"]))
+                          metrics=task["metrics"], seed=int(task["seed"]), scene=bool(engine["scene"]),
+                          reference_mask=task.get("reference_path"))
 
 
 def _first_line(exc: BaseException) -> str:

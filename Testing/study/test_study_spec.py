@@ -140,3 +140,33 @@ def test_output_folder_rules(folder, capsys):
     assert (other / "keep.txt").read_text() == "user's file"
     assert main(["study", str(study), "--out", str(folder / "o3"), "--address", "auto"]) == 2
     assert "--engine ray" in capsys.readouterr().err
+
+
+def test_cohort_folders_with_the_same_file_name_get_names_from_their_folders(tmp_path):
+    """`sub-*/tof.nii.gz` and `case_*/imaging.nii.gz`: names from the differing path parts; masks and
+    ground-truth references found through {dir} and {name} templates."""
+    import shutil
+
+    write_volumes(tmp_path, [(20, 20, 20)])
+    for sub in ("sub-01", "sub-02", "sub-10"):
+        (tmp_path / "data" / sub / "anat").mkdir(parents=True)
+        shutil.copy(tmp_path / "vol0.nii.gz", tmp_path / "data" / sub / "anat" / "tof.nii.gz")
+        shutil.copy(tmp_path / "vol0.nii.gz", tmp_path / "data" / sub / "anat" / "vessels.nii.gz")
+    study = _write(tmp_path, "cohort.yaml", {
+        "volumes": [{"glob": "data/sub-*/anat/tof.nii.gz", "reference": "{dir}/vessels.nii.gz",
+                     "mask": "data/{name}/anat/vessels.nii.gz"}],
+        "models": [{"name": "default", "path": "bundled"}], "methods": ["Saliency"]})
+    spec = load_study(study)
+    assert [v.name for v in spec.volumes] == ["sub-01", "sub-02", "sub-10"]
+    assert all(v.reference.endswith(f"{v.name}/anat/vessels.nii.gz") and v.mask == v.reference for v in spec.volumes)
+    from EsegetaLib.study.spec import distinct_names
+
+    assert distinct_names([Path("/x/case_00001/imaging.nii.gz"), Path("/x/case_00002/imaging.nii.gz")]) == \
+        ["case_00001", "case_00002"]
+    assert distinct_names([Path("/a/s1/t/img.nii.gz"), Path("/a/s2/u/img.nii.gz")]) == ["s1_t", "s2_u"]
+    assert distinct_names([Path("/a/x.nii.gz"), Path("/a/y.nii.gz")]) == ["x", "y"]  # unchanged when distinct
+    missing = _write(tmp_path, "missing.yaml", {
+        "volumes": [{"glob": "data/sub-*/anat/tof.nii.gz", "reference": "{dir}/absent.nii.gz"}],
+        "models": [{"name": "default", "path": "bundled"}], "methods": ["Saliency"]})
+    with pytest.raises(StudySpecError, match="reference .*absent.nii.gz"):
+        load_study(missing)
