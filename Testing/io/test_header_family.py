@@ -165,3 +165,28 @@ def test_slicer_storage_node_reads_input_and_map_on_one_grid(tmp_path, variant):
     np.testing.assert_allclose(map_matrix, in_matrix, atol=TOL, rtol=0)
     assert_same_world_values(image.array[0], image.ijk_to_ras, in_values, in_matrix, "input: Esegeta vs Slicer")
     assert_same_world_values(values, image.ijk_to_ras, map_values, map_matrix, "map: Esegeta vs Slicer")
+
+
+REAL = ["mra/chris_MRA.nii.gz", "models/mindgrab/t1_crop.nii.gz", "mra/vmtk_aorta.mha"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_volumes_read_as_itk_reads_them(tmp_path, name):
+    """Volumes from the wild (../shared/data): Esegeta's grid is ITK's; a map written for the MRA
+    (qform and sform codes 2) is read by ITK on the same grid."""
+    from conftest import shared_file
+
+    path = shared_file(*name.split("/"))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    image = read_image(path)
+    itk = (np.asarray(reader.GetOrigin()), np.asarray(reader.GetSpacing()),
+           np.asarray(reader.GetDirection()).reshape(3, 3))
+    assert_same_grid(our_grid(image.ijk_to_ras), itk, name)
+    if name.startswith("mra/chris"):
+        out = write_image(tmp_path / "map.nii.gz", np.ones(image.spatial_shape, np.uint8), image)
+        reader.SetFileName(out)
+        reader.ReadImageInformation()
+        assert_same_grid(itk, (np.asarray(reader.GetOrigin()), np.asarray(reader.GetSpacing()),
+                               np.asarray(reader.GetDirection()).reshape(3, 3)), "map for " + name)
