@@ -65,6 +65,7 @@ class ExplainRequest:
     # Ground-truth / reference mask (same grid) for localisation metrics: relevance_mass/rank, vxap,
     # pointing_game, relevance_shares. None: the explained region is the reference.
     reference_mask: Optional[Union[str, Path]] = None
+    compress: bool = True  # gzip the written maps; False for exchange files read back at once (Slicer worker)
 
 
 @dataclass
@@ -406,7 +407,7 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
         explanation, session, peaks, engine_seconds = _run_engine(prepared, progress, cancel,
                                                                   with_metrics=prepared.metrics != "none")
         folder = result.path
-        written = write_images(folder, prepared.image, explanation)
+        written = write_images(folder, prepared.image, explanation, compress=prepared.request.compress)
         t_engine = time.perf_counter()
         metric_rows = _metrics(prepared, explanation, session, peaks, folder, progress, cancel)
         t_metrics = time.perf_counter()
@@ -502,19 +503,23 @@ def _target_record(prepared: PreparedRun, session) -> Dict[str, Any]:
     return record
 
 
-def write_images(folder: Path, image, explanation) -> Dict[str, str]:
-    """Attribution maps (float32) and the label map on the input grid, in the input's format family."""
+def write_images(folder: Path, image, explanation, compress: bool = True) -> Dict[str, str]:
+    """Attribution maps (float32) and the label map on the input grid, in the input's format family
+    (`compress=False`: uncompressed NRRD / .nii, for files another process reads back at once)."""
     from .io import extension_for, write_image
 
     ext = extension_for(image)
+    if not compress and ext == ".nii.gz":
+        ext = ".nii"
     written = {}
     (folder / "attributions").mkdir()
     for name, result in explanation.results.items():
         path = folder / "attributions" / f"{name}{ext}"
-        write_image(path, np.asarray(result.map, dtype=np.float32), image, dtype=np.float32)
+        write_image(path, np.asarray(result.map, dtype=np.float32), image, dtype=np.float32, compress=compress)
         written[name] = path.relative_to(folder).as_posix()
     seg_path = folder / f"segmentation{ext}"
-    write_image(seg_path, np.asarray(explanation.segmentation).astype(np.uint8), image, dtype=np.uint8)
+    write_image(seg_path, np.asarray(explanation.segmentation).astype(np.uint8), image, dtype=np.uint8,
+                compress=compress)
     written["segmentation"] = seg_path.relative_to(folder).as_posix()
     return written
 

@@ -115,12 +115,14 @@ def read(path) -> Tuple[np.ndarray, np.ndarray, Dict]:
     return data, affine, header
 
 
-def write(path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Write `array` (C,I,J,K) in LPS space (Slicer's own convention), gzip, channels first."""
+def write(path, array: np.ndarray, affine: np.ndarray, compress: bool = True) -> None:
+    """Write `array` (C,I,J,K) in LPS space (Slicer's own convention), gzip (raw with
+    `compress=False`), channels first."""
     import nrrd
 
     lps = np.linalg.inv(LPS_TO_RAS) @ affine
-    header = {"space": "left-posterior-superior", "space origin": lps[:3, 3], "encoding": "gzip"}
+    header = {"space": "left-posterior-superior", "space origin": lps[:3, 3],
+              "encoding": "gzip" if compress else "raw"}
     if array.shape[0] == 1:
         data = array[0]
         header["space directions"] = lps[:3, :3].T  # one row per axis

@@ -38,8 +38,9 @@ DEFAULT_THRESHOLD_FRACTION = 0.1
 # Robust upper end of the display range: this percentile of |map| over its non-zero voxels.
 DEFAULT_PERCENTILE = 99.5
 ATTRIBUTE_PREFIX = "Esegeta."
-# Non-zero voxels beyond which the display percentile is estimated on a regular subsample.
-_PERCENTILE_SAMPLE = 4_000_000
+# Voxels beyond which the display percentile is estimated on a regular subsample (a strided view):
+# a million samples place the 99.5th percentile well within what a display window needs.
+_PERCENTILE_SAMPLE = 1_000_000
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -231,19 +232,22 @@ def display_range(values: np.ndarray, signed: bool, percentile: float = DEFAULT_
                   threshold_fraction: float = DEFAULT_THRESHOLD_FRACTION) -> Dict[str, float]:
     """Fixed display settings for a map: window [low, high] from a robust percentile of |map| over
     its non-zero voxels (symmetric for signed maps) and, for unsigned maps, a lower threshold that
-    hides near-zero values. Robust so that a few extreme voxels do not wash out the rest."""
-    v = np.asarray(values, dtype=np.float32).reshape(-1)
-    finite = v[np.isfinite(v)]
-    nonzero = np.abs(finite[finite != 0])
-    if nonzero.size > _PERCENTILE_SAMPLE:
-        # A regular subsample estimates the percentile of a 50 M-voxel map to well within what a
-        # display range needs, without sorting it all.
-        nonzero = nonzero[:: nonzero.size // _PERCENTILE_SAMPLE + 1]
-    high = float(np.percentile(nonzero.astype(np.float64), percentile)) if nonzero.size else 1.0
+    hides near-zero values. Robust so that a few extreme voxels do not wash out the rest.
+
+    Memory: no copy of the whole map is made (a 1 GB map must not need 3 GB more to be shown).
+    The percentile comes from a regular strided view of at most `_PERCENTILE_SAMPLE` voxels (exact
+    below that size), the minimum and maximum from fixed-size chunks."""
+    v = np.asarray(values).reshape(-1)  # a view for any contiguous array (VTK's included)
+    step = -(-v.size // _PERCENTILE_SAMPLE) if v.size else 1
+    sample = v[::step]  # a strided view: at most _PERCENTILE_SAMPLE voxels
+    nonzero = sample[np.isfinite(sample) & (sample != 0)]  # the one copy, of the sample only
+    np.abs(nonzero, out=nonzero)
+    high = float(np.percentile(nonzero, percentile, overwrite_input=True)) if nonzero.size else 1.0
     if high <= 0:
         high = float(nonzero.max()) if nonzero.size else 1.0
-    vmax = float(finite.max()) if finite.size else high
-    vmin = float(finite.min()) if finite.size else -high
+    vmin, vmax = _finite_min_max(v)
+    vmax = high if vmax is None else vmax
+    vmin = -high if vmin is None else vmin
     if signed:
         return {"low": -high, "high": high, "threshold_low": min(vmin, -high),
                 "threshold_high": max(vmax, high), "apply_threshold": False}
@@ -251,13 +255,36 @@ def display_range(values: np.ndarray, signed: bool, percentile: float = DEFAULT_
             "threshold_high": max(vmax, high), "apply_threshold": True}
 
 
+def _finite_min_max(flat: np.ndarray, chunk: int = 1 << 20) -> Tuple[Optional[float], Optional[float]]:
+    """Minimum and maximum of the finite values of a 1-D array, chunk by chunk (temporaries of
+    `chunk` elements at most); (None, None) when there is none."""
+    lows, highs = [], []
+    for start in range(0, flat.size, chunk):
+        part = flat[start:start + chunk]
+        finite = part[np.isfinite(part)]
+        if finite.size:
+            lows.append(float(finite.min()))
+            highs.append(float(finite.max()))
+    return (min(lows), max(highs)) if lows else (None, None)
+
+
+def scalars_view(node) -> np.ndarray:
+    """The voxels of a volume node as a flat NumPy view of its VTK array (no copy; valid while the
+    node keeps this image data)."""
+    from vtk.util import numpy_support
+
+    image = node.GetImageData() if node is not None else None
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise EsegetaError(f"volume '{node.GetName() if node else None}' has no voxels; load an image first")
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+
+
 def configure_map_display(node, signed: bool, settings: Optional[Mapping[str, float]] = None,
                           table: Optional[str] = None) -> Dict[str, float]:
     """Colour table (Inferno / DivergingBlueRed, desktop Slicer's IDs), fixed window (auto W/L off)
     and threshold on `node`'s display node; returns the settings used."""
     if settings is None:
-        values, _ = array_from_volume(node)
-        settings = display_range(values, signed)
+        settings = display_range(scalars_view(node), signed)
     scene = node.GetScene()
     colors.ensure_color_tables(scene)
     table = table or (colors.SIGNED_TABLE if signed else colors.UNSIGNED_TABLE)
@@ -296,16 +323,27 @@ def _json_ready(value):
     return str(value)
 
 
-def add_run_folder(scene, name: str, parameters: Mapping[str, Any]) -> int:
+def add_run_folder(scene, name: str, parameters: Mapping[str, Any], input_node=None) -> int:
     """A subject-hierarchy folder for one run, with the run's parameters as item attributes
-    (`Esegeta.parameters` holds them all as JSON; each top-level key also as `Esegeta.<key>`)."""
+    (`Esegeta.parameters` holds them all as JSON; each top-level key also as `Esegeta.<key>`).
+
+    With `input_node`, the folder goes where the input volume sits (its patient/study for DICOM
+    data, as desktop Slicer's modules place derived data) and names it (`Esegeta.input` = the
+    input's node ID); otherwise under the scene."""
     sh = scene.GetSubjectHierarchyNode()
-    folder = sh.CreateFolderItem(sh.GetSceneItemID(), name)
+    parent = sh.GetSceneItemID()
+    if input_node is not None:
+        item = sh.GetItemByDataNode(input_node)
+        if item and sh.GetItemParent(item):
+            parent = sh.GetItemParent(item)
+    folder = sh.CreateFolderItem(parent, name)
     ready = _json_ready(dict(parameters))
     sh.SetItemAttribute(folder, ATTRIBUTE_PREFIX + "parameters", json.dumps(ready, sort_keys=True))
     for key, value in ready.items():
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         sh.SetItemAttribute(folder, ATTRIBUTE_PREFIX + key, text)
+    if input_node is not None:
+        sh.SetItemAttribute(folder, ATTRIBUTE_PREFIX + "input", input_node.GetID())
     return folder
 
 
@@ -340,6 +378,58 @@ def add_map(scene, values: np.ndarray, reference_node, name: str, *, signed: boo
     return node
 
 
+def read_volume_file(scene, path, reference_node, name: str, node_class: str = "vtkMRMLScalarVolumeNode"):
+    """A new node in `scene` holding the volume file `path` (NRRD/NIfTI, read by Slicer's own
+    storage node straight into VTK memory: no NumPy copies), on `reference_node`'s grid and under
+    its parent transform. The file must be on that grid (same size; its geometry is checked and
+    then taken exactly from the reference). Raises `EsegetaError` otherwise; adds nothing then."""
+    slicer = slicer_module()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(True)
+    node = scene.AddNewNodeByClass(node_class, name)
+    try:
+        if not storage.ReadData(node) or node.GetImageData() is None:
+            raise EsegetaError(f"Slicer could not read {path}")
+        shape, ijk_to_ras = volume_grid(reference_node)
+        if tuple(node.GetImageData().GetDimensions()) != shape:
+            raise EsegetaError(f"{path} has size {node.GetImageData().GetDimensions()}, not the input's {shape}")
+        matrix = _vtk().vtkMatrix4x4()
+        node.GetIJKToRASMatrix(matrix)
+        if not np.allclose(_numpy_matrix(matrix), ijk_to_ras, atol=1e-4 * max(1.0, float(np.abs(ijk_to_ras).max()))):
+            raise EsegetaError(f"{path} is not on the input volume's grid")
+        node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras))  # exactly the input's (no float32 header round trip)
+        if reference_node.GetTransformNodeID():
+            node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+        node.CreateDefaultDisplayNodes()
+    except BaseException:
+        scene.RemoveNode(node)
+        raise
+    return node
+
+
+def add_map_file(scene, path, reference_node, name: str, *, signed: Optional[bool],
+                 folder: Optional[int] = None, attributes: Optional[Mapping[str, Any]] = None):
+    """`add_map` for a map on disk: read by Slicer's storage node (`read_volume_file`), display
+    range from a view of the node's own voxels; peak extra memory about one map (the reader's).
+    `signed=None`: signed if any voxel is negative. The node references the input
+    (`Esegeta.input`)."""
+    node = read_volume_file(scene, path, reference_node, name)
+    try:
+        if signed is None:
+            signed = bool(np.any(scalars_view(node) < 0))
+        configure_map_display(node, signed)
+        for key, value in (attributes or {}).items():
+            text = value if isinstance(value, str) else json.dumps(_json_ready(value), sort_keys=True)
+            node.SetAttribute(ATTRIBUTE_PREFIX + key, text)
+        node.SetNodeReferenceID(ATTRIBUTE_PREFIX + "input", reference_node.GetID())
+        _put_in_folder(node, folder)
+    except BaseException:
+        scene.RemoveNode(node)
+        raise
+    return node
+
+
 # ------------------------------------------------------------------------------- segmentation
 def default_segment_colors(n: int) -> List[Tuple[float, float, float]]:
     """Distinct colours for labels 1..n (matplotlib tab10), green first like vessel reviews."""
@@ -371,6 +461,8 @@ def add_segmentation(scene, labels: np.ndarray, reference_node, name: str,
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    # The reference volume as a node reference too (what DICOM SEG export looks for).
+    segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), reference_node.GetID())
     if reference_node.GetTransformNodeID():
         segmentation.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
     try:

@@ -11,12 +11,14 @@ the scene exactly as it was. Works on desktop Slicer's scene and on a slicer-cor
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -29,20 +31,64 @@ def _node_name(node) -> str:
     return node.GetName() if node is not None and node.GetName() else "volume"
 
 
-def write_volume_node(node, path: str) -> Any:
-    """The node's voxels and IJK->RAS (its own coordinates) as a file; returns the `io.Image`."""
-    from ..io import Image, write_image
-    from .scene import array_from_volume
+def write_volume_node(node, path: str) -> str:
+    """The node's voxels and IJK->RAS (its own coordinates) as an uncompressed NRRD, written by
+    Slicer's own storage node straight from VTK memory (no NumPy copy; gzip would freeze Slicer
+    for tens of seconds on a 50 M-voxel volume). Refuses multi-component and non-finite volumes."""
+    from .scene import scalars_view
+    from .slicer_env import slicer_module
 
-    array, ijk_to_ras = array_from_volume(node)
-    if array.ndim != 3:
-        raise EsegetaError(f"'{_node_name(node)}' has {array.shape[3]} components per voxel; Esegeta "
-                           "explains scalar volumes: pick a single-component volume.")
-    if not np.all(np.isfinite(array)):
-        raise EsegetaError(f"'{_node_name(node)}' contains NaN or infinite voxels; fix or mask them first.")
-    image = Image(array=np.ascontiguousarray(array[None], dtype=np.float32), ijk_to_ras=ijk_to_ras, format="nrrd")
-    write_image(path, image.array, image, dtype=np.float32)
-    return image
+    image = node.GetImageData() if node is not None else None
+    if image is None:
+        raise EsegetaError(f"'{_node_name(node)}' has no voxels; load an image first.")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise EsegetaError(f"'{_node_name(node)}' has {image.GetNumberOfScalarComponents()} components per voxel; "
+                           "Esegeta explains scalar volumes: pick a single-component volume.")
+    flat = scalars_view(node)
+    if flat.dtype.kind == "f":
+        for start in range(0, flat.size, 1 << 20):  # chunk by chunk: no volume-sized temporary
+            if not np.all(np.isfinite(flat[start:start + (1 << 20)])):
+                raise EsegetaError(f"'{_node_name(node)}' contains NaN or infinite voxels; fix or mask them first.")
+    storage = slicer_module().vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.UseCompressionOff()
+    if not storage.WriteData(node):
+        raise EsegetaError(f"Slicer could not write the input volume to {path}; check the free disk space.")
+    return str(path)
+
+
+# Run folders: RUN_PREFIX + the starting process's id + "-" + random; one per run, removed when the
+# run ends, and swept at the next start when the process that made it is gone (a crash or kill).
+RUN_PREFIX = "esegeta-run-"
+_RUN_FOLDER = re.compile(re.escape(RUN_PREFIX) + r"(\d+)-")
+
+
+def make_run_folder(parent: Optional[str] = None) -> Path:
+    """A new run folder under `parent` (inside Slicer: `slicer.util.tempDirectory("Esegeta", ...)`),
+    after sweeping the folders that crashed or killed sessions left there."""
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+        sweep_stale_runs(parent)
+    return Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def sweep_stale_runs(parent) -> List[str]:
+    """Remove run folders under `parent` whose starting process no longer runs (their worker
+    stops by itself when that happens: `worker.watch_parent`). Returns the removed paths."""
+    from .worker import process_alive
+
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _RUN_FOLDER.match(entry.name)
+        if match and entry.is_dir() and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(str(entry))
+    return removed
 
 
 @contextmanager
@@ -94,7 +140,7 @@ class SceneRun:
         """Write the inputs and start the worker (returns at once)."""
         from .worker import WorkerProcess, make_job, write_job
 
-        self.workdir = Path(tempfile.mkdtemp(prefix="esegeta-run-", dir=self._workdir_parent))
+        self.workdir = make_run_folder(self._workdir_parent)
         try:
             request = dict(self.request)
             request["volume"] = str(self.workdir / "input.nrrd")
@@ -116,17 +162,17 @@ class SceneRun:
 
     def _write_roi_mask(self) -> str:
         from ..io import Image, write_image
-        from .scene import array_from_volume, segment_mask
+        from .scene import segment_mask, volume_grid
 
         if self.segmentation_node is None:
             raise EsegetaError("Region 'roi' needs a segmentation: choose one (and a segment) under Region.")
         mask = segment_mask(self.segmentation_node, self.volume_node, self.segment_id or None)
         if not np.any(mask):
             raise EsegetaError("The chosen segment is empty on this volume's grid; choose another segment.")
-        _, ijk_to_ras = array_from_volume(self.volume_node)
+        _, ijk_to_ras = volume_grid(self.volume_node)
         path = str(self.workdir / "region.nrrd")
         reference = Image(array=mask[None].astype(np.uint8), ijk_to_ras=ijk_to_ras, format="nrrd")
-        write_image(path, reference.array, reference, dtype=np.uint8)
+        write_image(path, reference.array, reference, dtype=np.uint8, compress=False)
         return path
 
     def _point_voxel(self) -> Sequence[int]:
@@ -142,8 +188,15 @@ class SceneRun:
 
     # ------------------------------------------------------------------ poll
     def poll(self) -> List[Dict[str, Any]]:
-        """New worker events; the last one of a run is `done` or `error`. Does not touch the scene."""
-        if self.worker is None or self.state != "running":
+        """New worker events; the last one of a run is `done` or `error`. Does not touch the scene.
+        After a cancel it completes the bookkeeping (the worker's exit, the folder's removal)."""
+        if self.worker is None:
+            return []
+        if self.state != "running":
+            if self.state in ("cancelled", "failed") and not self.settled:
+                self.worker.poll()
+                if self.worker.finished:
+                    self.cleanup()
             return []
         events = self.worker.poll()
         final = self.worker.final_event
@@ -153,22 +206,33 @@ class SceneRun:
             else:
                 self.state = "cancelled" if final.get("kind") == "cancelled" else "failed"
                 self.failure = final
-                self.cleanup()
+                if self.worker.finished:
+                    self.cleanup()
         return events
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to do: the worker has exited and the run folder is gone."""
+        return self.workdir is None and (self.worker is None or self.worker.finished)
 
     @property
     def elapsed(self) -> float:
         return 0.0 if self.started is None else time.monotonic() - self.started
 
-    def cancel(self) -> None:
-        """Stop the worker for real; the scene is untouched and the temporary files are removed."""
+    def cancel(self, wait: bool = False) -> None:
+        """Stop the worker for real; the scene is untouched. Returns at once: `poll()` (the panel's
+        timer) completes the bookkeeping, or `wait=True` blocks until the worker is gone and the
+        temporary files are removed."""
         if self.worker is not None and self.state == "running":
             self.worker.cancel()
-            self.worker.poll()
         if self.state in ("new", "running"):
             self.state = "cancelled"
             self.failure = {"event": "error", "kind": "cancelled", "message": "Cancelled.", "details": ""}
-        self.cleanup()
+        if self.worker is None or self.worker.finished:
+            self.cleanup()
+        elif wait:
+            self.worker.cancel(wait=True)
+            self.cleanup()
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.1) -> str:
         """Poll until the run ends (scripts, tests and the module's self-test)."""
@@ -185,18 +249,20 @@ class SceneRun:
 
     # ------------------------------------------------------------------ import
     def import_result(self, show_method: Optional[str] = None, opacity: float = 0.5,
-                      show_3d: bool = False, include_segmentation: bool = True) -> Dict[str, Any]:
-        """Read the finished result and add it to the scene (call on the scene's thread)."""
-        from .worker import read_result
+                      show_3d: bool = False, include_segmentation: bool = True,
+                      between_maps: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+        """Add the finished result to the scene (call on the scene's thread), one map at a time;
+        `between_maps(method)` is called before each (the panel processes events there). On a
+        failure part-way nothing stays in the scene (see `result_import.import_result`)."""
+        from .result_import import import_result
 
         if self.state != "done":
             raise EsegetaError("There is no finished run to import.")
         try:
-            self.result = read_result(self.worker.final_event["output"])
-            self.nodes = import_result(self.scene, self.volume_node, self.result, class_name=self.class_name,
-                                       segment_names=self.segment_names, show_method=show_method,
-                                       opacity=opacity, show_3d=show_3d,
-                                       include_segmentation=include_segmentation)
+            self.nodes = import_result(self.scene, self.volume_node, self.worker.final_event["output"],
+                                       class_name=self.class_name, segment_names=self.segment_names,
+                                       show_method=show_method, opacity=opacity, show_3d=show_3d,
+                                       include_segmentation=include_segmentation, between_maps=between_maps)
         finally:
             self.cleanup()
         return self.nodes
@@ -205,58 +271,3 @@ class SceneRun:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-
-
-def metrics_rows(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Rows for the metrics table: the metrics module's columns, runtime as `runtime_s`."""
-    rows = []
-    for row in result.get("metrics") or []:
-        row = dict(row)
-        if "seconds" in row and "runtime_s" not in row:
-            row["runtime_s"] = row.pop("seconds")
-        rows.append(row)
-    if not rows:
-        for name, entry in ((result.get("run") or {}).get("results") or {}).items():
-            rows.append({"method": name, "runtime_s": entry.get("seconds")})
-    return rows
-
-
-def import_result(scene, volume_node, result: Dict[str, Any], *, class_name: Optional[str] = None,
-                  segment_names: Optional[Dict[int, str]] = None, show_method: Optional[str] = None,
-                  opacity: float = 0.5, show_3d: bool = False, include_segmentation: bool = True) -> Dict[str, Any]:
-    """Add a worker result to `scene` next to `volume_node` (same grid, same parent transform):
-    folder, maps, segmentation, metrics table, overlay, optional volume rendering. Returns the nodes."""
-    from . import colors, scene as bridge
-
-    run = result.get("run") or {}
-    target = run.get("target") or {}
-    label = class_name or target.get("class_name") or f"class {target.get('class_index', 1)}"
-    volume_name = _node_name(volume_node)
-    colors.ensure_color_tables(scene)
-    parameters = {"parameters": run.get("parameters", {}), "target": target, "engine": run.get("engine", {}),
-                  "versions": run.get("versions", {}), "timings": run.get("timings", {})}
-    folder = bridge.add_run_folder(scene, f"Esegeta - {volume_name} - {label}", parameters)
-    segmentation = None
-    labels = result.get("segmentation")
-    if include_segmentation and labels is not None and np.any(labels):
-        names = dict(segment_names or {})
-        names.setdefault(int(target.get("class_index", 1)), label)
-        segmentation = bridge.add_segmentation(scene, labels, volume_node, f"{volume_name} - segmentation",
-                                               names, folder=folder)
-    maps = {}
-    for method, values in result["maps"].items():
-        entry = (run.get("results") or {}).get(method, {})
-        attributes = {"method": method, "class": label, "seconds": entry.get("seconds"),
-                      "params": (run.get("parameters") or {}).get("methods", {}).get(method, {}),
-                      "diagnostics": entry.get("diagnostics", {})}
-        maps[method] = bridge.add_map(scene, values, volume_node, bridge.map_node_name(volume_name, method, label),
-                                      signed=bool(result["signed"].get(method)), folder=folder,
-                                      attributes=attributes)
-    table = bridge.add_metrics_table(scene, metrics_rows(result), f"{volume_name} - metrics", folder=folder)
-    shown = maps.get(show_method) if show_method in maps else next(iter(maps.values()), None)
-    bridge.show_overlay(scene, volume_node, shown, opacity, segmentation)
-    rendering = None
-    if show_3d and shown is not None:
-        rendering = bridge.show_volume_rendering(scene, shown)
-    return {"folder": folder, "maps": maps, "segmentation": segmentation, "table": table, "shown": shown,
-            "rendering": rendering}

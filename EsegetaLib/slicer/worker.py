@@ -48,7 +48,7 @@ RESULT_FILE = "run.json"  # written last by runner.execute
 
 # The fields of `runner.ExplainRequest` a job may set (the same request the CLI builds).
 REQUEST_FIELDS = ("volume", "model", "methods", "params", "class_index", "region", "device", "precision",
-                  "patch_size", "overlap", "batch_size", "metrics", "seed", "scene")
+                  "patch_size", "overlap", "batch_size", "metrics", "seed", "scene", "compress")
 
 
 def make_job(request: Dict[str, Any], output: str) -> Dict[str, Any]:
@@ -56,11 +56,12 @@ def make_job(request: Dict[str, Any], output: str) -> Dict[str, Any]:
     model are file paths; region is predicted | whole | roi:MASKFILE | point:I,J,K); `output` is
     the result folder to create.  `scene` defaults to False: the review scene and previews are the
     CLI's extras, and inside Slicer the module builds the nodes in the application's own scene
-    (the worker, run by PythonSlicer, must not touch MRML)."""
+    (the worker, run by PythonSlicer, must not touch MRML).  `compress` defaults to False: the
+    maps are exchange files read back at once, and gzip would cost far more than it saves."""
     unknown = sorted(set(request) - set(REQUEST_FIELDS))
     if unknown:
         raise ValueError(f"unknown request field(s) {', '.join(unknown)}")
-    request = {"scene": False, **request}
+    request = {"scene": False, "compress": False, **request}
     for key in ("volume", "model"):
         if request.get(key) is not None:
             request[key] = str(request[key])
@@ -151,6 +152,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_term)
+    watch_parent(os.environ.get(PARENT_ENV), cancel)
     _emit("started", pid=os.getpid())
     started = time.monotonic()
     device = None
@@ -170,6 +172,75 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CODES[kind]
     finally:
         _release_gpu()
+
+
+# The caller's process id, given to the worker in this environment variable; the worker watches it.
+PARENT_ENV = "ESEGETA_PARENT_PID"
+PARENT_CHECK_SECONDS = 1.0
+ORPHAN_GRACE_SECONDS = 3.0
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (POSIX: /proc or signal 0; Windows:
+    OpenProcess + GetExitCodeProcess through ctypes, no psutil needed)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # pragma: no cover - Windows only
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+            return bool(ok) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.is_dir() and Path("/proc/self").exists():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch_parent(parent: Optional[str], cancel: threading.Event,
+                 interval: float = PARENT_CHECK_SECONDS, grace: float = ORPHAN_GRACE_SECONDS) -> Optional[threading.Thread]:
+    """Stop this worker when the process that started it (Slicer) has gone: a crash or kill of
+    Slicer must not leave a computation running.  Checks every `interval` s; on orphaning sets
+    `cancel` and (POSIX) sends itself SIGTERM so the main thread unwinds and removes its partial
+    result, then leaves outright after `grace` s whatever the main thread is doing.  The run
+    folder the parent made is swept by the next start (`sweep_stale_runs`)."""
+    if not parent or not parent.strip().isdigit():
+        return None
+    pid = int(parent)
+
+    def watch() -> None:
+        while not cancel.is_set():
+            time.sleep(interval)
+            if process_alive(pid):
+                continue
+            cancel.set()
+            if os.name != "nt":
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                except OSError:
+                    pass
+            time.sleep(grace)
+            os._exit(EXIT_CODES["cancelled"])
+
+    thread = threading.Thread(target=watch, name="esegeta-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def classify_error(exc: BaseException, device: Optional[str] = None):
@@ -260,15 +331,22 @@ def read_result(folder: str) -> Dict[str, Any]:
             "metrics": metrics, "folder": str(folder)}
 
 
-def default_python() -> str:
+def default_python(in_slicer: Optional[bool] = None) -> str:
     """The interpreter that runs the worker: Slicer's `PythonSlicer` launcher inside Slicer (it sets
-    up Slicer's library paths), else this interpreter."""
+    up Slicer's library paths), else this interpreter.  Inside Slicer `sys.executable` is the
+    application itself (SlicerApp-real), so a missing launcher is an error, not a fallback."""
     import shutil
 
-    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
+    if in_slicer is None:
+        in_slicer = "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app")
+    if in_slicer:
         found = shutil.which("PythonSlicer")
-        if found:
-            return found
+        if not found:
+            from ..errors import EsegetaError
+
+            raise EsegetaError("Slicer's PythonSlicer launcher was not found on the PATH; reinstall Slicer "
+                               "(Esegeta runs its computation with it).")
+        return found
     return sys.executable
 
 
@@ -276,6 +354,34 @@ def library_root() -> str:
     """The folder that holds the `EsegetaLib` package (the worker's working directory, so that
     `-m EsegetaLib.slicer.worker` imports this very copy, installed or from source)."""
     return str(Path(__file__).resolve().parents[2])
+
+
+# Windows process-creation flags (subprocess has them only on Windows; values from WinBase.h).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
+
+
+def hidden_window_options(os_name: Optional[str] = None) -> Dict[str, Any]:
+    """`subprocess.Popen` keywords that start a console program without a window.
+
+    PythonSlicer.exe is a console launcher: started from Slicer's GUI process it would open a black
+    console for the whole run (and closing it kills the run).  As `slicer.util.launchConsoleProcess`
+    does, Windows gets a STARTUPINFO with SW_HIDE, plus CREATE_NO_WINDOW (and a new process group,
+    so the launcher's children can be stopped together).  POSIX gets its own session, so a cancel
+    reaches every child through the process group."""
+    os_name = os.name if os_name is None else os_name
+    if os_name != "nt":
+        return {"start_new_session": True}
+    options: Dict[str, Any] = {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    startupinfo_class = getattr(subprocess, "STARTUPINFO", None)
+    if startupinfo_class is not None:  # only on Windows itself
+        info = startupinfo_class()
+        info.dwFlags |= STARTF_USESHOWWINDOW
+        info.wShowWindow = SW_HIDE
+        options["startupinfo"] = info
+    return options
 
 
 class WorkerProcess:
@@ -299,23 +405,24 @@ class WorkerProcess:
         self._events: "queue.Queue[Dict[str, Any]]" = queue.Queue()
         self._reader: Optional[threading.Thread] = None
         self._log_handle = None
+        self._group: Optional[int] = None
+        self._kill_after: Optional[float] = None
 
     # -- lifecycle
     def start(self) -> "WorkerProcess":
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONUNBUFFERED"] = "1"
+        env[PARENT_ENV] = str(os.getpid())  # the worker stops by itself if this process dies
         # `-m` puts the working directory first on sys.path: the worker imports the EsegetaLib that
         # sits next to this file, whatever else is installed.
         command = [self.python, "-m", "EsegetaLib.slicer.worker", self.job_path]
-        kwargs: Dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            kwargs["start_new_session"] = True  # its own process group: cancel reaches every child
+        kwargs = hidden_window_options()
         self._log_handle = open(self.log_path, "w", encoding="utf-8")
         self.process = subprocess.Popen(command, cwd=library_root(), env=env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=self._log_handle, text=True,
                                         encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        if os.name != "nt":
+            self._group = self.process.pid  # start_new_session: its own group, led by it
         self._reader = threading.Thread(target=self._read, name="esegeta-worker-reader", daemon=True)
         self._reader.start()
         return self
@@ -346,6 +453,7 @@ class WorkerProcess:
     def poll(self) -> List[Dict[str, Any]]:
         """Events that arrived since the last call (never blocks).  The last event of a run is
         `done`, `error` or, for a process that died without a word, an `error` made from its exit."""
+        self._escalate()
         events = []
         while True:
             try:
@@ -396,16 +504,37 @@ class WorkerProcess:
         self.process.wait(timeout=remaining)
         return events
 
-    def cancel(self, grace: float = 5.0) -> None:
-        """Terminate the worker and everything it started; returns when they are gone.  The worker
-        removes its partial result on SIGTERM; after `grace` seconds it is killed outright."""
+    def cancel(self, grace: float = 5.0, wait: bool = False) -> None:
+        """Terminate the worker and everything it started.  Returns at once (a GUI must not
+        freeze): the worker removes its partial result on SIGTERM, and `poll()` kills whatever is
+        left after `grace` seconds and records the end.  `wait=True` blocks until all are gone."""
         if self.process is None or self.process.poll() is not None:
             self.cancelled = self.cancelled or self.final_event is None
             return
-        self.cancelled = True
-        _terminate_tree(self.process, grace)
-        if self._reader is not None:
-            self._reader.join(timeout=grace)
+        if not self.cancelled:
+            self.cancelled = True
+            self._kill_after = time.monotonic() + grace
+            _terminate_tree(self.process)
+        if wait:
+            while not self.finished:
+                self.poll()
+                time.sleep(0.02)
+
+    @property
+    def finished(self) -> bool:
+        """The process (and, on POSIX, every process of its group) has exited."""
+        if self.process is None:
+            return True
+        if self.process.poll() is None:
+            return False
+        return os.name == "nt" or self._group is None or not _group_alive(self._group)
+
+    def _escalate(self) -> None:
+        """After a cancel's grace period, kill what is left (called by `poll`)."""
+        if self.cancelled and self._kill_after is not None and time.monotonic() > self._kill_after:
+            if not self.finished:
+                _kill_tree(self.process, self._group)
+            self._kill_after = None
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the worker's stderr and stray stdout (the details of an error)."""
@@ -424,36 +553,30 @@ class WorkerProcess:
             self._log_handle = None
 
 
-def _terminate_tree(process: subprocess.Popen, grace: float) -> None:
-    """Stop `process` and its children.  PythonSlicer is a launcher that starts the real Python as
-    a child, so stopping the launcher alone would leave the computation running.  SIGTERM first
-    (the worker removes its partial result), SIGKILL for whatever is left after `grace` seconds."""
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], capture_output=True)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def _terminate_tree(process: subprocess.Popen) -> None:
+    """Ask `process` and its children to stop, without waiting.  PythonSlicer is a launcher that
+    starts the real Python as a child, so stopping the launcher alone would leave the computation
+    running: POSIX signals the whole process group (SIGTERM: the worker removes its partial
+    result); Windows runs `taskkill /T /F` on the tree, itself without a console window."""
+    if os.name == "nt":  # pragma: no cover - Windows only
+        subprocess.Popen(["taskkill", "/PID", str(process.pid), "/T", "/F"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **hidden_window_options())
         return
     try:
-        group = os.getpgid(process.pid)
-    except ProcessLookupError:
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_tree(process: subprocess.Popen, group: Optional[int]) -> None:
+    """SIGKILL for whatever is left of the worker's group (Windows: the launcher itself)."""
+    if os.name == "nt" or group is None:  # pragma: no cover - Windows only
+        process.kill()
         return
-    try:
-        os.killpg(group, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:  # until every process of the group has left
-        if process.poll() is not None and not _group_alive(group):
-            break
-        time.sleep(0.02)
     try:
         os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
-    process.wait()
 
 
 def _group_alive(group: int) -> bool:
