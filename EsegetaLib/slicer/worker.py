@@ -48,7 +48,8 @@ RESULT_FILE = "run.json"  # written last by runner.execute
 
 # The fields of `runner.ExplainRequest` a job may set (the same request the CLI builds).
 REQUEST_FIELDS = ("volume", "model", "methods", "params", "class_index", "region", "device", "precision",
-                  "patch_size", "overlap", "batch_size", "metrics", "seed", "scene", "compress")
+                  "patch_size", "overlap", "batch_size", "metrics", "seed", "scene", "activation", "fold",
+                  "compress")
 
 
 def make_job(request: Dict[str, Any], output: str) -> Dict[str, Any]:

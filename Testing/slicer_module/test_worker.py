@@ -299,3 +299,12 @@ def test_scene_run_point_region_becomes_the_voxel_under_the_markup(files, scene_
     with pytest.raises(EsegetaError, match="needs a markup point"):
         SceneRun(scene, volume, request, point_node=None, workdir=str(tmp_path)).start()
     assert list(tmp_path.iterdir()) == []  # no temporary folder left by the runs that failed to start
+
+
+def test_a_job_may_set_every_field_of_the_cli_request():
+    from dataclasses import fields
+
+    from EsegetaLib.runner import ExplainRequest
+    from EsegetaLib.slicer.worker import REQUEST_FIELDS
+
+    assert sorted(REQUEST_FIELDS) == sorted(f.name for f in fields(ExplainRequest))
