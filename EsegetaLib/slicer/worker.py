@@ -49,6 +49,7 @@ RESULT_FILE = "run.json"  # written last by runner.execute
 # The fields of `runner.ExplainRequest` a job may set (the same request the CLI builds).
 REQUEST_FIELDS = ("volume", "model", "methods", "params", "class_index", "region", "device", "precision",
                   "patch_size", "overlap", "batch_size", "metrics", "seed", "scene", "activation", "fold",
+                  "reference_mask",
                   "compress")
 
 
