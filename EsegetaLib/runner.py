@@ -441,7 +441,7 @@ def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, with_metric
     from .results import Explanation
 
     image = prepared.image
-    network = prepared.model.network_for(image.array, spacing=image.spacing)
+    network = prepared.model.network_for(image.array, spacing=image.spacing, affine=image.ijk_to_ras)
     specs = [get_method(name) for name, _ in prepared.methods]
     # Progress: segmentation counts as one unit, each method by its relative cost; metrics after.
     weights = [1.0] + [max(float(spec.cost), 1.0) for spec in specs]

@@ -270,10 +270,11 @@ class LoadedModel:
                                f"volume has {channels}: give a volume with {expected} channel(s) "
                                "(e.g. a multi-component NRRD) or another model")
 
-    def network_for(self, array: np.ndarray, spacing: Optional[Sequence[float]] = None):
+    def network_for(self, array: np.ndarray, spacing: Optional[Sequence[float]] = None,
+                    affine: Optional[np.ndarray] = None):
         """The explained function for this volume: normalisation (constants from `array`
-        (C,I,J,K), held fixed) followed by the network. `spacing` (mm per I,J,K axis) is used by
-        formats that resample (nnU-Net, MONAI bundles); ignored here."""
+        (C,I,J,K), held fixed) followed by the network. `spacing` (mm per I,J,K axis) and `affine`
+        (4x4 ijk_to_ras) are used by formats that resample (nnU-Net, MONAI bundles); ignored here."""
         self.check_channels(array)
         normalize = make_normalization(array, self.card.normalization)
         return NormalizedNetwork(normalize, self.network).eval()

@@ -229,7 +229,7 @@ class NnUNetModel(LoadedModel):
     use_mirroring: bool = False
     tile_step_size: float = 0.5
 
-    def network_for(self, array: np.ndarray, spacing: Optional[Sequence[float]] = None):
+    def network_for(self, array: np.ndarray, spacing: Optional[Sequence[float]] = None, affine=None):
         self.check_channels(array)
         if spacing is None:
             raise EsegetaError("an nnU-Net model needs the volume's voxel spacing (mm) to resample to its plans; "
