@@ -425,6 +425,8 @@ class ExplainSession:
         result = self._attribute(spec, resolved, x)
         if self.amp_dtype is not None:
             result = self._precision_guard(spec, resolved, x, result)
+        if spec.trust is not None:  # the method's own checks (may refuse), on the final map
+            spec.trust(result)
         result.seconds = time.perf_counter() - started
         return result
 

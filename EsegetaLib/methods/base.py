@@ -123,8 +123,12 @@ class MethodSpec:
     # prepare(x_full (1,C,*S), stats, params, generator) -> dict of tensors shaped like x_full,
     # e.g. {"baselines": ...}; the engine slices them per patch into ctx.prepared.
     prepare: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
-    # True when the method hooks layers or intercepts activations: impossible inside TorchScript.
+    # True when the method hooks layers: impossible inside TorchScript.
     requires_eager: bool = False
+    # trust(result: MethodResult) -> None: adds the method's own TrustChecks (result.add_check) from
+    # the summed diagnostics, once per result; may raise EsegetaError to refuse a map that misses its
+    # guarantee (e.g. DeepLift's summation-to-delta).
+    trust: Optional[Callable[[Any], None]] = None
 
     def defaults(self) -> Dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -210,8 +214,8 @@ def check_network_support(specs: Sequence[MethodSpec], network: torch.nn.Module)
     blocked = [s.name for s in specs if s.requires_eager and scripted]
     if blocked:
         raise EsegetaError(
-            f"{', '.join(blocked)} cannot run on a TorchScript model (they hook layers or intercept "
-            "activations, which TorchScript hides); export the model with torch.export (.pt2) or give a "
+            f"{', '.join(blocked)} cannot run on a TorchScript model (they hook layers, which "
+            "TorchScript hides); export the model with torch.export (.pt2) or give a "
             "model card with the network's class, or choose gradient or perturbation methods."
         )
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .base import MethodContext, MethodSpec, ParamSpec
 from .common import LAYER_PARAM, first_tensor, to_input_grid
-from .guided import rectified_gradients
+from .guided import add_rule_check, rectified_gradients
 from .layers import layer_for
 
 CAM_APPROX = ("computed per window and blended with the window weights; the rectified, layer-averaged "
@@ -91,10 +91,10 @@ def gradcam_pp(ctx: MethodContext):
 def guided_gradcam(ctx: MethodContext):
     """Guided backprop (any rectifier) x Grad-CAM upsampled to the input (trilinear), per channel,
     as Captum's GuidedGradCam computes it (its own guided part only sees nn.ReLU)."""
-    guided = rectified_gradients(ctx.forward, ctx.network, ctx.inputs, ctx.forward_args, "guided", "GuidedGradCam")
+    guided, diag = rectified_gradients(ctx.forward, ctx.inputs, ctx.forward_args, "guided", "GuidedGradCam")
     cam = layer_gradcam(ctx)
     cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="trilinear", align_corners=False)
-    return guided * cam
+    return guided * cam, diag
 
 
 SPECS = [
@@ -111,6 +111,7 @@ SPECS = [
     MethodSpec(
         name="GuidedGradCam", family="layer", signed=True, needs_baseline=False, needs_layer=True, cost=2.0,
         patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=guided_gradcam, captum="LayerGradCam",
+        trust=add_rule_check,
         approximation=CAM_APPROX, description="guided backprop (any rectifier) times upsampled Grad-CAM",
     ),
 ]

@@ -6,10 +6,9 @@ from . import cam, gradient, layer_methods, noise, perturbation, rise
 
 ORDER = (gradient.SPECS + noise.SPECS + cam.SPECS + layer_methods.SPECS + perturbation.SPECS + rise.SPECS)
 
-# Layer methods hook modules and guided methods intercept activations: both need an eager network.
-GUIDED = ("GuidedBackprop", "Deconvolution", "GuidedGradCam")
-
+# Layer methods hook modules: they need an eager network.  Guided backprop, deconvolution and
+# DeepLift apply their rules at the dispatcher (methods/guided.py, methods/rescale.py): any format.
 for _spec in ORDER:
-    _spec.requires_eager = _spec.needs_layer or _spec.name in GUIDED
+    _spec.requires_eager = _spec.needs_layer
     if _spec.name not in _REGISTRY:
         register(_spec)

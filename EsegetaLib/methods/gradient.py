@@ -15,7 +15,8 @@ import torch
 from .base import MethodContext, MethodSpec, ParamSpec
 from .baselines import BASELINE_PARAMS, prepare_baseline_distribution, prepare_baselines
 from .common import baseline_stack, baselines_of, steps_batch
-from .guided import rectified_gradients
+from .deeplift import TOLERANCE_PARAM, deep_lift, deep_lift_shap, deep_lift_trust
+from .guided import add_rule_check, rectified_gradients
 
 
 def _args(ctx: MethodContext):
@@ -92,15 +93,7 @@ def integrated_gradients(ctx: MethodContext):
     return attr, diag
 
 
-# --- DeepLift / DeepLiftShap / GradientShap -------------------------------------------------------
-
-def deep_lift(ctx: MethodContext):
-    from captum.attr import DeepLift
-    baselines = baselines_of(ctx)
-    attr = DeepLift(ctx.forward).attribute(ctx.inputs, baselines=baselines, additional_forward_args=_args(ctx))
-    diag = completeness(attr, *endpoint_scores(ctx, ctx.inputs, baselines))
-    return attr, diag
-
+# --- GradientShap (DeepLift and DeepLiftShap: methods/deeplift.py) ---------------------------------
 
 def _per_example(ctx: MethodContext, run):
     """Distribution-of-baselines methods take one shared baseline set per call: patches have their
@@ -115,12 +108,6 @@ def _per_example(ctx: MethodContext, run):
                      for a in (ctx.forward_args or ()))
         outs.append(run(ctx.inputs[b:b + 1], stack[:, b], args or None))
     return torch.cat(outs, dim=0)
-
-
-def deep_lift_shap(ctx: MethodContext):
-    from captum.attr import DeepLiftShap
-    explainer = DeepLiftShap(ctx.forward)
-    return _per_example(ctx, lambda x, base, args: explainer.attribute(x, baselines=base, additional_forward_args=args))
 
 
 def gradient_shap(ctx: MethodContext):
@@ -146,11 +133,11 @@ def gradient_shap(ctx: MethodContext):
 # --- Guided backprop / deconvolution (any rectifier) ---------------------------------------------
 
 def guided_backprop(ctx: MethodContext):
-    return rectified_gradients(ctx.forward, ctx.network, ctx.inputs, ctx.forward_args, "guided", "GuidedBackprop")
+    return rectified_gradients(ctx.forward, ctx.inputs, ctx.forward_args, "guided", "GuidedBackprop")
 
 
 def deconvolution(ctx: MethodContext):
-    return rectified_gradients(ctx.forward, ctx.network, ctx.inputs, ctx.forward_args, "deconvolution", "Deconvolution")
+    return rectified_gradients(ctx.forward, ctx.inputs, ctx.forward_args, "deconvolution", "Deconvolution")
 
 
 ABS_PARAM = ParamSpec("absolute", "bool", True, help="absolute value of the gradient (Captum's default)")
@@ -183,25 +170,26 @@ SPECS = [
     ),
     MethodSpec(
         name="GuidedBackprop", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,
-        patching="additive", params=(), attribute=guided_backprop, captum=None,
+        patching="additive", params=(), attribute=guided_backprop, captum=None, trust=add_rule_check,
         description="guided backpropagation through every rectifier (ReLU, PReLU, LeakyReLU, ELU, GELU, SiLU, functional)",
     ),
     MethodSpec(
         name="Deconvolution", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,
-        patching="additive", params=(), attribute=deconvolution, captum=None,
+        patching="additive", params=(), attribute=deconvolution, captum=None, trust=add_rule_check,
         description="deconvnet rule (relu of the backward signal) through every rectifier",
     ),
     MethodSpec(
         name="DeepLift", family="gradient", signed=True, needs_baseline=True, needs_layer=False, cost=2.0,
-        patching="additive", params=BASELINE_PARAMS, attribute=deep_lift, prepare=prepare_baselines,
-        captum="DeepLift",
-        description="DeepLift rescale rule (Captum; PReLU and norm layers fall back to gradients)",
+        patching="additive", params=(TOLERANCE_PARAM,) + BASELINE_PARAMS, attribute=deep_lift,
+        prepare=prepare_baselines, captum="DeepLift", trust=deep_lift_trust,
+        description="DeepLift rescale rule on every non-linear op at the dispatcher (any model format); "
+                    "refused beyond the summation-to-delta tolerance or naming an op without a rule",
     ),
     MethodSpec(
         name="DeepLiftShap", family="gradient", signed=True, needs_baseline=True, needs_layer=False, cost=8.0,
-        patching="additive", params=SHAP_PARAMS + BASELINE_PARAMS, attribute=deep_lift_shap,
-        prepare=prepare_baseline_distribution, captum="DeepLiftShap",
-        description="DeepLift averaged over a distribution of baselines",
+        patching="additive", params=SHAP_PARAMS + (TOLERANCE_PARAM,) + BASELINE_PARAMS, attribute=deep_lift_shap,
+        prepare=prepare_baseline_distribution, captum="DeepLiftShap", trust=deep_lift_trust,
+        description="DeepLift (dispatcher-level rescale rules) averaged over a distribution of baselines",
     ),
     MethodSpec(
         name="GradientShap", family="gradient", signed=True, needs_baseline=True, needs_layer=False, cost=16.0,

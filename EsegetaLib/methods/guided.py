@@ -1,96 +1,139 @@
-"""Guided backpropagation and deconvolution for ANY rectifier, not only `nn.ReLU`.
+"""Guided backpropagation and deconvolution below autograd, for ANY rectifier and ANY model format.
 
 Captum's GuidedBackprop/Deconvolution hook `nn.ReLU` modules only; on networks built with PReLU,
-LeakyReLU, ELU, GELU, SiLU or functional `torch.relu`/`F.relu` calls (MONAI, nnU-Net, MeshNet) they
-silently return the plain gradient.  Here every rectifier call made during the forward pass is
-intercepted with a `torch.overrides.TorchFunctionMode` (this sees module activations, which call
-`torch.nn.functional`, and functional calls alike) and routed through an autograd function that
-applies the modified backward rule:
+LeakyReLU, ELU, GELU, SiLU, functional calls, TorchScript or `torch.export` programs they silently
+return the plain gradient.  Here the rule is applied where every model format meets: PyTorch's
+dispatcher.  A `torch.utils._python_dispatch.TorchDispatchMode` is active during the forward and the
+backward pass; it sees the backward kernel of every activation (`aten.threshold_backward` for ReLU,
+`aten.leaky_relu_backward`, `aten._prelu_kernel_backward`, `aten.elu_backward` (ELU, SELU, CELU),
+`aten.gelu_backward`, `aten.silu_backward`, `aten.mish_backward`, `aten.hardswish_backward`,
+`aten.hardtanh_backward` (ReLU6, Hardtanh), `aten.softplus_backward`), whether the activation was a
+module (reused or not), a functional call, an in-place op, or an op inside TorchScript or an exported
+program, and rewrites its result:
 
-- guided backpropagation: grad_in = relu(f'(x) * grad_out).  For ReLU this is exactly Captum's rule
-  (relu of the ReLU's gradient: forward gate x > 0 and backward gate grad_out > 0).  For other
-  rectifiers the true local derivative f'(x) takes the place of the forward gate (so a PReLU's
-  negative slope, or GELU's smooth gate, is kept) and only the positive part of the resulting
-  gradient is passed on: no negative evidence flows backwards through any activation.
-- deconvolution (Zeiler & Fergus): grad_in = relu(grad_out), the forward gate ignored, for every
-  rectifier, exactly Captum's rule for ReLU.
+- guided backpropagation (Springenberg et al. 2015): grad_in = relu(f'(x) * grad_out).  For ReLU this
+  is exactly Captum's rule (forward gate x > 0 and backward gate grad_out > 0).  For other rectifiers
+  the true local derivative f'(x) takes the place of the forward gate (a PReLU's negative slope or
+  GELU's smooth gate is kept) and only the positive part of the resulting gradient is passed on.
+- deconvolution (Zeiler & Fergus 2014): grad_in = relu(grad_out), the forward gate ignored, for every
+  rectifier; exactly Captum's rule for ReLU.
 
-In-place variants (relu_, inplace=True modules) are computed out of place.  TorchScript models run
-their activations inside the TorchScript interpreter, where nothing can be intercepted: guided
-methods refuse them with an EsegetaError (use an eager `nn.Module`, or a torch.export program's
-`.module()`, whose ATen rectifier calls are intercepted by name).  As a guard, a run in which no rectifier was intercepted raises too, since its
-map would silently be the plain gradient.
+Sigmoid, tanh and hardsigmoid are gates, not rectifiers (attention gates, the output's sigmoid): their
+gradients pass unchanged.  An activation composed of elementary ops, x * sigmoid(a x) (MONAI `Swish`)
+or x * tanh(softplus(x)) (MONAI `Mish`), has no single backward kernel to rewrite: it is detected in
+the forward pass and the run is refused with its name (use `nn.SiLU` / `nn.Mish`, which the rule
+covers).  A run that meets no rectifier at all is refused too, since its map would be the plain
+gradient.
 """
 from __future__ import annotations
 
+from typing import Any, Dict
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..errors import EsegetaError
 
-# Names of rectifier functions as seen by __torch_function__ (functional, torch.* and Tensor methods).
-RECTIFIER_NAMES = frozenset({
-    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu", "rrelu", "rrelu_",
-    "elu", "elu_", "selu", "selu_", "celu", "celu_", "gelu", "silu", "mish", "hardswish", "softplus",
-})
-INPLACE_TO_OUT_OF_PLACE = {
-    "relu_": torch.relu, "leaky_relu_": F.leaky_relu, "elu_": F.elu, "selu_": torch.selu,
-    "celu_": torch.celu, "rrelu_": F.rrelu,
+aten = torch.ops.aten
+
+# Backward kernels of rectifiers (overload packets): the first argument is grad_out in every one.
+RECTIFIER_BACKWARD = {
+    aten.threshold_backward: "ReLU/Threshold",
+    aten.leaky_relu_backward: "LeakyReLU",
+    aten._prelu_kernel_backward: "PReLU",
+    aten.elu_backward: "ELU/SELU/CELU",
+    aten.gelu_backward: "GELU",
+    aten.silu_backward: "SiLU",
+    aten.mish_backward: "Mish",
+    aten.hardswish_backward: "Hardswish",
+    aten.hardtanh_backward: "ReLU6/Hardtanh",
+    aten.softplus_backward: "Softplus",
 }
+# Forward ops whose output may gate its own input (x * sigmoid(a x), x * tanh(softplus(x))).
+_GATES = (aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_)
+_CHAIN = (aten.softplus, aten.mul)  # elementwise steps between x and the gate (a x, softplus(x))
+_MUL = (aten.mul, aten.mul_)
 
 
-class _GuidedGate(torch.autograd.Function):
-    """Identity placed before a rectifier: its backward sees f'(x) * grad_out and keeps the positive part."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.clamp(grad, min=0)
+def _packet(func):
+    return getattr(func, "overloadpacket", func)
 
 
-class _DeconvRectifier(torch.autograd.Function):
-    """Returns the rectifier's output but backpropagates relu(grad_out), ignoring f'(x)."""
-
-    @staticmethod
-    def forward(ctx, x, y):
-        return y.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.clamp(grad, min=0), None
+def _first(value):
+    return value[0] if isinstance(value, (tuple, list)) else value
 
 
-class RectifierRules(TorchFunctionMode):
-    """Context manager: inside it, every rectifier call gets the `rule` ("guided" or "deconvolution")."""
+class RectifierRules(TorchDispatchMode):
+    """Dispatch mode: inside it, the backward of every rectifier follows `rule` ("guided" or
+    "deconvolution").  `seen` counts rectifier backward calls, `changed` those whose result the rule
+    altered; `by_kind` the calls per rectifier type; `composed` names composed activations found."""
 
     def __init__(self, rule: str):
         super().__init__()
         if rule not in ("guided", "deconvolution"):
             raise ValueError(rule)
         self.rule = rule
-        self.intercepted = 0
+        self.seen = 0
+        self.changed = 0
+        self.by_kind: Dict[str, int] = {}
+        self.composed: Dict[str, int] = {}
+        self._roots = WeakTensorKeyDictionary()  # tensor -> the tensor an elementwise chain started from
+        self._gates = WeakTensorKeyDictionary()  # gate output -> gate name
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def _root(self, t):
+        return self._roots.get(t, t)
+
+    def _track_forward(self, packet, args, out) -> None:
+        """Note elementwise chains x -> a x -> sigmoid/tanh, and a product of a gate with its own root."""
+        if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+            return
+        if packet in _GATES:
+            self._roots[out] = self._root(args[0])
+            self._gates[out] = "sigmoid" if packet in (aten.sigmoid, aten.sigmoid_) else "tanh"
+        elif packet in _MUL and len(args) > 1:
+            a, b = args[0], args[1]
+            if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor):
+                for x, gate in ((a, b), (b, a)):
+                    if gate in self._gates and self._root(gate) is self._root(x):
+                        name = "x * sigmoid(a x) (Swish)" if self._gates[gate] == "sigmoid" else "x * tanh(softplus(x)) (Mish)"
+                        self.composed[name] = self.composed.get(name, 0) + 1
+                        return
+                if b.dim() == 0 or b.numel() == 1:
+                    self._roots[out] = self._root(a)
+                elif a.dim() == 0 or a.numel() == 1:
+                    self._roots[out] = self._root(b)
+            elif isinstance(a, torch.Tensor):
+                self._roots[out] = self._root(a)
+        elif packet in _CHAIN:
+            self._roots[out] = self._root(args[0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        # torch.export programs call ATen overloads ("gelu.default"): same rule by base name
-        name = getattr(func, "__name__", "").split(".")[0]
-        if name not in RECTIFIER_NAMES or not args or not isinstance(args[0], torch.Tensor):
-            return func(*args, **kwargs)
-        self.intercepted += 1
-        if name in INPLACE_TO_OUT_OF_PLACE:
-            func = INPLACE_TO_OUT_OF_PLACE[name]
-        if "inplace" in kwargs:
-            kwargs = dict(kwargs, inplace=False)
-        x = args[0]
+        packet = _packet(func)
+        kind = RECTIFIER_BACKWARD.get(packet)
+        if kind is None:
+            out = func(*args, **kwargs)
+            if packet in _GATES or packet in _MUL or packet in _CHAIN:
+                self._track_forward(packet, args, out)
+            return out
+        self.seen += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        result = func(*args, **kwargs)
+        grad_in = _first(result)
         if self.rule == "guided":
-            return func(_GuidedGate.apply(x), *args[1:], **kwargs)
-        y = func(x, *args[1:], **kwargs)
-        return _DeconvRectifier.apply(x, y)
+            new = torch.clamp(grad_in, min=0)
+        else:
+            new = torch.clamp(args[0], min=0).to(grad_in.dtype)
+        if not torch.equal(new, grad_in):
+            self.changed += 1
+        if isinstance(result, (tuple, list)):
+            return type(result)([new, *result[1:]])
+        return new
+
+    def diagnostics(self) -> Dict[str, Any]:
+        """Counts that add up over windows (the engine sums numeric diagnostics)."""
+        return {"rule_calls_changed": self.changed, "rule_calls_seen": self.seen}
 
 
 def is_torchscript(network: torch.nn.Module) -> bool:
@@ -99,30 +142,46 @@ def is_torchscript(network: torch.nn.Module) -> bool:
     )
 
 
-def check_interceptable(network: torch.nn.Module, method: str) -> None:
-    if is_torchscript(network):
-        raise EsegetaError(
-            f"{method} cannot modify the activations of a TorchScript model (they run inside the "
-            "TorchScript interpreter); load the model as an eager PyTorch module, or use Saliency/"
-            "IntegratedGradients instead."
-        )
+def rectified_gradients(forward: torch.nn.Module, inputs: torch.Tensor, forward_args: tuple, rule: str,
+                        method: str):
+    """(d forward(inputs).sum() / d inputs with the guided or deconvolution rule on every rectifier,
+    diagnostics {"rule_calls_changed", "rule_calls_seen"}).
 
-
-def rectified_gradients(forward: torch.nn.Module, network: torch.nn.Module, inputs: torch.Tensor,
-                        forward_args: tuple, rule: str, method: str) -> torch.Tensor:
-    """d forward(inputs).sum() / d inputs with the guided or deconvolution rule on every rectifier.
-
-    The gradient is taken with Captum's `Saliency(abs=False)` (plain gradient machinery) while the
-    mode rewrites the rectifiers' backward."""
-    from captum.attr import Saliency
-
-    check_interceptable(network, method)
+    inputs: (B, C, *S); forward: (B, C, *S) [+ forward_args] -> (B,).  Raises EsegetaError when the
+    forward pass holds a composed activation the rule cannot reach, or no rectifier at all."""
     mode = RectifierRules(rule)
-    with mode:
-        grads = Saliency(forward).attribute(inputs, abs=False, additional_forward_args=forward_args or None)
-    if mode.intercepted == 0:
+    x = inputs.detach().requires_grad_(True)
+    with torch.enable_grad(), mode:
+        score = forward(x, *(forward_args or ()))
+        if mode.composed:
+            names = ", ".join(sorted(mode.composed))
+            raise EsegetaError(
+                f"{method} cannot apply its rule to the composed activation {names} in this model (no single "
+                "backward kernel to rewrite); build it with nn.SiLU / nn.Mish, or use Saliency or IntegratedGradients."
+            )
+        grads = torch.autograd.grad(score.sum(), x)[0]
+    if mode.seen == 0:
         raise EsegetaError(
-            f"{method} found no rectifier (ReLU, PReLU, LeakyReLU, ELU, GELU, SiLU, ...) in the "
-            "network's forward pass, so its map would be the plain gradient; use Saliency instead."
+            f"{method} found no rectifier (ReLU, PReLU, LeakyReLU, ELU, GELU, SiLU, ReLU6, ...) on the path "
+            "from the input to the score, so its map would be the plain gradient; use Saliency instead."
         )
-    return grads
+    return grads, mode.diagnostics()
+
+
+def add_rule_check(result, rule_name: str = "rectifier_rule") -> None:
+    """Trust check "rectifier_rule": the share of rectifier backward calls the rule changed (value),
+    from the summed diagnostics.  pass when the rule met rectifiers and changed at least one call;
+    warn when it changed none (the map is then the plain gradient)."""
+    diag = getattr(result, "diagnostics", {}) or {}
+    seen = int(diag.get("rule_calls_seen", 0) or 0)
+    changed = int(diag.get("rule_calls_changed", 0) or 0)
+    if seen == 0:
+        result.add_check(rule_name, "not_run", None, "no rectifier call was seen (the run would have been refused)")
+        return
+    status = "pass" if changed > 0 else "warn"
+    detail = (f"the rule changed {changed} of {seen} rectifier backward calls (dispatcher level: modules, "
+              "functional, in-place, TorchScript and exported programs alike)")
+    if changed == 0:
+        detail += "; none changed, so the map equals the plain gradient"
+    result.add_check(rule_name, status, changed / seen, detail)
+

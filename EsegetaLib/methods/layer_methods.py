@@ -13,6 +13,8 @@ import torch
 from .base import MethodContext, MethodSpec, ParamSpec
 from .baselines import BASELINE_PARAMS, prepare_baseline_distribution, prepare_baselines
 from .common import CHANNEL_REDUCE_PARAM, LAYER_PARAM, baseline_stack, baselines_of, first_tensor, reduce_channels, steps_batch, to_input_grid
+from .deeplift import layer_deep_lift_map
+from .guided import add_rule_check
 from .layers import layer_for
 
 LAYER_APPROX = ("computed per window and blended with the window weights; a window's layer activations "
@@ -63,9 +65,10 @@ def layer_integrated_gradients(ctx):
 
 
 def layer_deep_lift(ctx):
-    from captum.attr import LayerDeepLift
-    return _finish(ctx, LayerDeepLift(ctx.forward, layer_for(ctx)).attribute(
-        ctx.inputs, baselines=baselines_of(ctx), additional_forward_args=_args(ctx)))
+    """DeepLift at the layer with the dispatcher-level rescale rules (methods/deeplift.py): works with
+    reused activation modules, functional and in-place activations, norm layers."""
+    attr, diag = layer_deep_lift_map(ctx, layer_for(ctx))
+    return _finish(ctx, attr), diag
 
 
 def layer_gradient_shap(ctx):
@@ -94,12 +97,14 @@ def layer_gradient_shap(ctx):
 COMMON = (LAYER_PARAM, CHANNEL_REDUCE_PARAM)
 
 
-def _spec(name, attribute, captum, cost, signed=True, baseline=False, extra=(), prepare=None, description=""):
+def _spec(name, attribute, captum, cost, signed=True, baseline=False, extra=(), prepare=None, description="",
+          trust=None):
     return MethodSpec(
         name=name, family="layer", signed=signed, needs_baseline=baseline, needs_layer=True, cost=cost,
         patching="blended", params=COMMON + tuple(extra) + (BASELINE_PARAMS if baseline else ()),
         attribute=attribute, captum=captum, approximation=LAYER_APPROX,
         prepare=prepare if prepare else (prepare_baselines if baseline else None), description=description,
+        trust=trust,
     )
 
 
@@ -114,8 +119,8 @@ SPECS = [
           description="integrated gradient of the score w.r.t. the layer along the input path"),
     _spec("LayerIntegratedGradients", layer_integrated_gradients, "LayerIntegratedGradients", 32.0, baseline=True,
           extra=(STEPS_PARAM,), description="integrated gradients in the layer's activation space"),
-    _spec("LayerDeepLift", layer_deep_lift, "LayerDeepLift", 2.0, baseline=True,
-          description="DeepLift attributions to the layer's units"),
+    _spec("LayerDeepLift", layer_deep_lift, "LayerDeepLift", 2.0, baseline=True, trust=add_rule_check,
+          description="DeepLift attributions to the layer's units (dispatcher-level rescale rules)"),
     _spec("LayerGradientShap", layer_gradient_shap, "LayerGradientShap", 16.0, baseline=True,
           extra=(ParamSpec("n_samples", "int", 16, minimum=1, maximum=1024, help="random path samples"),
                  ParamSpec("seed", "int", 0, minimum=0, maximum=2 ** 31 - 1, help="seed of the path samples"),

@@ -92,7 +92,7 @@ class ModelEntry:
     name: str
     path: Optional[str]  # None: the bundled default model
     classes: Optional[List[str]] = None  # from its model card, when it has one (for checking target.class)
-    scripted: bool = False  # TorchScript: no layer hooks (GradCAM, guided methods cannot run on it)
+    scripted: bool = False  # TorchScript: no layer hooks (GradCAM and other layer methods cannot run on it)
 
 
 @dataclass

@@ -49,15 +49,30 @@ def test_integrated_gradients_and_deeplift(setup):
     base = ctx.prepared["baselines"]
     _close(run_method(spec, ctx)[0], ca.IntegratedGradients(f).attribute(
         ctx.inputs, baselines=base, additional_forward_args=args, n_steps=8))
-    spec, ctx, f, args = _ctx("DeepLift", setup)
+
+
+@pytest.fixture(scope="module")
+def relu_setup():
+    """DeepLift's references: Captum's hooks are right on nn.ReLU modules (on the PReLU/InstanceNorm
+    UNet Captum keeps plain gradients; Testing/methods/test_method_dispatch_rules.py)."""
+    return make_net_batchnorm_relu(in_channels=2), structured_volume(16, 2)
+
+
+def test_deeplift_family_equals_captum_on_relu_network(relu_setup):
+    spec, ctx, f, args = _ctx("DeepLift", relu_setup)
     _close(run_method(spec, ctx)[0], ca.DeepLift(f).attribute(
         ctx.inputs, baselines=ctx.prepared["baselines"], additional_forward_args=args))
-
-
-def test_deeplift_shap_and_gradient_shap(setup):
-    spec, ctx, f, args = _ctx("DeepLiftShap", setup, {"n_baselines": 3})
+    spec, ctx, f, args = _ctx("DeepLiftShap", relu_setup, {"n_baselines": 3})
     stack = torch.cat([ctx.prepared[k] for k in ("baselines", "baselines_1", "baselines_2")])
     _close(run_method(spec, ctx)[0], ca.DeepLiftShap(f).attribute(ctx.inputs, baselines=stack, additional_forward_args=args))
+    network, x = relu_setup
+    layer = dict(network.named_modules())["3"]
+    spec, ctx, f, args = _ctx("LayerDeepLift", relu_setup, {"layer": "3"})
+    theirs = ca.LayerDeepLift(f, layer).attribute(x, baselines=ctx.prepared["baselines"], additional_forward_args=args)
+    _close(run_method(spec, ctx)[0], _upsample_share(theirs.sum(dim=1, keepdim=True), x))
+
+
+def test_gradient_shap(setup):
     spec, ctx, f, args = _ctx("GradientShap", setup, {"n_baselines": 3, "n_samples": 5, "seed": 3})
     stack = torch.cat([ctx.prepared[k] for k in ("baselines", "baselines_1", "baselines_2")])
     np.random.seed(3)
@@ -91,7 +106,6 @@ def test_gradcam_and_layer_methods(setup):
         "InternalInfluence": lambda b: ca.InternalInfluence(f, layer).attribute(x, baselines=b, n_steps=6, additional_forward_args=args),
         "LayerIntegratedGradients": lambda b: ca.LayerIntegratedGradients(f, layer).attribute(
             x, baselines=b, n_steps=6, additional_forward_args=args),
-        "LayerDeepLift": lambda b: ca.LayerDeepLift(f, layer).attribute(x, baselines=b, additional_forward_args=args),
     }
     for name, direct in cases.items():
         params = {"n_steps": 6} if name in ("LayerConductance", "InternalInfluence", "LayerIntegratedGradients") else {}

@@ -91,12 +91,14 @@ def test_guided_on_torch_export_program_equals_eager():
     assert float((ours_exported - plain).norm() / plain.norm()) > 0.05
 
 
-def test_torchscript_is_refused_clearly():
-    network = torch.jit.script(make_net_batchnorm_relu())
-    spec, ctx = make_context("GuidedBackprop", network, structured_volume(8))
-    with pytest.raises(EsegetaError, match="TorchScript") as err:
-        spec.attribute(ctx)
-    assert "\n" not in str(err.value)
+def test_torchscript_gives_the_eager_map():
+    """The rule is applied at the dispatcher, which TorchScript reaches too (no longer refused)."""
+    eager = make_unet_instancenorm_prelu()
+    x = structured_volume(16)
+    ours_eager, plain, _ = _maps(eager, x, "GuidedBackprop")
+    ours_scripted, _, _ = _maps(torch.jit.trace(eager, x), x, "GuidedBackprop")
+    torch.testing.assert_close(ours_scripted, ours_eager, rtol=1e-5, atol=1e-7)
+    assert float((ours_scripted - plain).norm() / plain.norm()) > 0.1
 
 
 def test_network_without_rectifiers_is_refused():

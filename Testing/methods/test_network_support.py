@@ -14,19 +14,22 @@ def _scripted():
     return torch.jit.trace(make_unet_instancenorm_prelu(), torch.randn(1, 1, 16, 16, 16))
 
 
-def test_layer_and_guided_methods_flagged():
+def test_layer_methods_flagged_and_dispatcher_rules_not():
     eager = {s.name for s in all_methods() if s.requires_eager}
-    assert {"GradCAM", "GradCAM++", "GuidedBackprop", "Deconvolution", "GuidedGradCam"} <= eager
-    assert not {"Saliency", "IntegratedGradients", "Occlusion"} & eager
+    assert {"GradCAM", "GradCAM++", "GuidedGradCam"} <= eager
+    # guided backprop, deconvolution and DeepLift rewrite backward kernels at the dispatcher: any format
+    assert not {"Saliency", "IntegratedGradients", "Occlusion", "GuidedBackprop", "Deconvolution",
+                "DeepLift", "DeepLiftShap"} & eager
 
 
 def test_explain_refuses_all_at_once_before_running():
     calls = []
     with pytest.raises(EsegetaError) as err:
         explain(np.random.rand(16, 16, 16).astype(np.float32), _scripted(),
-                ["Saliency", "GradCAM", "GuidedBackprop"], progress=lambda f, m: calls.append(m))
+                ["Saliency", "GradCAM", "GuidedBackprop", "GradCAM++"], progress=lambda f, m: calls.append(m))
     message = str(err.value)
-    assert "GradCAM" in message and "GuidedBackprop" in message and "Saliency" not in message
+    assert "GradCAM," in message and "GradCAM++" in message
+    assert "Saliency" not in message and "GuidedBackprop" not in message
     assert "\n" not in message and calls == []  # nothing ran
 
 
