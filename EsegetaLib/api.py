@@ -13,6 +13,7 @@ from .errors import EsegetaError
 from .methods.base import MethodSpec, check_network_support, get_method
 from .options import EngineOptions, Target
 from .results import TARGET_SEPARATOR, Explanation
+from .work import WorkPlan, method_stages, plan_methods
 
 MethodRequest = Union[str, MethodSpec, Tuple[Union[str, MethodSpec], Dict[str, Any]]]
 
@@ -60,14 +61,17 @@ def explain(volume, network, methods, target: Optional[Target] = None,
     requests = resolve_methods(methods)
     if isinstance(network, torch.nn.Module):
         check_network_support([spec for spec, _ in requests], network)
-    weights = [1.0] + [max(float(spec.cost), 1.0) for spec, _ in requests]
-    edges = np.cumsum([0.0] + weights) / sum(weights)
-    session = ExplainSession(volume, network, target, options, spacing=spacing, progress=progress,
-                             cancel=cancel, progress_span=(edges[0], edges[1]))
+    # Progress by the work left (work.py): windows x passes per method, measured seconds per pass.
+    stages = method_stages([spec for spec, _ in requests])
+    plan = WorkPlan(progress, ["segmentation"] + stages)
+    session = ExplainSession(volume, network, target, options, spacing=spacing,
+                             progress=plan.stage("segmentation") if progress else None, cancel=cancel)
+    plan_methods(plan, session, requests, stages)
     results = {}
-    for n, (spec, params) in enumerate(requests):
+    for stage, (spec, params) in zip(stages, requests):
         session.check_cancel()
-        session.progress_span = (edges[n + 1], edges[n + 2])
+        if progress is not None:
+            session.progress = plan.stage(stage)
         key, k = spec.name, 2
         while key in results or f"{session.target_names[0]}{TARGET_SEPARATOR}{key}" in results:
             key, k = f"{spec.name}#{k}", k + 1
@@ -76,6 +80,8 @@ def explain(volume, network, methods, target: Optional[Target] = None,
         else:
             for name, result in session.attribute_targets(spec, params).items():
                 results[f"{name}{TARGET_SEPARATOR}{key}"] = result
+    if progress is not None:
+        plan.finish("done")
     engine = {"device": str(session.device), "precision": session.precision,
               "precision_requested": options.precision, "precision_reason": session.precision_reason,
               "batch_size": session.batch_size, "divisor": options.divisor, "blend": options.blend,

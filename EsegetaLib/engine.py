@@ -897,6 +897,12 @@ class ExplainSession:
 
     def _global(self, spec, params, x, generator) -> Tuple[torch.Tensor, Dict]:
         forward = PatchedScore(self, x, label=spec.name)
+        try:  # how many volumes and window forwards to expect: progress with a total
+            from .work import perturbation_work
+
+            forward.expected_evaluations, forward.expected_windows = perturbation_work(spec, params, self)
+        except Exception:  # noqa: BLE001 - an estimate only; the method itself reports real errors
+            pass
         region = torch.from_numpy(self.region).to(self.device, self.dtype)[None, None]
         inputs = x[None].to(self.device)
         prepared = spec.prepare(inputs, self.stats, params, generator) if spec.prepare else {}
@@ -963,6 +969,9 @@ class PatchedScore(nn.Module):
         self.cached: Optional[torch.Tensor] = None
         self.windows_rerun = 0
         self.evaluations = 0
+        self.windows_run = 0  # including the unperturbed pass (progress)
+        self.expected_evaluations: Optional[int] = None  # set by the engine when it can count them
+        self.expected_windows: Optional[float] = None
 
     def _scores(self, x_pad: torch.Tensor, pairs: List[Tuple[int, int]], report=None) -> torch.Tensor:
         s = self.session
@@ -985,6 +994,7 @@ class PatchedScore(nn.Module):
             cached = torch.zeros(len(s.windows), dtype=torch.float64)
             cached[s.active] = self._scores(self.base_pad, [(0, i) for i in s.active])
             self.cached = cached
+            self.windows_run += len(s.active)
         x = x.detach().to(s.device, s.dtype)
         x_pad = s.grid.pad(x)
         changed = (x_pad != self.base_pad).any(dim=1)  # (N, *padded)
@@ -995,6 +1005,13 @@ class PatchedScore(nn.Module):
             for (b, i), value in zip(pairs, new):
                 totals[b] += value - self.cached[i]
         self.windows_rerun += len(pairs)
+        self.windows_run += len(pairs)
         self.evaluations += int(x.shape[0])
-        s._report(None, f"{self.label}: {self.evaluations} volumes evaluated, {self.windows_rerun} windows rerun")
+        if self.expected_evaluations:
+            total = max(self.expected_evaluations, self.evaluations)
+            fraction = min(0.99, self.windows_run / max(self.expected_windows or 1.0, self.windows_run, 1.0))
+            s._report(fraction, f"{self.label}: {self.evaluations}/{total} volumes evaluated, "
+                                f"{self.windows_rerun} windows rerun")
+        else:
+            s._report(None, f"{self.label}: {self.evaluations} volumes evaluated, {self.windows_rerun} windows rerun")
         return totals.to(x.device)

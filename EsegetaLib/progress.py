@@ -13,6 +13,34 @@ import time
 from typing import Optional, TextIO
 
 MODES = ("auto", "bar", "lines", "quiet")
+# Without a work plan's estimate (Progress.estimate), the mean rate so far is shown only once it
+# means something: this much of the work done and this many seconds elapsed.
+MEAN_RATE_MIN_FRACTION = 0.05
+MEAN_RATE_MIN_SECONDS = 10.0
+_BROKEN = (BrokenPipeError, ConnectionResetError, ValueError, OSError)  # closed pipe or file
+
+
+def silence(stream) -> None:
+    """Point a broken stream's file descriptor at /dev/null: later writes (and the interpreter's
+    flush at exit) then succeed silently instead of raising BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def safe_print(text: str, stream: Optional[TextIO] = None) -> bool:
+    """print + flush that survives a reader that went away (`esegeta explain ... | head`): the
+    run's result does not depend on anyone reading its messages. False when the stream is gone."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        print(text, file=stream, flush=True)
+        return True
+    except _BROKEN:
+        silence(stream)
+        return False
 
 
 def _format_seconds(seconds: float) -> str:
@@ -24,6 +52,12 @@ def _format_seconds(seconds: float) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def _mean_rate_left(fraction: float, elapsed: float) -> Optional[float]:
+    if MEAN_RATE_MIN_FRACTION <= fraction < 1.0 and elapsed >= MEAN_RATE_MIN_SECONDS:
+        return elapsed * (1 - fraction) / fraction
+    return None
 
 
 def _terminal_columns(stream) -> int:
@@ -53,6 +87,13 @@ class Progress:
         self._last_line = -float("inf")
         self._last_message = None
         self._fraction = 0.0
+        self._planned = False  # a work plan gives the time left (estimate); else the mean rate
+        self._left: Optional[float] = None
+
+    def estimate(self, seconds: Optional[float]) -> None:
+        """Time left from the run's work plan (work.WorkPlan); None = not known yet (none shown)."""
+        self._planned = True
+        self._left = seconds
 
     # -- the callback -----------------------------------------------------------------------
     def __call__(self, fraction: float, message: str = "") -> None:
@@ -60,27 +101,52 @@ class Progress:
         self._fraction = fraction
         if self.mode == "quiet":
             return
+        try:
+            self._show(fraction, message)
+        except _BROKEN:  # nobody reads the progress any more: the run goes on without it
+            self._broken()
+
+    def _show(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        left = self.left(fraction, now - self._started)
         if self.mode == "bar":
             bar = self._ensure_bar()
             bar.set_description_str(message, refresh=False)
+            bar.set_postfix_str("" if left is None else f"about {_format_seconds(left)} left", refresh=False)
             bar.update(round(fraction * 1000) - bar.n)
             return
-        now = time.monotonic()
         # Lines: at most one per interval, plus the first, the last, and whenever the method changes.
         head = message.split(":", 1)[0]
         changed = head != (self._last_message or "").split(":", 1)[0]
         if changed or fraction >= 1.0 or now - self._last_line >= self.interval:
             self._last_line = now
-            print(self.line(fraction, message, now - self._started), file=self.stream, flush=True)
+            print(self.line(fraction, message, now - self._started, left), file=self.stream, flush=True)
         self._last_message = message
 
+    def left(self, fraction: float, elapsed: float) -> Optional[float]:
+        """Seconds left: the work plan's estimate when there is one, else the mean rate so far once
+        it means something (MEAN_RATE_MIN_FRACTION of the work, MEAN_RATE_MIN_SECONDS elapsed)."""
+        if fraction >= 1.0:
+            return None
+        if self._planned:
+            return self._left
+        return _mean_rate_left(fraction, elapsed)
+
     @staticmethod
-    def line(fraction: float, message: str, elapsed: float) -> str:
-        """`[ 42%] message (elapsed 1m05s, about 1m30s left)`; time left from the mean rate so far."""
+    def line(fraction: float, message: str, elapsed: float, left: Optional[float] = -1.0) -> str:
+        """`[ 42%] message (elapsed 1m05s, about 1m30s left)`; `left` None: no estimate; not given:
+        from the mean rate so far (once it means something)."""
         text = f"[{fraction * 100:3.0f}%] {message}".rstrip() + f" (elapsed {_format_seconds(elapsed)}"
-        if 0.0 < fraction < 1.0 and elapsed > 0:
-            text += f", about {_format_seconds(elapsed * (1 - fraction) / fraction)} left"
+        if left is not None and left < 0:
+            left = _mean_rate_left(fraction, elapsed)
+        if left is not None and fraction < 1.0:
+            text += f", about {_format_seconds(left)} left"
         return text + ")"
+
+    def _broken(self) -> None:
+        self._bar = None  # closing it would write again
+        self.mode = "quiet"
+        silence(self.stream)
 
     # -- notes and warnings -----------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -93,26 +159,32 @@ class Progress:
         self._write(f"warning: {text}")
 
     def _write(self, text: str) -> None:
-        if self._bar is not None:
-            from tqdm import tqdm
+        try:
+            if self._bar is not None:
+                from tqdm import tqdm
 
-            tqdm.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+                tqdm.write(text, file=self.stream)
+            else:
+                print(text, file=self.stream, flush=True)
+        except _BROKEN:
+            self._broken()
 
     # -- lifetime ---------------------------------------------------------------------------
     def _ensure_bar(self):
         if self._bar is None:
             from tqdm import tqdm
 
-            # Permille steps: tqdm's rate then gives the time left for the whole run.
+            # Permille steps; the time left is ours (postfix), not tqdm's mean rate.
             self._bar = tqdm(total=1000, file=self.stream, leave=False, dynamic_ncols=True,
-                             bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
         return self._bar
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.close()
+            try:
+                self._bar.close()
+            except _BROKEN:
+                silence(self.stream)
             self._bar = None
 
     def __enter__(self) -> "Progress":

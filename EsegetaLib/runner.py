@@ -400,20 +400,26 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
     from . import provenance
     from .outputs import ResultDirectory
 
+    from .work import WorkPlan, method_stages
+
     progress = progress or (lambda fraction, message: None)
     started = provenance.utc_now()
     t0 = time.perf_counter()
+    # Progress by the work left (work.py): segmentation, each method, the metrics, then writing.
+    stages = method_stages([spec for spec, _ in _method_specs(prepared)])
+    plan = WorkPlan(progress, ["segmentation"] + stages + ["metrics", "writing"])
+    plan.set("writing", 0.0)  # seconds of file writing: not model work, not in the estimate
     with ResultDirectory(out_dir, overwrite=overwrite, inputs=[p for _, p in prepared.inputs]) as result:
-        explanation, session, peaks, engine_seconds = _run_engine(prepared, progress, cancel,
-                                                                  with_metrics=prepared.metrics != "none")
+        explanation, session, peaks, engine_seconds = _run_engine(prepared, plan, stages, cancel)
         folder = result.path
         written = write_images(folder, prepared.image, explanation, compress=prepared.request.compress)
         t_engine = time.perf_counter()
-        metric_rows = _metrics(prepared, explanation, session, peaks, folder, progress, cancel)
+        metric_rows = _metrics(prepared, explanation, session, peaks, folder, plan.stage("metrics"), cancel)
         t_metrics = time.perf_counter()
         _check_cancel(cancel)
+        writing = plan.stage("writing")
         if prepared.request.scene:
-            progress(0.93, "writing the Slicer review scene and previews")
+            writing(None, "writing the Slicer review scene and previews")
         scene_record = _scene(prepared, explanation, folder, metric_rows, note, warn)
         _check_cancel(cancel)
         timings = {"engine_seconds": engine_seconds, "total_seconds": None,
@@ -423,7 +429,7 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
         timings["total_seconds"] = time.perf_counter() - t0
         record["outputs"] = provenance.output_records(folder)
         provenance.write_json(folder / "run.json", record)
-        progress(1.0, "done")
+        plan.finish("done")
         return result.commit()
 
 
@@ -432,28 +438,32 @@ def _check_cancel(cancel) -> None:
         raise EsegetaCancelled("cancelled")
 
 
-def _run_engine(prepared: PreparedRun, progress: ProgressFn, cancel, with_metrics: bool):
+def _method_specs(prepared: PreparedRun):
+    from .methods import get_method
+
+    return [(get_method(name), params) for name, params in prepared.methods]
+
+
+def _run_engine(prepared: PreparedRun, plan, stages: Sequence[str], cancel):
     """One engine session, methods one after another (as `api.explain` does), so that each method
-    gets its own runtime and peak memory."""
+    gets its own runtime and peak memory. `plan`: the run's work.WorkPlan (progress)."""
     from .api import describe_grid
     from .engine import ExplainSession
-    from .methods import get_method
     from .results import Explanation
+    from .work import plan_methods
 
     image = prepared.image
     network = prepared.model.network_for(image.array, spacing=image.spacing, affine=image.ijk_to_ras)
-    specs = [get_method(name) for name, _ in prepared.methods]
-    # Progress: segmentation counts as one unit, each method by its relative cost; metrics after.
-    weights = [1.0] + [max(float(spec.cost), 1.0) for spec in specs]
-    share = 0.75 if with_metrics else 0.9
-    edges = share * np.cumsum([0.0] + weights) / sum(weights)
+    requests = _method_specs(prepared)
     t0 = time.perf_counter()
     session = ExplainSession(image.array, network, prepared.target, prepared.options, spacing=image.spacing,
-                             progress=progress, cancel=cancel, progress_span=(edges[0], edges[1]))
+                             progress=plan.stage("segmentation"), cancel=cancel)
+    method_units = plan_methods(plan, session, requests, stages)
+    _plan_metrics(plan, prepared, session, [method_units[s] for s in stages])
     results, peaks = {}, {}
-    for i, (spec, (name, params)) in enumerate(zip(specs, prepared.methods)):
+    for stage, (spec, params) in zip(stages, requests):
         session.check_cancel()
-        session.progress_span = (edges[i + 1], edges[i + 2])
+        session.progress = plan.stage(stage)
         meter = _meter(session.device)
         with meter.measure():
             results[spec.name] = session.attribute(spec, params)
@@ -542,6 +552,23 @@ def basic_rows(explanation, peaks: Dict[str, Dict[str, Any]], device: str) -> Li
     return rows
 
 
+def _plan_metrics(plan, prepared: PreparedRun, session, method_units: Sequence[float]) -> None:
+    """The metrics stage's work: per method (outer) and metric (inner, the order metrics.evaluate
+    reports in), the window forwards each metric reruns."""
+    if prepared.metrics == "none":
+        plan.set("metrics", 0.0)
+        return
+    from .metrics.evaluate import METRIC_PARAMS, parse_metrics
+    from .work import BACKWARD, BACKWARD_FORWARDS, metric_work
+
+    items = []
+    for units in method_units:
+        for name in parse_metrics(prepared.metrics):
+            amount, kind = metric_work(name, METRIC_PARAMS.get(name, {}), session, units / BACKWARD_FORWARDS)
+            items.append(amount * (BACKWARD_FORWARDS if kind == BACKWARD else 1.0))
+    plan.set("metrics", sum(items), items=items)
+
+
 def _scaled(progress: ProgressFn, start: float, stop: float, prefix: str = "") -> ProgressFn:
     def report(fraction: float, message: str = "") -> None:
         text = f"{prefix}: {message}" if prefix and message else (prefix or message)
@@ -559,7 +586,7 @@ def _metrics(prepared: PreparedRun, explanation, session, peaks, folder: Path, p
 
         report = metrics_module.evaluate(session, explanation, metrics=prepared.metrics,
                                          reference_mask=prepared.reference_mask,
-                                         progress=_scaled(progress, 0.75, 0.92, "metrics"), cancel=cancel)
+                                         progress=_scaled(progress, 0.0, 1.0, "metrics"), cancel=cancel)
         extra = {row["method"]: row for row in rows}
         for row in report.rows:
             for key, value in extra.get(row.get("method"), {}).items():

@@ -24,6 +24,7 @@ def add_parser(subparsers, common):
 
 def run(args) -> int:
     from ..outputs import RESULT_MARKER
+    from ..progress import safe_print
     from ..runner import DEMO_PARAMS, parse_param_assignments, split_list
     from ..sample import load_sample
 
@@ -39,7 +40,7 @@ def run(args) -> int:
     if args.out is None and _earlier_demo(out / RESULT_MARKER):
         args.overwrite = True  # the default folder holds an earlier demo: replace it
     folder = run_request(args, request, out, NAME)
-    print(how_to_open(folder))
+    safe_print(how_to_open(folder))
     return 0
 
 

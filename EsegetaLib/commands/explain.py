@@ -146,7 +146,9 @@ def run(args) -> int:
     request = request_from(args, args.volume, args.model)
     folder = run_request(args, request, out, NAME)
     if not args.quiet:
-        print(how_to_open(folder))
+        from ..progress import safe_print
+
+        safe_print(how_to_open(folder))  # the result is written: a closed stdout changes nothing
     return 0
 
 

@@ -60,11 +60,38 @@ def test_progress_lines_are_throttled_but_keep_method_changes_and_the_end():
     lines = stream.getvalue().splitlines()
     assert [line.split("(")[0].strip() for line in lines] == [
         "[  0%] Saliency: patch 1/4", "[ 50%] IntegratedGradients: patch 1/4", "[100%] done"]
-    assert "left" in lines[1]
+    assert "left" not in lines[1]  # half done after no time at all: no estimate that means nothing
 
 
 def test_progress_line_estimates_time_left():
     assert Progress.line(0.25, "X", 30.0) == "[ 25%] X (elapsed 30s, about 1m30s left)"
+    assert Progress.line(0.25, "X", 3.0) == "[ 25%] X (elapsed 3s)"  # too early for a mean rate
+    assert Progress.line(0.01, "X", 300.0) == "[  1%] X (elapsed 5m00s)"  # too little work done
+    assert Progress.line(0.25, "X", 3.0, 42.0) == "[ 25%] X (elapsed 3s, about 42s left)"
+
+
+def test_a_work_plans_estimate_replaces_the_mean_rate():
+    stream = io.StringIO()
+    progress = Progress("lines", stream=stream, interval=0)
+    progress.estimate(None)
+    progress(0.5, "Occlusion: 10/80 volumes evaluated")
+    progress.estimate(95.0)
+    progress(0.6, "Occlusion: 20/80 volumes evaluated")
+    lines = stream.getvalue().splitlines()
+    assert "left" not in lines[0] and lines[1].endswith("about 1m35s left)")
+
+
+def test_a_closed_progress_stream_is_dropped_not_raised():
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as stream:
+        progress = Progress("lines", stream=stream, interval=0)
+        progress(0.1, "Saliency: window 1/4")  # EPIPE: no exception, progress goes quiet
+        progress.note("a note")
+        progress.warn("a warning")
+        assert progress.mode == "quiet"
 
 
 def test_quiet_silences_progress_and_notes_but_not_warnings():
