@@ -168,20 +168,24 @@ def rectified_gradients(forward: torch.nn.Module, inputs: torch.Tensor, forward_
     return grads, mode.diagnostics()
 
 
-def add_rule_check(result, rule_name: str = "rectifier_rule") -> None:
-    """Trust check "rectifier_rule": the share of rectifier backward calls the rule changed (value),
-    from the summed diagnostics.  pass when the rule met rectifiers and changed at least one call;
-    warn when it changed none (the map is then the plain gradient)."""
+def add_rule_check(result) -> None:
+    """Trust check "rectifier_rule": the share of backward calls the method's rule changed (value),
+    from the diagnostics summed over windows: rectifiers for guided backprop and deconvolution, every
+    non-linear op (activations, norm layers, products, softmax, max-pool) for the DeepLift family.
+    pass when the rule met such calls and changed at least one; warn when it changed none (the map
+    is then the plain gradient)."""
     diag = getattr(result, "diagnostics", {}) or {}
     seen = int(diag.get("rule_calls_seen", 0) or 0)
     changed = int(diag.get("rule_calls_changed", 0) or 0)
+    what = "non-linear op" if "DeepLift" in str(getattr(result, "name", "")) else "rectifier"
     if seen == 0:
-        result.add_check(rule_name, "not_run", None, "no rectifier call was seen (the run would have been refused)")
+        result.add_check("rectifier_rule", "not_run", None,
+                         f"no {what} backward call was seen, so the map is the plain gradient")
         return
     status = "pass" if changed > 0 else "warn"
-    detail = (f"the rule changed {changed} of {seen} rectifier backward calls (dispatcher level: modules, "
+    detail = (f"the rule changed {changed} of {seen} {what} backward calls (dispatcher level: modules, "
               "functional, in-place, TorchScript and exported programs alike)")
     if changed == 0:
         detail += "; none changed, so the map equals the plain gradient"
-    result.add_check(rule_name, status, changed / seen, detail)
+    result.add_check("rectifier_rule", status, changed / seen, detail)
 

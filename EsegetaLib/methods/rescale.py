@@ -105,7 +105,13 @@ AVERAGED = {
     "native_batch_norm": "native_batch_norm_backward",
     "_native_batch_norm_legit": "native_batch_norm_backward",
     "_softmax": "_softmax_backward_data",
+    # CUDA: batch statistics through cuDNN / MIOpen (InstanceNorm, BatchNorm in training); their
+    # backward takes (input, grad_output, weight, ...) and, with running statistics, autograd calls
+    # native_batch_norm_backward instead (linear)
+    "cudnn_batch_norm": "cudnn_batch_norm_backward",
+    "miopen_batch_norm": "miopen_batch_norm_backward",
 }
+INPUT_FIRST_BACKWARD = frozenset({"cudnn_batch_norm_backward", "miopen_batch_norm_backward"})
 MAX_POOL = {"max_pool2d_with_indices": "max_pool2d_with_indices_backward",
             "max_pool3d_with_indices": "max_pool3d_with_indices_backward"}
 RULE_BACKWARD = ELEMENTWISE_BACKWARD | frozenset(AVERAGED.values()) | frozenset(MAX_POOL.values())
@@ -213,7 +219,8 @@ class RescaleRules(TorchDispatchMode):
             self.dependent[t] = True
         _, ref_args, ref_out = self.reference[k]
         if name in ELEMENTWISE or name in AVERAGED or name in MAX_POOL:
-            if name in ("native_batch_norm", "_native_batch_norm_legit") and not self._batch_stats(name, args, kwargs):
+            if name in ("native_batch_norm", "_native_batch_norm_legit", "cudnn_batch_norm", "miopen_batch_norm") \
+                    and not self._batch_stats(name, args, kwargs):
                 return  # running statistics: linear
             self._record(name, before if before is not None else list(args), out, ref_args, ref_out)
             return
@@ -268,7 +275,7 @@ class RescaleRules(TorchDispatchMode):
 
     def _backward(self, func, name, args, kwargs):
         if name in RULE_BACKWARD and not (name == "native_batch_norm_backward" and not args[7]):
-            saved = args[5] if name == "elu_backward" else args[1]
+            saved = args[5] if name == "elu_backward" else (args[0] if name in INPUT_FIRST_BACKWARD else args[1])
             rec = self._find(name, saved) if isinstance(saved, torch.Tensor) else None
             if rec is None:
                 self.unpaired += 1
@@ -309,7 +316,7 @@ class RescaleRules(TorchDispatchMode):
         """Normalisation layers: the exact closed-form split below; softmax: average Jacobian by
         Gauss-Legendre quadrature of its own backward formula."""
         result = func(*args, **kwargs)
-        grad_out = args[0]
+        grad_out = args[1] if _name(func) in INPUT_FIRST_BACKWARD else args[0]
         grad_in = result[0] if isinstance(result, (tuple, list)) else result
         if rec.name == "_softmax":
             a, a0 = rec.args[0], rec.ref_args[0]
