@@ -122,7 +122,8 @@ class _Diagnostics:
                 value = float(value.detach().double().sum()) if value.is_floating_point() else value.tolist()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and \
                     isinstance(self.values.get(key), (int, float)):
-                self.values[key] = self.values[key] + value
+                combine = max if key.endswith("_max") else (lambda a, b: a + b)
+                self.values[key] = combine(self.values[key], value)
             else:
                 self.values[key] = value
 
@@ -674,6 +675,7 @@ class ExplainSession:
         maps = []
         for g, diag in enumerate(diags):
             attribution = self.grid.fold(acc[g:g + 1])[0]
+            _steps_used(diag)
             _relative_delta(diag, attribution)
             if spec.finalize is not None:
                 attribution = spec.finalize(attribution, params)
@@ -780,9 +782,11 @@ class ExplainSession:
         layer, layer_name = self._layer(spec, params)
         diag = {"layer": layer_name} if layer_name else {}
         prepared = self._prepare(spec, params, x, generator)
+        budgets = self._path_budgets(params, prepared)
         acc, more = self._windows_pass(spec, params, self.grid.pad(x[None]), prepared, layer, generator,
-                                       blended=spec.patching == "blended")
+                                       blended=spec.patching == "blended", budgets=budgets)
         diag.update(more)
+        _steps_used(diag)
         if spec.patching == "blended":
             attribution = self.grid.crop(acc)[0]
             _relative_delta(diag, None)
@@ -792,6 +796,33 @@ class ExplainSession:
         if spec.finalize is not None:
             attribution = spec.finalize(attribution, params)
         return attribution, diag
+
+    def _window_scores(self, x_pad: torch.Tensor) -> Dict[int, float]:
+        """F of each active window on a padded (1, C, *padded) volume (no grad)."""
+        values: Dict[int, float] = {}
+
+        def work(chunk):
+            with torch.no_grad():
+                return self.scorer(self._window_batch(x_pad, chunk), self.window_weights(chunk))
+
+        for chunk, out in self.run_batches(list(self.active), work):
+            values.update(zip(chunk, out.double().cpu().tolist()))
+        return values
+
+    def _path_budgets(self, params: Dict[str, Any], prepared: Dict[str, torch.Tensor]) -> Optional[Dict[int, float]]:
+        """Absolute completeness error allowed per window for an adaptive path method, so that all
+        windows together stay within tolerance x |F(x) - F(baseline)| of the whole volume: half of the
+        allowance shared equally, half in proportion to each window's |F_w(x) - F_w(b)|."""
+        if not params.get("adaptive") or "tolerance" not in params or "baselines" not in prepared or not self.active:
+            return None
+        on_x = self._window_scores(self._x_pad)
+        on_b = self._window_scores(prepared["baselines"])
+        change = {i: on_x[i] - on_b[i] for i in self.active}
+        total = abs(sum(change.values()))
+        spread = sum(abs(v) for v in change.values()) or 1.0
+        allowed = float(params["tolerance"]) * total
+        n = len(self.active)
+        return {i: allowed * (0.5 * abs(change[i]) / spread + 0.5 / n) for i in self.active}
 
     def _layer(self, spec: MethodSpec, params: Dict[str, Any]):
         if not spec.needs_layer:
@@ -809,7 +840,8 @@ class ExplainSession:
         return {k: self.grid.pad(v.detach().to("cpu" if self.host else self.device)) for k, v in full.items()}
 
     def _windows_pass(self, spec, params, x_pad, prepared, layer, generator, blended=False,
-                      report_base: Tuple[float, float] = (0.0, 1.0)) -> Tuple[torch.Tensor, Dict]:
+                      report_base: Tuple[float, float] = (0.0, 1.0),
+                      budgets: Optional[Dict[int, float]] = None) -> Tuple[torch.Tensor, Dict]:
         """Sum (or blend) per-window maps of `spec` into padded accumulators (S, C, *padded), one per
         input copy in `x_pad` (S, C, *padded): S > 1 batches noise samples (or perturbed copies)
         together. `prepared`: one dict shared by all copies, or a list with one dict per copy."""
@@ -822,10 +854,13 @@ class ExplainSession:
         def work(chunk):
             windows = [i for _, i in chunk]
             inputs = torch.stack([x_pad[(s, slice(None)) + self.windows[i]] for s, i in chunk])
+            sliced = self._prepared_for(prepared, chunk)
+            if budgets is not None:
+                sliced["delta_budget"] = torch.tensor([budgets[i] for i in windows], dtype=torch.float64)
             ctx = MethodContext(
                 forward=self.scorer, network=self.network, inputs=inputs.to(self.device, self.dtype),
                 params=params, stats=self.stats, forward_args=(self.window_weights(windows),),
-                prepared=self._prepared_for(prepared, chunk),
+                prepared=sliced,
                 layer=layer, region=None, generator=generator,
                 # per example: B windows x this many steps fill one forward of `batch_size`
                 internal_batch_size=max(1, self.batch_size // len(chunk)))
@@ -935,6 +970,14 @@ def completeness_status(result: MethodResult) -> Tuple[Optional[str], Optional[f
     if isinstance(delta, (int, float)) and not isinstance(delta, bool):
         return ("pass" if float(delta) <= COMPLETENESS_TOLERANCE else "warn"), float(delta)
     return None, None
+
+
+def _steps_used(diag: Dict[str, Any]) -> None:
+    """Adaptive path methods: mean and max gradient evaluations per window from the summed counts."""
+    total, examples = diag.pop("steps_total", None), diag.pop("path_examples", None)
+    if total is not None and examples:
+        diag["steps_used_mean"] = float(total) / float(examples)
+        diag["steps_used_max"] = int(diag.pop("steps_max", 0))
 
 
 def _relative_delta(diag: Dict[str, Any], attribution: Optional[torch.Tensor]) -> None:

@@ -54,6 +54,11 @@ class TargetRows:
     def __len__(self) -> int:
         return len(self.windows)
 
+    def subset(self, rows: Sequence[int]) -> "TargetRows":
+        """The rows `rows` (in that order) as a new layout: for methods that build their own batches
+        of points from the examples (adaptive Integrated Gradients)."""
+        return TargetRows([self.windows[r] for r in rows], [self.classes[r] for r in rows], vjp=self.vjp)
+
 
 class _Plan:
     """Row -> distinct input, row -> cotangent slot, for one forward call of N rows."""

@@ -15,6 +15,7 @@ from .results import MethodResult
 
 DETERMINISM_TOLERANCE = 1e-4  # relative max difference of two forwards of the same window
 COMPLETENESS_TOLERANCE = 0.01  # default relative completeness error of path methods
+ILL_CONDITIONED = 10.0  # path variation / |F(x) - F(b)| above which the detail says so
 
 
 def forward_difference(logits_fn, window: torch.Tensor) -> float:
@@ -62,6 +63,11 @@ def add_completeness_check(result: MethodResult, diagnostics: Dict[str, Any],
         detail += f", {steps:.0f} steps per window on average (max {diagnostics.get('steps_used_max', steps):.0f})"
     if diagnostics.get("step_cap_hit"):
         detail += f"; the step cap was reached in {diagnostics['step_cap_hit']} window(s): raise max_steps"
+    variation, change = diagnostics.get("path_variation"), diagnostics.get("score_change")
+    if isinstance(variation, (int, float)) and isinstance(change, (int, float)) and \
+            variation > ILL_CONDITIONED * max(abs(change), 1e-30):
+        detail += (f"; the score moves {variation:.3g} along the path but only {change:.3g} from baseline to "
+                   "input, so the relative error is ill-conditioned: try another baseline ('mean' or 'min')")
     if value <= tolerance:
         result.add_check("completeness", "pass", value, detail)
     else:

@@ -82,9 +82,19 @@ def endpoint_scores(ctx: MethodContext, *inputs: torch.Tensor):
 
 
 def integrated_gradients(ctx: MethodContext):
-    from captum.attr import IntegratedGradients
+    """Adaptive by default (methods/adaptive.py: subdivided where the integrand changes fastest until
+    the completeness error is within `tolerance` or `max_steps`); `adaptive=False`: Captum's
+    IntegratedGradients with `n_steps` nodes of the `integration` rule."""
     steps = ctx.params["n_steps"]
     baselines = baselines_of(ctx)
+    if ctx.params.get("adaptive", False):
+        from .adaptive import adaptive_integrated_gradients
+        return adaptive_integrated_gradients(
+            ctx.forward, ctx.inputs, baselines, ctx.forward_args or (), tolerance=ctx.params["tolerance"],
+            initial_steps=steps, max_steps=ctx.params["max_steps"],
+            batch=steps_batch(ctx, ctx.inputs.shape[0], ctx.params["max_steps"]),
+            budgets=ctx.prepared.get("delta_budget"))
+    from captum.attr import IntegratedGradients
     attr = IntegratedGradients(ctx.forward).attribute(
         ctx.inputs, baselines=baselines, additional_forward_args=_args(ctx), n_steps=steps,
         method=ctx.params["integration"], internal_batch_size=steps_batch(ctx, ctx.inputs.shape[0], steps),
@@ -161,12 +171,23 @@ SPECS = [
     MethodSpec(
         name="IntegratedGradients", family="gradient", signed=True, needs_baseline=True, needs_layer=False,
         cost=32.0, patching="additive",
-        params=(ParamSpec("n_steps", "int", 32, minimum=2, maximum=1024, help="integration steps"),
+        params=(ParamSpec("n_steps", "int", 16, minimum=2, maximum=1024,
+                          help="integration steps: where adaptive refinement starts, or the fixed number "
+                               "when adaptive is off"),
+                ParamSpec("adaptive", "bool", True,
+                          help="subdivide the path where the gradient changes fastest until the completeness "
+                               "error is within 'tolerance' (or 'max_steps' is reached; the result says so)"),
+                ParamSpec("tolerance", "float", 0.01, minimum=1e-6, maximum=1.0,
+                          help="relative completeness error |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)| aimed at"),
+                ParamSpec("max_steps", "int", 512, minimum=4, maximum=8192,
+                          help="cap on the gradient evaluations per window (adaptive)"),
                 ParamSpec("integration", "choice", "gausslegendre",
                           choices=("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"),
-                          help="quadrature rule"),) + BASELINE_PARAMS,
+                          help="quadrature rule when adaptive is off (adaptive uses Gauss-Legendre on sub-intervals)"),
+                ) + BASELINE_PARAMS,
         attribute=integrated_gradients, prepare=prepare_baselines, captum="IntegratedGradients",
-        description="path integral of gradients from a baseline; reports the relative convergence delta",
+        description="path integral of gradients from a baseline, adaptive until the completeness error is "
+                    "within tolerance (default 1 %); reports the steps used and the relative convergence delta",
     ),
     MethodSpec(
         name="GuidedBackprop", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,

@@ -24,10 +24,13 @@ def test_integrated_gradients_completeness_default_vs_zero_baseline():
     x = structured_volume(24)
     spec = get_method("IntegratedGradients")
     assert spec.defaults()["baseline"] == "blur"
-    spec, ctx = make_context("IntegratedGradients", network, x, internal_batch_size=8)
+    # the fixed 32-step rule (adaptive IG would refine the zero baseline's path until it too is complete)
+    fixed = {"adaptive": False, "n_steps": 32}
+    spec, ctx = make_context("IntegratedGradients", network, x, dict(fixed), internal_batch_size=8)
     attr, diag = run_method(spec, ctx)
     default_error = _relative_completeness(ctx, attr)
-    spec, zctx = make_context("IntegratedGradients", network, x, {"baseline": "zero"}, internal_batch_size=8)
+    spec, zctx = make_context("IntegratedGradients", network, x, {"baseline": "zero", **fixed},
+                               internal_batch_size=8)
     zattr, zdiag = run_method(spec, zctx)
     zero_error = _relative_completeness(zctx, zattr)
     print(f"IG completeness error at n_steps={ctx.params['n_steps']} on the InstanceNorm+PReLU UNet (24^3): "

@@ -45,7 +45,7 @@ def test_saliency_and_input_x_gradient(setup):
 
 
 def test_integrated_gradients_and_deeplift(setup):
-    spec, ctx, f, args = _ctx("IntegratedGradients", setup, {"n_steps": 8})
+    spec, ctx, f, args = _ctx("IntegratedGradients", setup, {"n_steps": 8, "adaptive": False})
     base = ctx.prepared["baselines"]
     _close(run_method(spec, ctx)[0], ca.IntegratedGradients(f).attribute(
         ctx.inputs, baselines=base, additional_forward_args=args, n_steps=8))
