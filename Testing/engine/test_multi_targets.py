@@ -15,7 +15,7 @@ from EsegetaLib.options import EngineOptions, Target
 from EsegetaLib.targets import TargetScore
 
 IMAGE, TUBES = tube_volume((16, 16, 16), seed=3)
-CASES = [("Saliency", None), ("InputXGradient", None), ("IntegratedGradients", {"n_steps": 6}),
+CASES = [("Saliency", None), ("InputXGradient", None), ("IntegratedGradients", {"n_steps": 6, "adaptive": False}),
          ("GuidedBackprop", None), ("SmoothGrad", {"nt_samples": 2})]
 
 
