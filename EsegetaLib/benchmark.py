@@ -480,6 +480,10 @@ def run(args) -> Dict:
     try:
         if getattr(args, "threads", None):
             torch.set_num_threads(int(args.threads))
+        if getattr(args, "quick_look", False) or getattr(args, "metrics_cost", False):
+            from .bench_quick import run_extras
+
+            return run_extras(args)
         return _run(args)
     finally:
         torch.set_num_threads(saved)

@@ -538,7 +538,7 @@ class ExplainSession:
         float32 (float64 for a float64 network), host.
 
         Additive and blended methods send the copies through the windows together (as many copies
-        as fill a batch with every active window), each copy with its own `prepare` (a baseline of
+        as fill a batch with every active window and the method's passes per window), each copy with its own `prepare` (a baseline of
         its own input) drawn from the same seed as `attribute` draws it: the maps equal
         `attribute(inputs=x_s).attribution` one by one, up to float summation order. Noise tunnels
         and global (perturbation) methods run copy by copy. `full_precision` runs with autocast
@@ -575,7 +575,11 @@ class ExplainSession:
         self.counters = {"oom_retries": 0, "fp32_retries": 0}
         seed, n = int(self.options.seed), int(xs.shape[0])
         layer, _ = self._layer(spec, params)
-        group = max(1, self.batch_size // max(1, len(self.active)))
+        # Copies share a pass only where one copy leaves the batch part empty: a method with many
+        # passes per window (IG's steps) already fills its batches, and splitting them between
+        # copies only makes smaller batches (measured: slower).
+        per_copy = max(1, len(self.active)) * max(1, int(round(float(spec.cost))))
+        group = max(1, self.batch_size // per_copy)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         for j0 in range(0, n, group):
             j1 = min(n, j0 + group)

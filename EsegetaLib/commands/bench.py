@@ -53,6 +53,20 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--study-skip", default="", help="comma list of model options to leave out, e.g. torch.compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a shared, loaded CPU")
+    extras = parser.add_argument_group("goals of issue #18 (bench_quick.py; instead of the runner comparison)")
+    extras.add_argument("--quick-look", action="store_true",
+                        help="Saliency, Integrated Gradients, Grad-CAM in one session on a generated volume: "
+                             "each method's time and ratio to its fwd+bwd floor (goal <= 1.1x; whole <= 3 min)")
+    extras.add_argument("--quick-look-size", default="200x256x120", help="IxJxK of the quick look's volume")
+    extras.add_argument("--metrics-cost", action="store_true",
+                        help="default metrics and sensitivity of each method against its attribution time")
+    extras.add_argument("--metrics-cost-size", default="sample", help="volume of --metrics-cost (sample, N, IxJxK)")
+    extras.add_argument("--metrics-cost-methods", default=None, help="comma list (default Saliency,IntegratedGradients,GradCAM)")
+    extras.add_argument("--sensitivity-samples", type=int, default=10, help="n_samples of sensitivity (default 10)")
+    extras.add_argument("--sensitivity-one-by-one", action="store_true",
+                        help="also time sensitivity explaining one perturbed volume at a time")
+    extras.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="engine precision of --quick-look and --metrics-cost (default auto)")
     parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                         help="print earlier runs' JSON as Markdown tables (for docs/PERFORMANCE.md) and exit")
     return parser
