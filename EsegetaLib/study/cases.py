@@ -49,6 +49,9 @@ def make_task(spec, case, out: Path) -> Dict[str, Any]:
     }
     if case.volume.reference:  # only when given: earlier studies keep their fingerprints
         task["reference_path"] = case.volume.reference
+    for key in ("activation", "fold"):  # only when given, for the same reason
+        if getattr(case.model, key, None) is not None:
+            task[key] = getattr(case.model, key)
     task["fingerprint"] = fingerprint(task)
     task["retries"] = int(engine["retries"])
     task["out"] = str(Path(out).resolve())
@@ -112,7 +115,8 @@ def _request(task: Dict[str, Any]):
                           precision=engine["precision"], patch_size=engine["patch_size"],
                           overlap=float(engine["overlap"]), batch_size=engine["batch_size"],
                           metrics=task["metrics"], seed=int(task["seed"]), scene=bool(engine["scene"]),
-                          reference_mask=task.get("reference_path"))
+                          reference_mask=task.get("reference_path"), activation=task.get("activation"),
+                          fold=task.get("fold"))
 
 
 def _first_line(exc: BaseException) -> str:

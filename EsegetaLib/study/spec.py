@@ -18,6 +18,9 @@ cases, one per (volume, model), each with its own seed derived from the study se
       - name: default
         path: bundled                # the bundled default model
       - {name: small, path: models/small.pt}   # TorchScript, torch.export (.pt2) or model card (.json)
+      - {name: nnunet, path: results/Dataset001_X/nnUNetTrainer__nnUNetPlans__3d_fullres, fold: 0}
+      - {name: zoo, path: bundles/spleen_ct_segmentation}  # a MONAI bundle (folder or .zip)
+      - {name: one-channel, path: models/vessels.pt2, activation: sigmoid}  # softmax | sigmoid override
     methods:
       - Saliency
       - {name: IntegratedGradients, params: {n_steps: 16}}
@@ -44,7 +47,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 TOP_KEYS = ("name", "description", "seed", "volumes", "models", "methods", "target", "metrics", "engine")
 VOLUME_KEYS = ("path", "glob", "name", "mask", "reference")
-MODEL_KEYS = ("name", "path")
+MODEL_KEYS = ("name", "path", "activation", "fold")
 METHOD_KEYS = ("name", "params")
 TARGET_KEYS = ("class", "region")
 ENGINE_DEFAULTS: Dict[str, Any] = {
@@ -93,6 +96,8 @@ class ModelEntry:
     path: Optional[str]  # None: the bundled default model
     classes: Optional[List[str]] = None  # from its model card, when it has one (for checking target.class)
     scripted: bool = False  # TorchScript: no layer hooks (GradCAM and other layer methods cannot run on it)
+    activation: Optional[str] = None  # softmax | sigmoid override (None: the model's; one channel: sigmoid)
+    fold: Optional[str] = None  # nnU-Net folders: a fold number or "all" (None: every fold, ensembled)
 
 
 @dataclass
@@ -344,22 +349,45 @@ def _models(value, base: Path, problem) -> List[ModelEntry]:
             classes = _card_classes(None)
         else:
             resolved = _resolve(base, given)
-            if not resolved.is_file():
+            if not resolved.exists():
                 problem(f"{key}.path", f"'{given}' does not exist ({resolved}); check the path")
                 continue
-            if not str(resolved).lower().endswith(MODEL_SUFFIXES):
+            kind = _folder_or_zip_model(resolved, f"{key}.path", problem)
+            if kind == "invalid":
+                continue
+            if kind is None and not str(resolved).lower().endswith(MODEL_SUFFIXES):
                 problem(f"{key}.path", f"'{given}' is not a model file; use TorchScript (.pt, .ts), "
                         "torch.export (.pt2) or a model card (.json)")
                 continue
-            scripted = _is_torchscript(resolved)
-            if str(resolved).lower().endswith(".json"):
+            scripted = kind is None and _is_torchscript(resolved)
+            if kind is None and str(resolved).lower().endswith(".json"):
                 classes = _check_card(resolved, f"{key}.path", problem)
                 scripted = _card_is_torchscript(resolved)
             path, default_name = str(resolved.resolve()), Path(str(given)).name.split(".")[0]
+        activation, fold = entry.get("activation"), entry.get("fold")
+        if activation is not None and activation not in ("softmax", "sigmoid"):
+            problem(f"{key}.activation", f"must be softmax or sigmoid; got {activation!r}")
+        if fold is not None and (path is None or _folder_or_zip_model(Path(path), key, problem) != "nnunet"):
+            problem(f"{key}.fold", "applies to nnU-Net trained-model folders only")
         name = entry.get("name", default_name)
         if _check_name(name, f"{key}.name", problem):
-            found.append((key, ModelEntry(name=name, path=path, classes=classes, scripted=scripted)))
+            found.append((key, ModelEntry(name=name, path=path, classes=classes, scripted=scripted,
+                                          activation=activation, fold=None if fold is None else str(fold))))
     return _unique(found, "model", problem)
+
+
+def _folder_or_zip_model(path: Path, key: str, problem) -> Optional[str]:
+    """'nnunet' | 'monai_bundle' for a folder or zip model, None for a model file, 'invalid' (with
+    the problem reported) for a folder or zip that is neither. Reads file names only."""
+    if not (path.is_dir() or str(path).lower().endswith(".zip")):
+        return None
+    from ..models import model_format
+
+    try:
+        return model_format(path)
+    except EsegetaError as exc:
+        problem(key, str(exc))
+        return "invalid"
 
 
 def _check_card(path: Path, key: str, problem) -> Optional[List[str]]:

@@ -238,3 +238,30 @@ def test_bad_nnunet_inputs_get_one_line(nnunet_root, volume_file, tmp_path, caps
     line = one_error_line(capsys, run + [bad, "--fold", "0"])
     assert "arbitrary code" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_study_files_take_nnunet_folders_fold_and_activation(nnunet_root, volume_file, tmp_path):
+    """A study's model entry may be an nnU-Net folder with `fold` and an `activation` override; both
+    reach the loaded model; a folder that is neither format, or `fold` elsewhere, is a problem."""
+    from EsegetaLib.study.cases import _request, make_task
+    from EsegetaLib.study.spec import StudySpecError, validate_study
+
+    _, folder = nnunet_root
+    data = {"volumes": [str(volume_file)], "methods": ["Saliency"], "metrics": "none",
+            "models": [{"name": "nn", "path": str(folder), "fold": 1, "activation": "softmax"}]}
+    spec = validate_study(data, str(tmp_path / "study.yaml"), tmp_path)
+    assert spec.models[0].fold == "1" and spec.models[0].activation == "softmax"
+    task = make_task(spec, spec.cases[0], tmp_path / "out")
+    request = _request(task)
+    assert request.fold == "1" and request.activation == "softmax"
+    from EsegetaLib.runner import prepare
+
+    prepared = prepare(request)
+    assert prepared.model.folds == ["1"] and prepared.model.activation_source == "given"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = dict(data, models=[{"path": str(empty)}, {"name": "b", "path": "bundled", "fold": 0}])
+    with pytest.raises(StudySpecError) as err:
+        validate_study(bad, str(tmp_path / "study.yaml"), tmp_path)
+    text = str(err.value)
+    assert "neither an nnU-Net" in text and "fold" in text and "nnU-Net trained-model folders only" in text
