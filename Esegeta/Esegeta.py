@@ -662,6 +662,8 @@ class EsegetaLogic(ScriptedLoadableModuleLogic):
             overlap=pn.overlap,
             metrics=slicer_logic.split_names(pn.metrics),
             n_classes=len(classes) if classes else None,
+            activation=getattr(pn, "activation", "auto"),  # advanced settings, where the panel has them
+            fold=getattr(pn, "fold", ""),
         )
 
     def startRun(self, pn, catalog=None):

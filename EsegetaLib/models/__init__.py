@@ -12,11 +12,10 @@ a pickled whole model is refused because unpickling runs arbitrary code.
 """
 from __future__ import annotations
 
-import os
-import zipfile
 from typing import Optional, Union
 
 from ..errors import EsegetaError
+from ..model_formats import model_format
 from .base import (ACTIVATIONS, DEFAULT_CARD, NORMALIZATIONS, IntensityNormalization, LoadedModel,
                    ModelCard, ModelDescription, NormalizedNetwork, make_normalization)
 from .card import build_network, load_default_model, load_state_dict
@@ -24,42 +23,6 @@ from .card import build_network, load_default_model, load_state_dict
 __all__ = ["ACTIVATIONS", "DEFAULT_CARD", "NORMALIZATIONS", "IntensityNormalization", "LoadedModel",
            "ModelCard", "ModelDescription", "NormalizedNetwork", "build_network", "load_default_model",
            "load_model", "load_state_dict", "make_normalization", "model_format"]
-
-NEITHER = ("{path} is a folder but neither an nnU-Net v2 trained-model folder (looked for plans.json, "
-           "dataset.json and fold_N/checkpoint_final.pth) nor a MONAI bundle (looked for "
-           "configs/inference.json or .yaml and models/model.pt or .ts); give one of those, or a model file")
-
-
-def model_format(path) -> str:
-    """'nnunet' | 'monai_bundle' | 'card' | 'torchscript' | 'export', from the path alone (no
-    loading); EsegetaError (one line) when it is none of them."""
-    from . import bundle, nnunet
-    from .export import EXTENSIONS as EXPORT_EXTENSIONS
-    from .torchscript import EXTENSIONS as TS_EXTENSIONS
-
-    path = str(path)
-    if not os.path.exists(path):
-        raise EsegetaError(f"model file not found: {path}")
-    if os.path.isdir(path):
-        if nnunet.is_nnunet_folder(path):
-            return "nnunet"
-        if bundle.is_bundle(path):
-            return "monai_bundle"
-        raise EsegetaError(NEITHER.format(path=path))
-    lower = path.lower()
-    if lower.endswith(".zip"):
-        if zipfile.is_zipfile(path) and bundle.is_bundle(path):
-            return "monai_bundle"
-        raise EsegetaError(f"{path} is a zip file but not a MONAI bundle (looked for configs/inference.json "
-                           "or .yaml inside it)")
-    if lower.endswith(".json"):
-        return "card"
-    if lower.endswith(EXPORT_EXTENSIONS):
-        return "export"
-    if lower.endswith(TS_EXTENSIONS):
-        return "torchscript"
-    raise EsegetaError(f"{path}: unknown model file type; use TorchScript (.pt/.ts), torch.export (.pt2), "
-                       "a model card (.json), an nnU-Net v2 trained-model folder or a MONAI bundle")
 
 
 def load_model(path, normalization=None, fold: Optional[Union[int, str]] = None,

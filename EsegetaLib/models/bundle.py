@@ -33,27 +33,16 @@ import numpy as np
 import torch
 
 from ..errors import EsegetaError
+from ..model_formats import BUNDLE_CONFIGS
 from .base import LoadedModel, ModelCard, ModelDescription, first_line
 from .resampling import SeparableResample
 
-CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 NO_OPS = ("LoadImaged", "LoadImage", "EnsureChannelFirstd", "EnsureChannelFirst", "AddChanneld", "AddChannel",
           "EnsureTyped", "EnsureType", "ToTensord", "ToTensor", "CastToTyped", "CastToType", "ToDeviced",
           "Identityd", "Identity", "DeleteItemsd", "SelectItemsd")
 INTENSITY = ("ScaleIntensityRanged", "NormalizeIntensityd", "ScaleIntensityd", "ScaleIntensityRangePercentilesd")
 SPATIAL = ("Orientationd", "Spacingd")
 _TOLERANCE = 1e-3  # our preprocessing vs MONAI's on the volume, relative to its range (float32 transforms)
-
-
-def is_bundle(path: str) -> bool:
-    """A folder (or zip, possibly with one top folder) holding configs/inference.json|yaml."""
-    if os.path.isdir(path):
-        return any(os.path.isfile(os.path.join(path, "configs", name)) for name in CONFIG_NAMES)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        return any(n.split("/")[-2:-1] == ["configs"] and n.split("/")[-1] in CONFIG_NAMES for n in names)
-    return False
 
 
 def _bundle_root(path: str) -> str:
@@ -69,7 +58,7 @@ def _bundle_root(path: str) -> str:
                 raise EsegetaError(f"{path}: refused to extract '{member}', which points outside the bundle")
         archive.extractall(target)
     for folder, dirs, files in os.walk(target):
-        if os.path.basename(folder) == "configs" and any(n in files for n in CONFIG_NAMES):
+        if os.path.basename(folder) == "configs" and any(n in files for n in BUNDLE_CONFIGS):
             return os.path.dirname(folder)
     raise EsegetaError(f"{path}: no configs/inference.json or .yaml inside the zip")
 
@@ -79,7 +68,7 @@ def _parser(root: str):
         from monai.bundle import ConfigParser
     except ImportError as exc:
         raise EsegetaError("MONAI bundles need monai: pip install monai") from exc
-    config = next(os.path.join(root, "configs", n) for n in CONFIG_NAMES
+    config = next(os.path.join(root, "configs", n) for n in BUNDLE_CONFIGS
                   if os.path.isfile(os.path.join(root, "configs", n)))
     parser = ConfigParser()
     try:

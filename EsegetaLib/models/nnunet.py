@@ -50,10 +50,6 @@ REFUSAL = ("refused on nnU-Net models: {what} runs once per nnU-Net patch (and f
 MODULE_HOOK_METHODS = ("DeepLift", "DeepLiftShap")
 
 
-def is_nnunet_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "plans.json")) and os.path.isfile(os.path.join(path, "dataset.json"))
-
-
 def _require_nnunet():
     try:
         import nnunetv2  # noqa: F401

@@ -290,6 +290,8 @@ class PanelSettings:
     overlap: float = 0.25
     metrics: List[str] = field(default_factory=list)
     n_classes: Optional[int] = None
+    activation: str = "auto"  # auto (the model's; one output channel: sigmoid) | softmax | sigmoid
+    fold: str = ""  # nnU-Net folders: a fold number or "all"; empty: every fold, ensembled
 
 
 def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
@@ -327,11 +329,25 @@ def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any
         raise EsegetaError("Patch size must be 0 (the model's own) or at least 16 voxels.")
     if not 0.0 <= settings.overlap < 1.0:
         raise EsegetaError("Overlap must be at least 0 and below 1.")
+    if settings.activation not in ("auto", "softmax", "sigmoid"):
+        raise EsegetaError(f"Activation must be auto, softmax or sigmoid; got '{settings.activation}'.")
     model = None if is_bundled_model(settings.model_path.strip() or None) else settings.model_path.strip()
-    if model is not None and not Path(model).is_file():
-        raise EsegetaError(f"Model file '{model}' does not exist; choose a .pt/.pt2/.json model or clear "
-                           "the field to use the bundled one.")
+    if model is not None and not Path(model).exists():
+        raise EsegetaError(f"Model '{model}' does not exist; choose a .pt/.pt2/.json model, an nnU-Net folder or "
+                           "a MONAI bundle, or clear the field to use the bundled one.")
+    if model is not None and (Path(model).is_dir() or model.lower().endswith(".zip")):
+        from ..model_formats import model_format
+
+        kind = model_format(model)  # one line saying what was looked for
+    else:
+        kind = None
+    fold = settings.fold.strip() or None
+    if fold is not None and kind != "nnunet":
+        raise EsegetaError("Fold applies to nnU-Net trained-model folders only; clear it for this model.")
+    if fold is not None and not (fold.isdigit() or fold.lower() == "all"):
+        raise EsegetaError(f"Fold must be a fold number or 'all'; got '{fold}'.")
     return {"model": model, "methods": list(settings.methods), "params": params,
+            "activation": None if settings.activation == "auto" else settings.activation, "fold": fold,
             "class_index": int(settings.class_index), "region": settings.region,
             "device": DEVICE_CHOICES[settings.device], "precision": settings.precision,
             "patch_size": int(settings.patch_size) or None, "overlap": float(settings.overlap),
@@ -345,6 +361,13 @@ def model_card_summary(path: str) -> Dict[str, Any]:
     if not text_path or is_bundled_model(text_path):
         return {"name": "bundled vessel model", "classes": None, "text": "The bundled model (synthetic TOF-MRA vessels)."}
     file = Path(text_path)
+    if file.is_dir():
+        from ..model_formats import folder_summary
+
+        return folder_summary(str(file)) or {"name": file.name, "classes": None,
+                                             "text": f"{file.name} is neither an nnU-Net folder nor a MONAI bundle."}
+    if file.suffix.lower() == ".zip" and file.is_file():
+        return {"name": file.name, "classes": None, "text": f"{file.name}: a MONAI bundle archive (read when run)."}
     if not file.is_file():
         return {"name": file.name, "classes": None, "text": f"'{file}' does not exist."}
     if file.suffix.lower() != ".json":

@@ -381,7 +381,7 @@ def _folder_or_zip_model(path: Path, key: str, problem) -> Optional[str]:
     the problem reported) for a folder or zip that is neither. Reads file names only."""
     if not (path.is_dir() or str(path).lower().endswith(".zip")):
         return None
-    from ..models import model_format
+    from ..model_formats import model_format
 
     try:
         return model_format(path)

@@ -265,3 +265,24 @@ def test_study_files_take_nnunet_folders_fold_and_activation(nnunet_root, volume
         validate_study(bad, str(tmp_path / "study.yaml"), tmp_path)
     text = str(err.value)
     assert "neither an nnU-Net" in text and "fold" in text and "nnU-Net trained-model folders only" in text
+
+
+def test_slicer_panel_logic_takes_folders_fold_and_activation(nnunet_root, tmp_path):
+    """The Qt-free panel logic: an nnU-Net folder is summarised from its JSON files (no torch),
+    fold and activation become request fields, mistakes are one line naming the control."""
+    from EsegetaLib.runner import ExplainRequest
+    from EsegetaLib.slicer.slicer_logic import PanelSettings, model_card_summary, request_fields
+
+    _, folder = nnunet_root
+    summary = model_card_summary(str(folder))
+    assert summary["classes"] == ["background", "vessel"] and "fold_0, fold_1" in summary["text"]
+    settings = PanelSettings(methods=["Saliency"], model_path=str(folder), fold="1", activation="softmax")
+    fields = request_fields(settings)
+    assert fields["fold"] == "1" and fields["activation"] == "softmax"
+    ExplainRequest(volume="x.nii.gz", **fields)
+    for bad, fragment in ((PanelSettings(methods=["Saliency"], model_path="bundled", fold="0"), "Fold applies"),
+                          (PanelSettings(methods=["Saliency"], activation="relu"), "Activation must be"),
+                          (PanelSettings(methods=["Saliency"], model_path=str(tmp_path)), "neither an nnU-Net")):
+        with pytest.raises(EsegetaError, match=fragment) as err:
+            request_fields(bad)
+        assert "\n" not in str(err.value)

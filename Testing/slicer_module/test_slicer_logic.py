@@ -145,7 +145,7 @@ def test_request_fields_are_the_cli_request(catalog):
     assert fields == {"model": None, "methods": ["Saliency", "IntegratedGradients"],
                       "params": {"IntegratedGradients": {"n_steps": 8}}, "class_index": 1,
                       "region": "predicted", "device": "cuda", "precision": "auto", "patch_size": 64,
-                      "overlap": 0.25, "metrics": ["deletion"]}
+                      "overlap": 0.25, "metrics": ["deletion"], "activation": None, "fold": None}
     ExplainRequest(volume="x.nii.gz", **fields)  # every key is a request field
     assert L.request_fields(settings(), catalog)["metrics"] == "none"
     assert L.request_fields(settings(), catalog)["patch_size"] is None
