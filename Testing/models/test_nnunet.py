@@ -165,7 +165,8 @@ def test_every_method_runs_or_is_refused_with_a_reason(nnunet_root, volume_file)
     in one line that says why (the layer runs once per nnU-Net patch on the resampled grid), and so
     is Captum's DeepLift (its module hooks keep one call per module)."""
     from EsegetaLib.methods import all_methods
-    from EsegetaLib.runner import ExplainRequest, _run_engine, prepare
+    from EsegetaLib.engine import ExplainSession
+    from EsegetaLib.runner import ExplainRequest, prepare
 
     _, folder = nnunet_root
     cheap = {"IntegratedGradients": {"n_steps": 2}, "DeepLiftShap": {"n_baselines": 1},
@@ -187,8 +188,10 @@ def test_every_method_runs_or_is_refused_with_a_reason(nnunet_root, volume_file)
             assert "\n" not in message and "nnU-Net patch" in message, message
             refused.append(spec.name)
             continue
-        explanation = _run_engine(prepared, lambda f, m: None, None, with_metrics=False)[0]
-        result = explanation.results[spec.name]
+        image = prepared.image
+        network = prepared.model.network_for(image.array, spacing=image.spacing, affine=image.ijk_to_ras)
+        session = ExplainSession(image.array, network, prepared.target, prepared.options, spacing=image.spacing)
+        result = session.attribute(spec.name, prepared.methods[0][1])
         assert result.map.shape == (36, 30, 18) and np.isfinite(result.map).all(), spec.name
         ran.append(spec.name)
     print(f"\nran on nnU-Net: {', '.join(ran)}\nrefused: {', '.join(refused)}")
