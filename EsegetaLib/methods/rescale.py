@@ -31,7 +31,9 @@ Here the rule lives at PyTorch's dispatcher (`TorchDispatchMode`), which every m
      composed Swish/Mish): the exact split d(uv) = mean(u) dv + du mean(v), i.e. the saved operands are
      replaced by the mean of their input and reference values in the product's backward;
    - max pooling: each window's change f(a) - f(a0) is routed to the argmax of the input or of the
-     reference, whichever moved more, divided by that voxel's change (exact, overlapping windows too).
+     reference, whichever moved more, divided by that voxel's change (exact, overlapping windows too);
+   - clamp (no backward kernel of its own: autograd masks the gradient with comparisons of the saved
+     input and aten.where): the comparisons are recognised and the where gets the rescale rule.
 Linear ops (convolutions, matrix products with weights, sums, pooling by averaging, interpolation,
 padding, views) keep their gradient, which is their exact multiplier.
 
@@ -96,6 +98,10 @@ ELEMENTWISE = {
     "tanh_": "tanh_backward", "log_sigmoid_forward": "log_sigmoid_backward",
 }
 ELEMENTWISE_BACKWARD = frozenset(ELEMENTWISE.values())
+# clamp has no backward kernel: autograd masks the gradient with ge/le comparisons of the saved input
+# and aten.where; the mode recognises those comparisons and rescales in the where (see _clamp_where).
+CLAMP = frozenset({"clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"})
+_COMPARISONS = frozenset({"ge", "le", "gt", "lt"})
 # Backward kernels whose saved tensor is (usually) the op's result, not its input.
 RESULT_SAVED = frozenset({"threshold_backward", "sigmoid_backward", "tanh_backward", "_softmax_backward_data"})
 # Non-elementwise ops with an average-Jacobian rule: forward packet -> backward packet.
@@ -174,6 +180,7 @@ class RescaleRules(TorchDispatchMode):
         self.operands: Dict[Tuple, torch.Tensor] = {}  # bilinear operand key -> mean of input and reference
         self.records: List[_Record] = []
         self.keep: List[torch.Tensor] = []
+        self.clamp_masks = WeakTensorKeyDictionary()  # backward masks of clamp inputs -> record
         self.unsupported: Dict[str, int] = {}
         self.mismatch: Optional[str] = None
         self.seen = 0
@@ -193,7 +200,7 @@ class RescaleRules(TorchDispatchMode):
         if self.phase == "backward":
             return self._backward(func, name, args, kwargs)
         inplace = name.endswith("_") and args and isinstance(args[0], torch.Tensor)
-        tracked = name in ELEMENTWISE or name in AVERAGED or name in MAX_POOL or name in BILINEAR
+        tracked = name in ELEMENTWISE or name in AVERAGED or name in MAX_POOL or name in BILINEAR or name in CLAMP
         before = _detached(args) if (tracked and (inplace or self.phase == "reference")) else None
         out = func(*args, **kwargs)
         if self.phase == "reference":
@@ -218,7 +225,7 @@ class RescaleRules(TorchDispatchMode):
         for t in _tensors([out]):
             self.dependent[t] = True
         _, ref_args, ref_out = self.reference[k]
-        if name in ELEMENTWISE or name in AVERAGED or name in MAX_POOL:
+        if name in ELEMENTWISE or name in AVERAGED or name in MAX_POOL or name in CLAMP:
             if name in ("native_batch_norm", "_native_batch_norm_legit", "cudnn_batch_norm", "miopen_batch_norm") \
                     and not self._batch_stats(name, args, kwargs):
                 return  # running statistics: linear
@@ -259,7 +266,7 @@ class RescaleRules(TorchDispatchMode):
         return bool(training)
 
     def _record(self, name, args, out, ref_args, ref_out) -> None:
-        backward = ELEMENTWISE.get(name) or AVERAGED.get(name) or MAX_POOL[name]
+        backward = "clamp" if name in CLAMP else (ELEMENTWISE.get(name) or AVERAGED.get(name) or MAX_POOL[name])
         rec = _Record(name, args, out, ref_args, ref_out, backward)
         self.records.append(rec)
         first_in = args[0]
@@ -286,6 +293,14 @@ class RescaleRules(TorchDispatchMode):
             if name in MAX_POOL.values():
                 return self._max_pool(func, rec, args, kwargs)
             return self._averaged(func, rec, args, kwargs)
+        if name in _COMPARISONS and isinstance(args[0], torch.Tensor):
+            rec = self.by_input.get(("clamp",) + _key(args[0]))
+            if rec is not None:
+                mask = func(*args, **kwargs)
+                self.clamp_masks[mask] = rec
+                return mask
+        if name == "where" and isinstance(args[0], torch.Tensor) and args[0] in self.clamp_masks:
+            return self._clamp_where(func, self.clamp_masks[args[0]], args, kwargs)
         # autograd unpacks a saved *output* with aten.detach: that is not the product's own use of it
         if self.operands and name not in ("detach", "alias"):
             swapped = [self.operands.get(_key(a), a) if isinstance(a, torch.Tensor) else a for a in args]
@@ -293,8 +308,10 @@ class RescaleRules(TorchDispatchMode):
                 return func(*swapped, **kwargs)
         return func(*args, **kwargs)
 
-    def _elementwise(self, func, rec: _Record, args, kwargs):
-        result = func(*args, **kwargs)
+    def _elementwise(self, func, rec: _Record, args, kwargs, original=None):
+        """grad * (f(a) - f(a0)) / (a - a0) where a moved, the kernel's own gradient elsewhere;
+        args[0] is grad_out; `original()` computes the kernel's result when `func(*args)` does not."""
+        result = original() if original is not None else func(*args, **kwargs)
         grad_in = result[0] if isinstance(result, (tuple, list)) else result
         a, a0 = rec.args[0], rec.ref_args[0]
         y = rec.out[0] if isinstance(rec.out, (tuple, list)) else rec.out
@@ -311,6 +328,12 @@ class RescaleRules(TorchDispatchMode):
         if isinstance(result, (tuple, list)):
             return type(result)([new, *result[1:]])
         return new
+
+    def _clamp_where(self, func, rec: _Record, args, kwargs):
+        """where(in range, grad, 0), clamp's gradient, with the rescale rule instead (a mask built from
+        two comparisons, ge and le, is the first one updated in place: the same tensor)."""
+        self.seen += 1
+        return self._elementwise(func, rec, (args[1],), {}, original=lambda: func(*args, **kwargs))
 
     def _averaged(self, func, rec: _Record, args, kwargs):
         """Normalisation layers: the exact closed-form split below; softmax: average Jacobian by
