@@ -21,7 +21,8 @@ class Target:
     region:
       predicted - voxels the model assigns to the class on the unperturbed input (mask held fixed);
       whole     - every voxel;
-      roi       - `mask`, a boolean array on the input's spatial grid;
+      roi       - `mask`, a boolean array on the input's spatial grid (or a signed one: +1 / -1, e.g.
+                  a boundary band from an earlier run);
       point     - the voxel `point` (index on the input grid), or a ball of `radius` voxels;
       component - the connected component (26-connected) of the class's predicted segmentation that
                   contains `point`, held fixed like `predicted`; with `geodesic_mm`, only its voxels
@@ -59,7 +60,7 @@ class Target:
     max_components: Optional[int] = None
     masks: Optional[Sequence[np.ndarray]] = None
     mask_names: Optional[Sequence[str]] = None
-    classes: Optional[Sequence[int]] = None
+    classes: Optional[Union[Sequence[int], str]] = None  # or "all": every foreground class predicted
     class_names: Optional[Sequence[str]] = None
 
 

@@ -122,10 +122,12 @@ def boundary_band(region: np.ndarray, band_mm: float, spacing=None, outside_allo
     if not band_mm > 0:
         raise EsegetaError(f"The boundary band must be a positive number of mm; got {band_mm}.")
     region = np.asarray(region, dtype=bool)
+    # headers store spacings as float32 (0.4 -> 0.40000001): a band of one spacing must still count
+    limit = float(band_mm) * (1 + 1e-5)
     depth = ndimage.distance_transform_edt(region, sampling=spacing)
-    inside = region & (depth <= band_mm)
+    inside = region & (depth <= limit)
     reach, nearest = ndimage.distance_transform_edt(~region, sampling=spacing, return_indices=True)
-    outside = ~region & (reach <= band_mm)
+    outside = ~region & (reach <= limit)
     if within is not None:
         inside &= within
         outside &= within[tuple(nearest)]
@@ -133,7 +135,7 @@ def boundary_band(region: np.ndarray, band_mm: float, spacing=None, outside_allo
         outside &= outside_allowed
     if not inside.any() or not outside.any():
         raise EsegetaError(
-            f"The boundary band of {band_mm} mm is empty on one side (voxel spacing {spacing} mm); "
-            f"use a band of at least {max(spacing):g} mm."
+            f"The boundary band of {band_mm:g} mm is empty on one side (voxel spacing "
+            f"{' x '.join(f'{s:.4g}' for s in spacing)} mm); use a band of at least {max(spacing):.4g} mm."
         )
     return inside, outside

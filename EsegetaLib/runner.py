@@ -51,7 +51,10 @@ class ExplainRequest:
     methods: Union[str, Sequence[str]] = "Saliency"  # names, or "all"
     params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # method -> {param: value}
     class_index: Optional[Union[int, str]] = None  # index or class name; None: the card's default
-    region: str = "predicted"  # predicted | whole | roi:MASKFILE | point:I,J,K
+    region: str = "predicted"  # predicted | whole | roi:MASKFILE | point:I,J,K | component:I,J,K[:MM] |
+    #                            components[:N] | boundary[:MM]
+    classes: Optional[Union[str, Sequence[Union[int, str]]]] = None  # "all" or names/indices: one target each
+    boundary_mm: Optional[float] = None  # a boundary band of this many mm on the region (component, roi...)
     device: str = "auto"
     precision: str = "auto"
     patch_size: Optional[int] = None  # None: the model card's
@@ -150,25 +153,80 @@ def _coerce_choice(spec, key: str, value: Any) -> Any:
     return value
 
 
-def parse_region(text: str) -> Tuple[str, Optional[Path], Optional[Tuple[int, int, int]]]:
-    """'predicted' | 'whole' | 'roi:MASKFILE' | 'point:I,J,K' -> (region, mask path, point)."""
+REGION_SYNTAX = ("predicted, whole, roi:MASKFILE, point:I,J,K, component:I,J,K[:MM], components[:N] "
+                 "or boundary[:MM]")
+
+
+@dataclass
+class RegionRequest:
+    """A parsed --region: its kind and the values that come with it."""
+
+    kind: str
+    mask: Optional[Path] = None
+    point: Optional[Tuple[int, int, int]] = None
+    geodesic_mm: Optional[float] = None  # component:I,J,K:MM
+    boundary_mm: Optional[float] = None  # boundary:MM
+    min_voxels: Optional[int] = None  # components:N
+
+
+def _number(text: str, whole: bool, what: str, example: str) -> float:
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        raise EsegetaError(f"--region '{what}': {text.strip()!r} is not a {'whole ' if whole else ''}number; "
+                           f"e.g. {example}.") from None
+    if value <= 0:
+        raise EsegetaError(f"--region '{what}': {value} must be positive; e.g. {example}.")
+    return value
+
+
+def parse_region_request(text: str) -> RegionRequest:
+    """`--region` text -> RegionRequest; one-line EsegetaError naming the syntax otherwise."""
     text = str(text).strip()
     kind, _, rest = text.partition(":")
-    kind = kind.lower()
+    kind = kind.lower().strip()
     if kind in ("predicted", "whole") and not rest:
-        return kind, None, None
+        return RegionRequest(kind)
     if kind == "roi" and rest:
-        return "roi", Path(rest), None
-    if kind == "point" and rest:
-        parts = [p.strip() for p in rest.split(",")]
+        return RegionRequest("roi", mask=Path(rest))
+    if kind in ("point", "component") and rest:
+        coords, _, limit = rest.partition(":")
+        parts = [p.strip() for p in coords.split(",")]
         try:
-            if len(parts) != 3:
+            if len(parts) != 3 or (kind == "point" and limit):
                 raise ValueError
             point = tuple(int(p) for p in parts)
         except ValueError:
-            raise EsegetaError(f"--region '{text}': a point is three voxel indices, e.g. point:40,52,30.") from None
-        return "point", None, point  # type: ignore[return-value]
-    raise EsegetaError(f"--region '{text}' is not understood; use predicted, whole, roi:MASKFILE or point:I,J,K.")
+            example = "point:40,52,30" if kind == "point" else "component:40,52,30 or component:40,52,30:10"
+            raise EsegetaError(f"--region '{text}': {kind} takes three voxel indices, e.g. {example}.") from None
+        geodesic = _number(limit, False, text, "component:40,52,30:10 (10 mm along the vessel)") if limit else None
+        return RegionRequest(kind, point=point, geodesic_mm=geodesic)  # type: ignore[arg-type]
+    if kind == "components":
+        n = int(_number(rest, True, text, "components:50 (components of 50 voxels or more)")) if rest else None
+        return RegionRequest("components", min_voxels=n)
+    if kind == "boundary":
+        band = _number(rest, False, text, "boundary:0.8 (0.8 mm each side of the wall)") if rest else None
+        return RegionRequest("boundary", boundary_mm=band)
+    raise EsegetaError(f"--region '{text}' is not understood; use {REGION_SYNTAX}.")
+
+
+def parse_region(text: str) -> Tuple[str, Optional[Path], Optional[Tuple[int, int, int]]]:
+    """`--region` text -> (region kind, mask path, point); see `parse_region_request` for the rest."""
+    request = parse_region_request(text)
+    return request.kind, request.mask, request.point
+
+
+def resolve_classes(card, given) -> Optional[Union[str, List[int]]]:
+    """--classes 'all' | 'A,B' (names or indices, checked against the model card) -> 'all' | indices."""
+    names = split_list(given)
+    if not names:
+        return None
+    if [n.lower() for n in names] == ["all"]:
+        return "all"
+    indices = [resolve_class(card, name)[0] for name in names]
+    if len(set(indices)) != len(indices):
+        raise EsegetaError(f"--classes names a class twice ({', '.join(names)}); give each class once.")
+    return indices
 
 
 # --------------------------------------------------------------------------------- checking
@@ -272,7 +330,14 @@ def prepare(request: ExplainRequest) -> PreparedRun:
         raise EsegetaError(f"--patch-size must be at least 8 voxels; got {request.patch_size}.")
     if request.batch_size != "auto" and int(request.batch_size) < 1:
         raise EsegetaError(f"--batch-size must be a positive integer or 'auto'; got {request.batch_size}.")
-    region, mask_path, point = parse_region(request.region)
+    region_request = parse_region_request(request.region)
+    region, mask_path, point = region_request.kind, region_request.mask, region_request.point
+    boundary_mm = request.boundary_mm if request.boundary_mm is not None else region_request.boundary_mm
+    if boundary_mm is not None and float(boundary_mm) <= 0:
+        raise EsegetaError(f"--boundary must be a positive number of mm; got {boundary_mm}.")
+    if request.boundary_mm is not None and region in ("whole", "point"):
+        raise EsegetaError(f"--boundary needs a region with a boundary (predicted, component, components, roi); "
+                           f"--region {region} has none.")
     methods = resolve_methods(request.methods, request.params)
     metrics = resolve_metrics(request.metrics)
 
@@ -307,18 +372,27 @@ def prepare(request: ExplainRequest) -> PreparedRun:
     if request.reference_mask is not None:
         reference = read_mask(Path(request.reference_mask), image)
         inputs.append(("reference_mask", Path(request.reference_mask)))
-    if region == "point":
+    if region in ("point", "component"):
         shape = image.spatial_shape
         if any(not 0 <= p < s for p, s in zip(point, shape)):
-            raise EsegetaError(f"--region point:{','.join(map(str, point))} is outside the volume "
+            raise EsegetaError(f"--region {region}:{','.join(map(str, point))} is outside the volume "
                                f"(shape {shape}; indices start at 0); pick a voxel inside it.")
 
     class_index, class_name = resolve_class(card, request.class_index)
+    classes = resolve_classes(card, request.classes)
+    if classes is not None and region == "component":
+        raise EsegetaError("--classes does not combine with --region component (the clicked voxel has one class); "
+                           "use --class, or --region components for every component of each class.")
     device = resolve_device_name(request.device, warnings)
     # The model card's settings flow into the target and the engine; the command line wins.
     hints = model.engine_hints() if hasattr(model, "engine_hints") else {}
     target = Target(class_index=class_index, region=region, activation=hints.get("activation", "softmax"),
-                    head=hints.get("head", 0), mask=mask, point=point)
+                    head=hints.get("head", 0), mask=mask, point=point, classes=classes,
+                    geodesic_mm=region_request.geodesic_mm,
+                    boundary_mm=None if boundary_mm is None else float(boundary_mm),
+                    class_names=[str(n) for n in (getattr(card, "classes", None) or [])] or None)
+    if region_request.min_voxels is not None:
+        target.min_component_voxels = int(region_request.min_voxels)
     patch = request.patch_size if request.patch_size is not None else hints.get("patch_size")
     if hints.get("whole_volume"):
         # The model resamples and runs its own sliding window inside the explained function: the
@@ -447,9 +521,9 @@ def _method_specs(prepared: PreparedRun):
 def _run_engine(prepared: PreparedRun, plan, stages: Sequence[str], cancel):
     """One engine session, methods one after another (as `api.explain` does), so that each method
     gets its own runtime and peak memory. `plan`: the run's work.WorkPlan (progress)."""
-    from .api import describe_grid
+    from .api import describe_grid, target_records, target_regions
     from .engine import ExplainSession
-    from .results import Explanation
+    from .results import TARGET_SEPARATOR, Explanation
     from .work import plan_methods
 
     image = prepared.image
@@ -461,13 +535,22 @@ def _run_engine(prepared: PreparedRun, plan, stages: Sequence[str], cancel):
     method_units = plan_methods(plan, session, requests, stages)
     _plan_metrics(plan, prepared, session, [method_units[s] for s in stages])
     results, peaks = {}, {}
+    several = len(session.targets) > 1
     for stage, (spec, params) in zip(stages, requests):
         session.check_cancel()
         session.progress = plan.stage(stage)
         meter = _meter(session.device)
         with meter.measure():
-            results[spec.name] = session.attribute(spec, params)
-        peaks[spec.name] = {"attribution_peak_mb": meter.peak_mb}
+            if several:  # one map per target: "<target>/<method>" (a folder per target)
+                by_target = session.attribute_targets(spec, params)
+            else:
+                results[spec.name] = session.attribute(spec, params)
+        if several:
+            for target_name, result in by_target.items():
+                results[f"{target_name}{TARGET_SEPARATOR}{spec.name}"] = result
+                peaks[f"{target_name}{TARGET_SEPARATOR}{spec.name}"] = {"attribution_peak_mb": meter.peak_mb}
+        else:
+            peaks[spec.name] = {"attribution_peak_mb": meter.peak_mb}
     session.progress = None  # metrics report their own progress; their reruns would jump the bar back
     engine = {"device": str(session.device), "precision": session.precision,
               "precision_requested": prepared.options.precision, "precision_reason": session.precision_reason,
@@ -478,9 +561,14 @@ def _run_engine(prepared: PreparedRun, plan, stages: Sequence[str], cancel):
     engine.update(describe_grid(session))
     if getattr(network, "record", None):  # what the model's own preprocessing resampled, and how
         engine["model_preprocessing"] = network.record
-    explanation = Explanation(segmentation=session.segmentation, region=session.region, results=results,
+    explanation = Explanation(segmentation=session.segmentation, region=session.regions_union, results=results,
                               target=_target_record(prepared, session), engine=engine,
-                              seconds=time.perf_counter() - t0)
+                              seconds=time.perf_counter() - t0, targets=target_records(session),
+                              target_regions=target_regions(session))
+    skipped = session.targets[0].info.get("classes_without_prediction")
+    if skipped:
+        prepared.warnings.append(f"--classes all: no voxel is predicted as class(es) {', '.join(map(str, skipped))} "
+                                 "on this volume; they have no target.")
     return explanation, session, peaks, explanation.seconds
 
 
@@ -507,9 +595,21 @@ def _target_record(prepared: PreparedRun, session) -> Dict[str, Any]:
     t = prepared.target
     record = {"class_index": t.class_index, "class_name": prepared.class_name, "region": prepared.request.region,
               "score": t.score, "activation": t.activation, "reduction": t.reduction, "head": t.head,
-              "region_voxels": int(session.region_voxels)}
+              "region_voxels": int(session.regions_union.sum())}
     if t.point is not None:
         record["point"] = list(t.point)
+    for key in ("geodesic_mm", "boundary_mm"):
+        if getattr(t, key) is not None:
+            record[key] = getattr(t, key)
+    record["boundary_mm"] = session.targets[0].info.get("boundary_mm", record.get("boundary_mm"))
+    if record["boundary_mm"] is None:
+        record.pop("boundary_mm")
+    if t.classes is not None:
+        record["classes"] = t.classes if isinstance(t.classes, str) else [int(c) for c in t.classes]
+    if len(session.targets) > 1:
+        record["targets"] = [{"name": x.name, "class_index": x.class_index, **x.info} for x in session.targets]
+    elif session.targets[0].info:
+        record["region_facts"] = dict(session.targets[0].info)
     return record
 
 
@@ -517,6 +617,7 @@ def write_images(folder: Path, image, explanation, compress: bool = True) -> Dic
     """Attribution maps (float32) and the label map on the input grid, in the input's format family
     (`compress=False`: uncompressed NRRD / .nii, for files another process reads back at once)."""
     from .io import extension_for, write_image
+    from .results import TARGET_SEPARATOR
 
     ext = extension_for(image)
     if not compress and ext == ".nii.gz":
@@ -524,9 +625,16 @@ def write_images(folder: Path, image, explanation, compress: bool = True) -> Dic
     written = {}
     (folder / "attributions").mkdir()
     for name, result in explanation.results.items():
-        path = folder / "attributions" / f"{name}{ext}"
+        path = folder / "attributions" / f"{name}{ext}"  # "<target>/<method>" with several targets
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_image(path, np.asarray(result.map, dtype=np.float32), image, dtype=np.float32, compress=compress)
         written[name] = path.relative_to(folder).as_posix()
+    for target, sign in getattr(explanation, "target_regions", {}).items():
+        # each target's region: 1 region (inside band), -1 outside band, 0 elsewhere
+        path = folder / "attributions" / target / f"region{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_image(path, np.asarray(sign, dtype=np.float32), image, dtype=np.float32, compress=compress)
+        written[f"{target}{TARGET_SEPARATOR}region"] = path.relative_to(folder).as_posix()
     seg_path = folder / f"segmentation{ext}"
     write_image(seg_path, np.asarray(explanation.segmentation).astype(np.uint8), image, dtype=np.uint8,
                 compress=compress)
@@ -584,6 +692,8 @@ def _metrics(prepared: PreparedRun, explanation, session, peaks, folder: Path, p
     if prepared.metrics != "none":
         from . import metrics as metrics_module
 
+        if getattr(explanation, "multi_target", False):
+            return _metrics_per_target(prepared, explanation, session, rows, folder, progress, cancel)
         report = metrics_module.evaluate(session, explanation, metrics=prepared.metrics,
                                          reference_mask=prepared.reference_mask,
                                          progress=_scaled(progress, 0.0, 1.0, "metrics"), cancel=cancel)
@@ -595,6 +705,35 @@ def _metrics(prepared: PreparedRun, explanation, session, peaks, folder: Path, p
         return report.rows
     write_metrics_tables(folder, rows)
     return rows
+
+
+def _metrics_per_target(prepared: PreparedRun, explanation, session, rows, folder: Path, progress, cancel):
+    """Several targets: the metrics of each target's maps with that target's score and region (the
+    session switched to it), one row per target and method ("<target>/<method>", column `target`)."""
+    from . import metrics as metrics_module
+    from .results import TARGET_SEPARATOR
+
+    extra = {row["method"]: row for row in rows}
+    groups = explanation.by_target()
+    out: List[Dict[str, Any]] = []
+    saved = session.current_target
+    try:
+        for n, (target, results) in enumerate(groups.items()):
+            session.select_target(target)
+            a, b = n / len(groups), (n + 1) / len(groups)
+            report = metrics_module.evaluate(session, results, metrics=prepared.metrics,
+                                             reference_mask=prepared.reference_mask,
+                                             progress=_scaled(progress, a, b, f"metrics {target}"), cancel=cancel)
+            for row in report.rows:
+                key = f"{target}{TARGET_SEPARATOR}{row.get('method')}"
+                row["target"], row["method"] = target, key
+                for k, value in extra.get(key, {}).items():
+                    row.setdefault(k, value)
+                out.append(row)
+    finally:
+        session.select_target(saved)
+    write_metrics_tables(folder, out)
+    return out
 
 
 def write_metrics_tables(folder: Path, rows: List[Dict[str, Any]]) -> None:
@@ -666,10 +805,12 @@ def _run_json(prepared: PreparedRun, explanation, command, argv, started, timing
     parameters = {
         "volume": str(Path(request.volume).resolve()),
         "model": "bundled default model" if is_bundled_model(request.model) else str(Path(request.model).resolve()),
-        "methods": {name: explanation.results[name].params for name, _ in prepared.methods},
+        "methods": {name: next(r.params for key, r in explanation.results.items()
+                               if key.rpartition("/")[2] == name) for name, _ in prepared.methods},
         "methods_given": {name: params for name, params in prepared.methods},
         "class_index": prepared.target.class_index, "class_name": prepared.class_name,
-        "region": request.region, "device": request.device, "precision": request.precision,
+        "region": request.region, "classes": request.classes, "boundary_mm": request.boundary_mm,
+        "device": request.device, "precision": request.precision,
         "patch_size": request.patch_size, "overlap": request.overlap, "batch_size": request.batch_size,
         "metrics": prepared.metrics, "seed": request.seed,
         "model_card": _card_record(card),

@@ -52,7 +52,8 @@ def check_target(target: Target) -> None:
 
 
 def check_class(target: Target, n_classes: int) -> None:
-    for c in ([target.class_index] if target.classes is None else list(target.classes)):
+    listed = target.classes if target.classes is not None and not isinstance(target.classes, str) else []
+    for c in [target.class_index] + list(listed):
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < n_classes:
             raise EsegetaError(
                 f"Class index {c!r} is out of range: the model outputs {n_classes} class"
@@ -139,10 +140,9 @@ def _basic_region(target: Target, shape, probs, c: int) -> np.ndarray:
             raise EsegetaError(
                 f"The ROI mask has shape {mask.shape} but the volume's grid is {shape}; resample the mask onto the volume."
             )
-        mask = mask.astype(bool)
-        if not mask.any():
+        if not mask.astype(bool).any():
             raise EsegetaError("The ROI mask is empty; draw a region, or use region 'whole' or 'point'.")
-        return mask
+        return mask.astype(bool)
     # point
     if target.point is None or len(target.point) != 3:
         raise EsegetaError("Region 'point' needs a voxel index: pass Target(point=(i, j, k)).")
@@ -203,7 +203,19 @@ def resolve_targets(target: Target, shape: Sequence[int], probs: Optional[np.nda
 
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in (spacing if spacing is not None else (1.0, 1.0, 1.0)))
-    classes = [int(target.class_index)] if target.classes is None else [int(c) for c in target.classes]
+    skipped: List[int] = []
+    if isinstance(target.classes, str):
+        if target.classes.lower() != "all":
+            raise EsegetaError(f"classes must be 'all' or a list of class indices; got {target.classes!r}.")
+        n = int(probs.shape[0])
+        classes = list(range(n)) if target.activation == "sigmoid" else list(range(1, n))
+        if target.region not in ("whole", "roi", "point", "rois"):  # regions from the prediction
+            skipped = [c for c in classes if not class_mask(probs, target, c).any()]
+            classes = [c for c in classes if c not in skipped]
+            if not classes:
+                raise EsegetaError("The model predicts no foreground class on this volume; use region 'whole'.")
+    else:
+        classes = [int(target.class_index)] if target.classes is None else [int(c) for c in target.classes]
     if not classes:
         raise EsegetaError("No class to explain: give at least one class.")
     band = target.boundary_mm
@@ -214,7 +226,7 @@ def resolve_targets(target: Target, shape: Sequence[int], probs: Optional[np.nda
                            f"roi); region '{target.region}' has none.")
     if target.geodesic_mm is not None and target.region != "component":
         raise EsegetaError("A geodesic limit (mm) applies to region 'component' only (component:I,J,K:MM).")
-    several = len(classes) > 1
+    several = len(classes) > 1 or isinstance(target.classes, str)
     out: List[ResolvedTarget] = []
     for c in classes:
         base = _class_name(target, c)
@@ -258,6 +270,8 @@ def resolve_targets(target: Target, shape: Sequence[int], probs: Optional[np.nda
             pieces.append((base, region, None, {}, region))
         for name, region, within, info, full in pieces:
             sign = region.astype(np.int8)
+            if target.region == "roi" and np.asarray(target.mask).min() < 0:
+                sign = np.sign(np.asarray(target.mask)).astype(np.int8)  # a signed ROI: a band given as a mask
             if band is not None:
                 allowed = None if target.region == "roi" else ~class_mask(probs, target, c)
                 inside, outside = regions.boundary_band(full, float(band), spacing, outside_allowed=allowed,
@@ -271,6 +285,8 @@ def resolve_targets(target: Target, shape: Sequence[int], probs: Optional[np.nda
             out.append(ResolvedTarget(name=name, class_index=c, sign=sign,
                                       scale_pos=1.0 / max(n_pos, 1) if mean else 1.0,
                                       scale_neg=1.0 / max(n_neg, 1) if mean else 1.0, info=info))
+    if skipped:
+        out[0].info["classes_without_prediction"] = skipped
     names = [t.name for t in out]
     if len(set(names)) != len(names):
         for k, t in enumerate(out):

@@ -22,6 +22,20 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
+def vessel_tubes(shape, centres, radius, seed=0):
+    """Bright straight tubes along K with a partial-volume edge and mild noise, TOF-like intensities
+    (the bundled vessel model segments them, placing each wall itself): float32 (I, J, K)."""
+    import numpy as np
+
+    g = np.indices(shape).astype(np.float32)
+    vol = np.full(shape, 0.28, np.float32)
+    for a, b in centres:
+        r = np.sqrt((g[0] - a) ** 2 + (g[1] - b) ** 2)
+        vol += 0.7 * np.clip(radius + 0.5 - r, 0, 1)
+    vol += 0.02 * np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return vol * 1000
+
+
 def make_unet_instancenorm_prelu(in_channels: int = 1, out_channels: int = 2, seed: int = 0):
     """MONAI UNet with InstanceNorm + PReLU (the style of real vessel models); 2 poolings -> divisor 4."""
     import torch

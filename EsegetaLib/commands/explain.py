@@ -51,8 +51,19 @@ def add_run_arguments(parser, methods_default: str, metrics_default: str = "defa
     what.add_argument("--activation", default=None, choices=("softmax", "sigmoid"),
                       help="how outputs become probabilities (default: the model's; a one-channel model is "
                            "sigmoid, class 0 = foreground)")
-    what.add_argument("--region", default="predicted", metavar="predicted|whole|roi:MASKFILE|point:I,J,K",
-                      help="voxels whose score is explained (default: predicted, the model's own mask)")
+    what.add_argument("--region", default="predicted",
+                      metavar="predicted|whole|roi:MASKFILE|point:I,J,K|component:I,J,K[:MM]|components[:N]|boundary[:MM]",
+                      help="voxels whose score is explained (default: predicted, the model's own mask); "
+                           "component:I,J,K = the connected vessel containing that voxel (with :MM, only its part "
+                           "within MM mm along the vessel); components[:N] = every component of N voxels or more "
+                           "(default 27), one map each; boundary[:MM] = the wall: the score just inside the "
+                           "predicted boundary minus just outside it, MM mm each side (default: one voxel)")
+    what.add_argument("--classes", default=None, metavar="all|A,B",
+                      help="several classes at once, one map per class in one batched run (names or indices; "
+                           "all = every foreground class the model predicts)")
+    what.add_argument("--boundary", dest="boundary_mm", type=float, default=None, metavar="MM",
+                      help="explain the boundary band of the region instead (MM mm each side; with component, "
+                           "components, roi or predicted)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: a CUDA GPU when there is one, else the CPU (default: auto)")
@@ -105,7 +116,8 @@ def request_from(args, volume, model):
 
     return ExplainRequest(volume=volume, model=model, methods=args.methods,
                           params=parse_param_assignments(args.param), class_index=args.class_index,
-                          region=args.region, device=args.device, precision=args.precision,
+                          region=args.region, classes=getattr(args, "classes", None),
+                          boundary_mm=getattr(args, "boundary_mm", None), device=args.device, precision=args.precision,
                           patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size,
                           metrics=args.metrics, seed=args.seed, scene=args.scene,
                           activation=getattr(args, "activation", None), fold=getattr(args, "fold", None),

@@ -235,7 +235,12 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
         batch_size = int(max(1, min(8, (256 * 2**20) // max(1, per_copy))))
     seed = int(session.options.seed if seed is None else seed)
     cancel = session.cancel if cancel is None else cancel
-    roi_target = dataclasses.replace(session.target, region="roi", mask=np.asarray(session.region, dtype=bool))
+    # the session's current target as a fixed (signed) mask: its class, its region or boundary band
+    current = session.targets[session.current_target] if hasattr(session, "targets") else None
+    roi_target = dataclasses.replace(session.target, region="roi", mask=np.asarray(session.region, dtype=bool)) \
+        if current is None else dataclasses.replace(
+            session.target, region="roi", mask=current.sign.copy(), class_index=current.class_index,
+            classes=None, boundary_mm=None, geodesic_mm=None, masks=None)
 
     def explain_many_fn_for(result):
         # the perturbed volumes in the precision the result was finally computed in (an 'auto' run

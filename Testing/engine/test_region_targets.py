@@ -5,23 +5,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import vessel_tubes as tubes
 from EsegetaLib.engine import ExplainSession
 from EsegetaLib.errors import EsegetaError
 from EsegetaLib.options import EngineOptions, Target
 from EsegetaLib.regions import component_at, geodesic_distance
 
 SPACING = (0.4, 0.4, 0.4)
-
-
-def tubes(shape, centres, radius, seed=0):
-    """Bright straight tubes along K (TOF-like intensities, partial-volume edge, mild noise)."""
-    g = np.indices(shape).astype(np.float32)
-    vol = np.full(shape, 0.28, np.float32)
-    for a, b in centres:
-        r = np.sqrt((g[0] - a) ** 2 + (g[1] - b) ** 2)
-        vol += 0.7 * np.clip(radius + 0.5 - r, 0, 1)
-    vol += 0.02 * np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    return vol * 1000
 
 
 @pytest.fixture(scope="module")

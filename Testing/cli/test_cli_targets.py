@@ -1,0 +1,86 @@
+"""The command line's target options: --region component/components/boundary, --classes, --boundary:
+parsing, one-line errors (exit 2), and the result folder with a folder per target."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import vessel_tubes
+from EsegetaLib.cli import main
+from EsegetaLib.errors import EsegetaError
+from EsegetaLib.io import read_image
+from EsegetaLib.runner import parse_region_request
+
+from helpers import write_volume
+
+
+def test_region_syntax():
+    r = parse_region_request("component:16, 9,16")
+    assert (r.kind, r.point, r.geodesic_mm) == ("component", (16, 9, 16), None)
+    assert parse_region_request("component:1,2,3:7.5").geodesic_mm == 7.5
+    assert parse_region_request("boundary").boundary_mm is None
+    assert parse_region_request("Boundary:0.8").boundary_mm == 0.8
+    assert parse_region_request("components:50").min_voxels == 50
+    for bad, fragment in (("component:1,2", "three voxel indices"), ("component:1,2,3:x", "not a number"),
+                          ("boundary:-1", "must be positive"), ("components:2.5", "whole number"),
+                          ("point:1,2,3:4", "three voxel indices"), ("branch:1", "component:I,J,K")):
+        with pytest.raises(EsegetaError, match=fragment):
+            parse_region_request(bad)
+
+
+@pytest.fixture(scope="module")
+def tubes_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("targets")
+    affine = np.diag([0.4, 0.4, 0.4, 1.0])
+    return write_volume(folder / "tubes.nii.gz", vessel_tubes((32, 32, 32), ((16, 9), (16, 23)), 2.5)[None], affine)
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+def test_click_outside_the_vessel_is_one_line(capsys, tubes_file, tmp_path):
+    code, cap = _run(capsys, "explain", tubes_file, "--region", "component:2,2,16", "--out", tmp_path / "r",
+                     "--metrics", "none", "--no-scene", "--device", "cpu", "--quiet")
+    errors = [line for line in cap.err.splitlines() if line.startswith("esegeta: error:")]
+    assert code == 2 and len(errors) == 1 and "nearest segmented voxel is (" in errors[0], cap.err
+    assert "Traceback" not in cap.err and not (tmp_path / "r").exists()
+
+
+def test_components_and_boundary_write_a_folder_per_target(capsys, tubes_file, tmp_path):
+    out = tmp_path / "r"
+    code, cap = _run(capsys, "explain", tubes_file, "--region", "components", "--boundary", "0.4",
+                     "--methods", "Saliency,DeepLift", "--out", out, "--metrics", "relevance_mass", "--no-scene",
+                     "--device", "cpu", "--quiet")
+    assert code == 0, cap.err
+    run = json.loads((out / "run.json").read_text())
+    names = [t["name"] for t in run["target"]["targets"]]
+    assert names == ["component_1", "component_2"] and run["target"]["boundary_mm"] == 0.4
+    for name in names:
+        region = read_image(out / "attributions" / name / "region.nii.gz").array[0]
+        assert set(np.unique(region).tolist()) == {-1.0, 0.0, 1.0}
+        for method in ("Saliency", "DeepLift"):
+            a = read_image(out / "attributions" / name / f"{method}.nii.gz").array[0]
+            assert np.abs(a).sum() > 0
+            result = run["results"][f"{name}/{method}"]
+            expected = "batched" if method == "Saliency" else "one target at a time"
+            assert result["diagnostics"]["multi_target"].startswith(expected)
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert sorted((r["target"], r["method"]) for r in rows) == sorted(
+        (n, f"{n}/{m}") for n in names for m in ("Saliency", "DeepLift"))
+    assert all(r["relevance_mass"] == r["relevance_mass"] for r in rows)
+
+
+def test_classes_all_names_targets_by_class(capsys, tubes_file, tmp_path):
+    out = tmp_path / "r"
+    code, cap = _run(capsys, "explain", tubes_file, "--classes", "all", "--region", "component:16,9,16",
+                     "--out", out, "--metrics", "none", "--no-scene", "--device", "cpu", "--quiet")
+    assert code == 2 and "--classes does not combine with --region component" in cap.err
+    code, cap = _run(capsys, "explain", tubes_file, "--classes", "background,vessel", "--region", "whole",
+                     "--methods", "Saliency", "--out", out, "--metrics", "none", "--no-scene", "--device", "cpu",
+                     "--quiet")
+    assert code == 0, cap.err
+    assert sorted(p.name for p in (out / "attributions").iterdir()) == ["background", "vessel"]
