@@ -37,9 +37,11 @@ def _node_to_world(node):
     return transform
 
 
-def strongest_point(map_node) -> Tuple[Tuple[int, int, int], Tuple[float, float, float]]:
+def strongest_point(map_node, region: Optional[np.ndarray] = None
+                    ) -> Tuple[Tuple[int, int, int], Tuple[float, float, float]]:
     """Voxel (i, j, k) and world RAS of the strongest attribution: the maximum of |map| smoothed
-    over 3x3x3 voxels, so a single noisy voxel does not decide where the previews cut."""
+    over 3x3x3 voxels, so a single noisy voxel does not decide where the previews cut; inside
+    `region` ((I,J,K) bool, e.g. the explained region) when it has any voxel."""
     from scipy.ndimage import uniform_filter
 
     from .scene import array_from_volume
@@ -47,6 +49,8 @@ def strongest_point(map_node) -> Tuple[Tuple[int, int, int], Tuple[float, float,
     values, ijk_to_ras = array_from_volume(map_node)
     magnitude = np.abs(np.nan_to_num(values.astype(np.float32, copy=False)))
     strength = uniform_filter(magnitude, size=3, mode="constant")
+    if region is not None and np.shape(region) == strength.shape and np.any(region):
+        strength = np.where(np.asarray(region, bool), strength, -1.0)
     ijk = tuple(int(v) for v in np.unravel_index(int(np.argmax(strength)), strength.shape))
     local = ijk_to_ras @ np.array([*ijk, 1.0])
     world = _node_to_world(map_node).TransformPoint(local[:3])
@@ -110,6 +114,72 @@ def render_slice(scene, orientation: str, background, foreground=None, opacity: 
                 scene.RemoveNode(node)
 
 
+_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) end of each RAS axis
+
+
+def orientation_letters(right: Sequence[float], up: Sequence[float]) -> Dict[str, str]:
+    """Letters at the left, right, top and bottom edges of a view whose screen-right and screen-up
+    directions are `right` and `up` (RAS vectors): the anatomical direction nearest to each."""
+    def letter(vector) -> str:
+        axis = int(np.argmax(np.abs(vector)))
+        return _LETTERS[axis][1 if vector[axis] > 0 else 0]
+
+    right, up = np.asarray(right, float), np.asarray(up, float)
+    return {"right": letter(right), "left": letter(-right), "top": letter(up), "bottom": letter(-up)}
+
+
+def plane_extent(volume_node, right: Sequence[float], up: Sequence[float]) -> Tuple[float, float]:
+    """Width and height in mm of `volume_node`'s box seen in a plane with screen directions
+    `right` and `up` (RAS unit vectors): the sum of each voxel axis's length projected on them."""
+    from .scene import array_from_volume
+
+    values, ijk_to_ras = array_from_volume(volume_node)
+    edges = [ijk_to_ras[:3, a] * values.shape[a] for a in range(3)]
+    return (float(sum(abs(np.dot(e, right)) for e in edges)), float(sum(abs(np.dot(e, up)) for e in edges)))
+
+
+def view_size(width_mm: float, height_mm: float, long_side: int = 384, min_side: int = 128,
+              max_side: int = 1024) -> Tuple[int, int]:
+    """Viewport pixels with the plane's physical aspect: the longer side `long_side`, grown (up to
+    `max_side`) so that the shorter one gets at least `min_side` pixels (a thin slab stays readable)."""
+    width_mm, height_mm = max(width_mm, 1e-6), max(height_mm, 1e-6)
+    aspect = width_mm / height_mm
+    long = max(long_side, min(max_side, int(np.ceil(min_side * max(aspect, 1.0 / aspect)))))
+    if aspect >= 1:
+        return long, max(8, int(round(long / aspect)))
+    return max(8, int(round(long * aspect))), long
+
+
+def render_view(scene, orientation: str, background, foreground=None, opacity: float = 0.5, label=None,
+                center_ras: Optional[Sequence[float]] = None, long_side: int = 384) -> Dict[str, Any]:
+    """Like `render_slice`, in a viewport shaped like the volume's extent in this plane (mm), so
+    anisotropic and thin volumes keep their proportions. Returns {"rgb", "right", "up", "letters"
+    (R/L, A/P, S/I at each edge), "size"}."""
+    slicer = slicer_module()
+    probe_logic = slicer.vtkMRMLSliceLogic()
+    app_logic = logic(scene, "ApplicationLogic")
+    if app_logic is not None:
+        probe_logic.SetMRMLApplicationLogic(app_logic)
+    probe_logic.SetMRMLScene(scene)
+    probe = probe_logic.AddSliceNode(f"EsegetaProbe{orientation}")
+    composite = probe_logic.GetSliceCompositeNode()
+    try:
+        probe.SetOrientation(orientation)
+        composite.SetBackgroundVolumeID(background.GetID())
+        probe_logic.RotateSliceToLowestVolumeAxes(True)
+        matrix = probe.GetSliceToRAS()
+        right = [matrix.GetElement(r, 0) for r in range(3)]
+        up = [matrix.GetElement(r, 1) for r in range(3)]
+    finally:
+        probe_logic.SetMRMLScene(None)
+        for node in (composite, probe):
+            if node is not None and node.GetScene() is scene:
+                scene.RemoveNode(node)
+    size = view_size(*plane_extent(background, right, up), long_side=long_side)
+    rgb = render_slice(scene, orientation, background, foreground, opacity, label, center_ras, size)
+    return {"rgb": rgb, "right": right, "up": up, "letters": orientation_letters(right, up), "size": size}
+
+
 def _save_png(rgb: np.ndarray, path: Path) -> str:
     """Write atomically (temporary name, then rename)."""
     from PIL import Image
@@ -132,6 +202,21 @@ def _labelmap_for_outline(scene, segmentation, reference):
         scene.RemoveNode(labelmap)
         return None
     return labelmap
+
+
+def outline_labelmap(scene, segmentation, reference):
+    """The segmentation as a temporary label map for slice outlines (None without one);
+    remove it with `remove_outline`."""
+    return _labelmap_for_outline(scene, segmentation, reference) if segmentation is not None else None
+
+
+def remove_outline(scene, labelmap) -> None:
+    if labelmap is None:
+        return
+    color = labelmap.GetDisplayNode().GetColorNode() if labelmap.GetDisplayNode() else None
+    scene.RemoveNode(labelmap)
+    if color is not None and color.GetScene() is scene and not color.GetSingletonTag():
+        scene.RemoveNode(color)
 
 
 @functools.lru_cache(maxsize=1)
@@ -243,7 +328,7 @@ def write_previews(scene, out_dir, background, foreground, segmentation=None, op
     `foreground`, and 3d.png where offscreen OpenGL works. Returns {"paths", "notes", "center"}."""
     out = Path(out_dir)
     _, center = strongest_point(foreground)
-    labelmap = _labelmap_for_outline(scene, segmentation, background) if segmentation is not None else None
+    labelmap = outline_labelmap(scene, segmentation, background)
     paths: List[str] = []
     notes: List[str] = []
     try:
@@ -251,11 +336,7 @@ def write_previews(scene, out_dir, background, foreground, segmentation=None, op
             rgb = render_slice(scene, orientation, background, foreground, opacity, labelmap, center, size)
             paths.append(_save_png(rgb, out / f"{name}.png"))
     finally:
-        if labelmap is not None:
-            color = labelmap.GetDisplayNode().GetColorNode() if labelmap.GetDisplayNode() else None
-            scene.RemoveNode(labelmap)
-            if color is not None and color.GetScene() is scene and not color.GetSingletonTag():
-                scene.RemoveNode(color)
+        remove_outline(scene, labelmap)
     if three_d:
         if logic(scene, "VolumeRendering") is None:
             notes.append("3D preview skipped: no volume rendering logic in this Slicer build")

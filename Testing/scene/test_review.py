@@ -231,9 +231,9 @@ def test_write_review_writes_bundle_and_previews(tmp_path):
     result = R.write_review(out, EImage(volume, affine), explanation, metrics, {"model": "demo"},
                             class_name="vessel", show_method="IntegratedGradients")
     assert result["mrb"] == str(out / "esegeta.mrb") and zipfile.is_zipfile(result["mrb"])
-    names = sorted(p.split("/")[-1] for p in result["previews"])
+    names = [p.split("/")[-1] for p in result["previews"]]
     ok, why = P.egl_available()
-    assert names == sorted(["axial.png", "coronal.png", "sagittal.png"] + (["3d.png"] if ok else []))
+    assert names == ["Saliency.png", "IntegratedGradients.png", "overview.png"]  # one panel per method
     assert bool(result["notes"]) == (not ok), (result["notes"], why)
     loaded = S.read_review(result["mrb"])
     try:
@@ -247,8 +247,13 @@ def test_write_review_writes_bundle_and_previews(tmp_path):
     if ok:
         from PIL import Image
 
-        image = np.asarray(Image.open(out / "previews" / "3d.png").convert("RGB")).astype(int)
-        assert (image.sum(axis=2) > 60).sum() > 200  # something was rendered on the black background
+        # the panel's 3D view (bottom right quarter) has a black background with something rendered on it
+        image = np.asarray(Image.open(out / "previews" / "IntegratedGradients.png").convert("RGB")).astype(int)
+        h, w, _ = image.shape
+        quarter = image[h // 2:, w // 2 - 40:int(0.8 * w)]  # left of the colour bar
+        black = (quarter.sum(axis=2) < 15)
+        assert black.sum() > 20000
+        assert ((quarter.sum(axis=2) > 60) & ~black).sum() > 200
 
 
 def test_review_without_segmentation_and_with_two_channels(tmp_path):
@@ -256,7 +261,8 @@ def test_review_without_segmentation_and_with_two_channels(tmp_path):
     two = np.concatenate([volume, 2 * volume])  # e.g. two MR contrasts
     result = R.write_result_scene(tmp_path, (two, affine), explanation, include_segmentation=False,
                                   three_d=False, show_method="Saliency")
-    assert len(result["previews"]) == 3 and result["notes"] == []
+    assert [p.split("/")[-1] for p in result["previews"]] == ["Saliency.png", "IntegratedGradients.png",
+                                                              "overview.png"] and result["notes"] == []
     loaded = S.read_review(result["mrb"])
     try:
         assert loaded.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
