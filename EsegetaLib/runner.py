@@ -656,8 +656,42 @@ def basic_rows(explanation, peaks: Dict[str, Dict[str, Any]], device: str) -> Li
         for key in ("convergence_delta", "relative_convergence_delta"):  # completeness of path methods
             if diagnostics.get(key) is not None:
                 row[key] = float(np.max(np.abs(np.asarray(diagnostics[key], dtype=float))))
+        if diagnostics.get("steps_used_mean") is not None:
+            row["steps_used_mean"] = float(diagnostics["steps_used_mean"])
+        row.update(trust_columns(result))
         rows.append(row)
     return rows
+
+
+def trust_columns(result) -> Dict[str, Any]:
+    """The result's trust report as table columns: `trust` (one cell, e.g. "completeness=pass
+    (0.0042); determinism=pass (0)"), and per check `check_<name>` (status) and `check_<name>_value`."""
+    cells, columns = [], {}
+    for check in result.checks:
+        number = "" if check.value is None else f" ({check.value:.3g})"
+        cells.append(f"{check.name}={check.status}{number}")
+        columns[f"check_{check.name}"] = check.status
+        columns[f"check_{check.name}_value"] = check.value
+    columns["trust"] = "; ".join(cells)
+    return columns
+
+
+def add_randomisation_checks(explanation, rows: List[Dict[str, Any]]) -> None:
+    """The randomisation sanity check (when computed) joins each result's trust report, and the row's
+    trust columns are refreshed; a method the check could not run on says why (`not_run`)."""
+    for row in rows:
+        result = explanation.results.get(row.get("method"))
+        if result is None or not any(k.startswith("randomisation") for k in row):
+            continue
+        passed, rho = row.get("randomisation_pass"), row.get("randomisation_spearman_signed")
+        if passed is None:
+            result.add_check("randomisation", "not_run", None,
+                             row.get("randomisation_note") or "the network has no parameters that could be redrawn")
+        else:
+            result.add_check("randomisation", "pass" if passed else "warn", rho,
+                             "signed Spearman rank correlation between the map and the map of the fully "
+                             "randomised network; |rho| < 0.5 passes (Adebayo et al. 2018)")
+        row.update(trust_columns(result))
 
 
 def _plan_metrics(plan, prepared: PreparedRun, session, method_units: Sequence[float]) -> None:
@@ -701,6 +735,7 @@ def _metrics(prepared: PreparedRun, explanation, session, peaks, folder: Path, p
         for row in report.rows:
             for key, value in extra.get(row.get("method"), {}).items():
                 row.setdefault(key, value)
+        add_randomisation_checks(explanation, report.rows)
         report.write(folder)
         return report.rows
     write_metrics_tables(folder, rows)
@@ -824,6 +859,7 @@ def _run_json(prepared: PreparedRun, explanation, command, argv, started, timing
         input_geometry={"shape": list(prepared.image.array.shape), "ijk_to_ras": prepared.image.ijk_to_ras.tolist(),
                         "spacing": list(prepared.image.spacing), "format": prepared.image.format},
         results={name: {"file": written.get(name), "seconds": r.seconds, "diagnostics": r.diagnostics,
+                        "checks": [c.as_dict() for c in r.checks],
                         "metadata": {k: r.metadata.get(k) for k in ("family", "signed", "approximation")
                                      if k in (r.metadata or {})}}
                  for name, r in explanation.results.items()},

@@ -9,7 +9,9 @@ fails.
 Layer order and re-initialisation follow Quantus' MPRT (`named_modules` that define
 `reset_parameters`, reversed; the RNG seeded with seed + 1 before each reset) so the test can use
 Quantus as the reference, except that modules without parameters of their own (non-affine norms)
-are skipped: re-initialising them changes nothing and would only cost attributions.
+are skipped: re-initialising them changes nothing and would only cost attributions. Modules
+without `reset_parameters` (TorchScript submodules, exported programs) are redrawn tensor by tensor
+with the same default initialisation (`redraw_parameters`), so the check runs on every model format.
 
 Pass/fail: the map of the fully randomised network must have |Spearman rho| < `threshold` (0.5) with
 the original, on the signed maps. Why signed: the sign says whether a voxel is evidence for or
@@ -35,13 +37,41 @@ from .context import ExplainFn, MetricContext, attribution_tensor
 
 
 def randomisable_layers(network: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
-    """Modules with their own parameters and a `reset_parameters`, output side first."""
+    """Modules with parameters of their own, output side first: those with `reset_parameters`
+    (eager PyTorch) and those without (TorchScript submodules, exported programs), which
+    `redraw_parameters` re-initialises tensor by tensor."""
     layers = [
         (name, module)
         for name, module in network.named_modules()
-        if hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False))
+        if any(True for _ in module.parameters(recurse=False))
     ]
     return layers[::-1]
+
+
+@torch.no_grad()
+def redraw_parameters(module: torch.nn.Module) -> None:
+    """Re-initialise a module's own parameters tensor by tensor, as PyTorch's `reset_parameters` of
+    the common layers does, for modules that lack it (TorchScript keeps parameters, not methods):
+    weights with >= 2 dims ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the bound of nn.Conv/nn.Linear's
+    kaiming_uniform(a=sqrt(5))), their biases from the same bound; 1-dim weights of norm layers 1 and
+    biases 0, PReLU slopes 0.25 (their reset values)."""
+    params = dict(module.named_parameters(recurse=False))
+    kind = getattr(module, "original_name", type(module).__name__)
+    bound = None
+    for value in params.values():
+        if value.dim() >= 2:
+            fan_in = value.shape[1] * int(torch.tensor(value.shape[2:]).prod()) if value.dim() > 2 else value.shape[1]
+            bound = 1.0 / max(1.0, float(fan_in)) ** 0.5
+            break
+    for name, value in params.items():
+        if value.dim() >= 2 or (bound is not None and name.endswith("bias")):
+            value.uniform_(-bound, bound)
+        elif kind == "PReLU":
+            value.fill_(0.25)
+        elif name.endswith("bias"):
+            value.zero_()
+        else:
+            value.fill_(1.0)
 
 
 def randomised_copies(network: torch.nn.Module, seed: int = 0):
@@ -51,7 +81,10 @@ def randomised_copies(network: torch.nn.Module, seed: int = 0):
     for name, module in randomisable_layers(model):
         with torch.random.fork_rng(devices=devices):  # leave the caller's global RNG untouched
             torch.manual_seed(seed + 1)
-            module.reset_parameters()
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            else:
+                redraw_parameters(module)
         yield name, model
 
 

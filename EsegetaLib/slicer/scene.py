@@ -569,6 +569,10 @@ COLUMN_INFO = {
                                "randomised model (lower is better)"),
     "randomisation_ssim": ("Randomisation SSIM", "", "SSIM with the map of a randomised model"),
     "randomisation_pass": ("Randomisation pass", "", "1 if the map changed under weight randomisation"),
+    "trust": ("Trust report", "", "Each check of the map: name=pass|warn|fail|not_run (the number behind it): "
+              "completeness, rectifier rule, layer gradient, determinism, randomisation"),
+    "steps_used_mean": ("Steps used", "", "Integration steps per window (adaptive path methods), mean"),
+    "relative_convergence_delta": ("Completeness error", "", "|sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)|"),
 }
 _LAST_COLUMNS = ("runtime_s", "attribution_s", "attribution_peak_mb", "device")
 

@@ -1,0 +1,66 @@
+"""The trust report (#11) in every output: metrics.csv/json, run.json, the Slicer metrics table of
+the review scene, and what `esegeta view` reads back from the result."""
+import csv
+import json
+
+import pytest
+
+from helpers import shared_inputs
+from EsegetaLib.cli import main
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return shared_inputs(tmp_path_factory)
+
+
+def test_trust_report_in_csv_json_and_view(inputs, tmp_path, capsys):
+    out = tmp_path / "result"
+    code = main(["explain", str(inputs["volume"]), "--model", str(inputs["model"]), "--out", str(out),
+                 "--methods", "Saliency,IntegratedGradients", "--region", "whole",
+                 "--metrics", "randomisation", "--no-scene", "--quiet", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "metrics.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    ig = rows["IntegratedGradients"]
+    assert ig["check_completeness"] == "pass" and float(ig["check_completeness_value"]) <= 0.01
+    assert ig["check_determinism"] == "pass"
+    assert float(ig["steps_used_mean"]) >= 4
+    assert "completeness=pass" in ig["trust"] and "determinism=pass" in ig["trust"]
+    # the randomisation check ran on the TorchScript model, and joined the trust report
+    for row in rows.values():
+        assert row["check_randomisation"] in ("pass", "warn"), row
+        assert "randomisation=" in row["trust"]
+    assert "check_completeness" not in rows["Saliency"] or rows["Saliency"]["check_completeness"] == ""
+    run = json.loads((out / "run.json").read_text())
+    checks = {c["name"]: c for c in run["results"]["IntegratedGradients"]["checks"]}
+    assert checks["completeness"]["status"] == "pass" and checks["completeness"]["value"] <= 0.01
+    assert {"determinism", "randomisation"} <= set(checks)
+    assert all(set(c) == {"name", "status", "value", "detail"} for c in checks.values())
+    # esegeta view reads metrics.csv/run.json: the trust columns are on its page
+    from EsegetaLib.web.result import load_result
+
+    viewer = load_result(out)
+    assert "trust" in viewer.metrics_columns
+
+
+def test_trust_report_in_slicer_metrics_table(inputs, tmp_path):
+    pytest.importorskip("slicer", reason="slicer-core (pip install esegeta[scene]) not installed")
+    import numpy as np
+
+    from EsegetaLib.api import explain
+    from EsegetaLib.runner import basic_rows
+    from EsegetaLib.slicer import scene as S
+    from conftest import make_unet_instancenorm_prelu
+
+    expl = explain(np.random.RandomState(0).rand(16, 16, 16).astype(np.float32), make_unet_instancenorm_prelu(),
+                   ["IntegratedGradients"])
+    rows = basic_rows(expl, {}, "cpu")
+    scene = S.new_scene()
+    try:
+        table = S.add_metrics_table(scene, rows)
+        got = S.table_rows(table)[0]
+        assert got["check_completeness"] == "pass" and "determinism=pass" in got["trust"]
+        assert table.GetColumnTitle("trust") == "Trust report"
+    finally:
+        S.release_scene(scene)
