@@ -588,9 +588,12 @@ class ExplainSession:
                 # each copy's prepare from a generator seeded as `attribute` seeds it
                 prepared = [self._prepare(spec, params, xs[j], torch.Generator().manual_seed(seed))
                             for j in range(j0, j1)]
-                acc, _ = self._windows_pass(spec, params, self.grid.pad(xs[j0:j1]), prepared, layer,
-                                            torch.Generator().manual_seed(seed),
-                                            blended=spec.patching == "blended", report_base=(j0 / n, j1 / n))
+                x_pad = self.grid.pad(xs[j0:j1])
+                budgets = [self._path_budgets(params, prepared[k], x_pad[k:k + 1]) for k in range(j1 - j0)]
+                acc, _ = self._windows_pass(spec, params, x_pad, prepared, layer,
+                                            torch.Generator().manual_seed(seed), blended=spec.patching == "blended",
+                                            report_base=(j0 / n, j1 / n),
+                                            budgets=None if budgets[0] is None else budgets)
             for k in range(j1 - j0):
                 part = acc[k:k + 1]
                 attribution = self.grid.crop(part)[0] if spec.patching == "blended" else self.grid.fold(part)[0]
@@ -786,8 +789,9 @@ class ExplainSession:
         layer, layer_name = self._layer(spec, params)
         diag = {"layer": layer_name} if layer_name else {}
         prepared = self._prepare(spec, params, x, generator)
-        budgets = self._path_budgets(params, prepared)
-        acc, more = self._windows_pass(spec, params, self.grid.pad(x[None]), prepared, layer, generator,
+        x_pad = self.grid.pad(x[None])
+        budgets = self._path_budgets(params, prepared, x_pad)
+        acc, more = self._windows_pass(spec, params, x_pad, prepared, layer, generator,
                                        blended=spec.patching == "blended", budgets=budgets)
         diag.update(more)
         _steps_used(diag)
@@ -813,13 +817,15 @@ class ExplainSession:
             values.update(zip(chunk, out.double().cpu().tolist()))
         return values
 
-    def _path_budgets(self, params: Dict[str, Any], prepared: Dict[str, torch.Tensor]) -> Optional[Dict[int, float]]:
+    def _path_budgets(self, params: Dict[str, Any], prepared: Dict[str, torch.Tensor],
+                      x_pad: torch.Tensor) -> Optional[Dict[int, float]]:
         """Absolute completeness error allowed per window for an adaptive path method, so that all
         windows together stay within tolerance x |F(x) - F(baseline)| of the whole volume: half of the
-        allowance shared equally, half in proportion to each window's |F_w(x) - F_w(b)|."""
+        allowance shared equally, half in proportion to each window's |F_w(x) - F_w(b)|. `x_pad`: the
+        explained input, padded (1, C, *padded) (a perturbed copy has its own allowances)."""
         if not params.get("adaptive") or "tolerance" not in params or "baselines" not in prepared or not self.active:
             return None
-        on_x = self._window_scores(self._x_pad)
+        on_x = self._window_scores(x_pad)
         on_b = self._window_scores(prepared["baselines"])
         change = {i: on_x[i] - on_b[i] for i in self.active}
         total = abs(sum(change.values()))
@@ -845,10 +851,11 @@ class ExplainSession:
 
     def _windows_pass(self, spec, params, x_pad, prepared, layer, generator, blended=False,
                       report_base: Tuple[float, float] = (0.0, 1.0),
-                      budgets: Optional[Dict[int, float]] = None) -> Tuple[torch.Tensor, Dict]:
+                      budgets: Union[None, Dict[int, float], List[Dict[int, float]]] = None) -> Tuple[torch.Tensor, Dict]:
         """Sum (or blend) per-window maps of `spec` into padded accumulators (S, C, *padded), one per
         input copy in `x_pad` (S, C, *padded): S > 1 batches noise samples (or perturbed copies)
-        together. `prepared`: one dict shared by all copies, or a list with one dict per copy."""
+        together. `prepared` (and an adaptive path method's per-window `budgets`): one dict shared by
+        all copies, or a list with one dict per copy."""
         acc_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         acc_device = torch.device("cpu") if self.host else self.device
         acc = torch.zeros(tuple(x_pad.shape), dtype=acc_dtype, device=acc_device)
@@ -860,7 +867,8 @@ class ExplainSession:
             inputs = torch.stack([x_pad[(s, slice(None)) + self.windows[i]] for s, i in chunk])
             sliced = self._prepared_for(prepared, chunk)
             if budgets is not None:
-                sliced["delta_budget"] = torch.tensor([budgets[i] for i in windows], dtype=torch.float64)
+                sliced["delta_budget"] = torch.tensor(
+                    [(budgets[s] if isinstance(budgets, list) else budgets)[i] for s, i in chunk], dtype=torch.float64)
             ctx = MethodContext(
                 forward=self.scorer, network=self.network, inputs=inputs.to(self.device, self.dtype),
                 params=params, stats=self.stats, forward_args=(self.window_weights(windows),),
