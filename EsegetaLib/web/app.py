@@ -61,22 +61,65 @@ def choose_volume_rendering_method(slicer_app) -> str:
     return method
 
 
+_LETTER_STYLE = ("position:absolute;color:#fff;font:bold 13px sans-serif;text-shadow:0 0 3px #000,0 0 2px #000;"
+                 "pointer-events:none;")
+
+
 def mark_view(server, view_id, view) -> None:
     """An invisible box covering each view, tagged with its Slicer name, so tests and users'
-    scripts can find a view on the page (`.esegeta-view[data-view=Red]`)."""
-    html.Div(classes="esegeta-view", raw_attrs=[f'data-view="{view.get_singleton_tag()}"'],
-             style="position:absolute;inset:0;pointer-events:none;")
+    scripts can find a view on the page (`.esegeta-view[data-view=Red]`); on slice views it carries
+    the view's name and the orientation letters at its edges (state `view_marks`, from the views'
+    slice-to-RAS axes once the scene is loaded)."""
+    tag = view.get_singleton_tag()
+    with html.Div(classes="esegeta-view", raw_attrs=[f'data-view="{tag}"'],
+                  style="position:absolute;inset:0;pointer-events:none;"):
+        if tag == "ThreeD" or not hasattr(view, "get_orientation"):
+            return
+        mark = f"(view_marks['{tag}'] || {{}})"
+        html.Div(f"{{{{ {mark}.name }}}}", classes="esegeta-view-name",
+                 style=_LETTER_STYLE + "top:4px;left:30px;font-weight:normal;")
+        for edge, where in (("left", "left:30px;top:50%;"), ("right", "right:44px;top:50%;"),
+                            ("top", "top:4px;left:50%;"), ("bottom", "bottom:30px;left:50%;")):
+            html.Div(f"{{{{ {mark}.{edge} }}}}", classes=f"esegeta-letter esegeta-letter-{edge}",
+                     style=_LETTER_STYLE + where)
 
 
-def transpose_metrics(columns: List[str], rows: List[List[str]]):
-    """One column per method, one row per metric: a run has a few methods and many metrics, and
-    the side panel is narrow."""
+# Columns of metrics.csv that say what a map is worth, in the order shown, with the short header
+# the side panel has room for (the full name is the header's tooltip). Everything else (timings,
+# memory, device, standard errors, raw variants) is behind the "details" switch.
+QUALITY_COLUMNS = {
+    "deletion_auc": "Del. AUC", "insertion_auc": "Ins. AUC", "infidelity_rel": "Infid. (rel)",
+    "sensitivity_max": "Sens. max", "relevance_mass": "Mass", "relevance_rank": "Rank",
+    "sparseness": "Gini", "complexity_rel": "Entropy (rel)", "relative_convergence_delta": "Compl. err",
+    "randomisation_spearman": "Rand. rho", "randomisation_pass": "Rand. pass",
+}
+
+
+def split_metrics(columns: List[str], rows: List[List[str]]):
+    """(quality, details): each {"headers": [{"key", "label", "title"}], "rows": [[method, ...]]},
+    methods as rows. Quality holds the QUALITY_COLUMNS the run has; details every other column."""
     if "method" not in columns or not rows:
-        return columns, rows
+        return {"headers": [], "rows": []}, {"headers": [], "rows": []}
     index = columns.index("method")
-    header = ["metric"] + [row[index] for row in rows]
-    body = [[name] + [row[i] for row in rows] for i, name in enumerate(columns) if i != index]
-    return header, body
+    quality = [c for c in QUALITY_COLUMNS if c in columns]
+    details = [c for c in columns if c != "method" and c not in quality]
+
+    def table(names, labels):
+        headers = [{"key": "method", "label": "Method", "title": "method"}] + [
+            {"key": n, "label": labels.get(n, n.replace("_", " ")), "title": n} for n in names]
+        body = [[row[index]] + [_short(row[columns.index(n)]) for n in names] for row in rows]
+        return {"headers": headers, "rows": body}
+
+    return table(quality, QUALITY_COLUMNS), table(details, {})
+
+
+def _short(cell: str) -> str:
+    """A number to 3 significant digits (the table is for reading; metrics.csv has them all)."""
+    try:
+        value = float(cell)
+    except (TypeError, ValueError):
+        return cell
+    return cell if value != value else f"{value:.3g}"
 
 
 class EsegetaViewer(TrameApp):
@@ -165,7 +208,10 @@ class EsegetaViewer(TrameApp):
         state.layout_name = LAYOUT_NAMES[0]
         state.opacity = DEFAULT_OPACITY
         state.show_3d = True
-        state.metrics_columns, state.metrics_rows = self._metrics()
+        state.metrics, state.metrics_details = self._metrics()
+        state.show_details = False
+        state.show_curves = False
+        state.view_marks = self._view_marks()
         state.plot_src = self._plot_src()
         state.parameters = self._parameters()
         self._publish_layer(layer)
@@ -197,7 +243,21 @@ class EsegetaViewer(TrameApp):
         columns, rows = self.result.metrics_columns, self.result.metrics_rows
         if not columns and self.scene.metrics is not None:
             columns, rows = self.scene.metrics
-        return transpose_metrics(list(columns), [list(r) for r in rows])
+        return split_metrics(list(columns), [list(r) for r in rows])
+
+    def _view_marks(self) -> Dict[str, Dict[str, str]]:
+        """Each slice view's name and the anatomical letters at its edges, from its slice-to-RAS."""
+        from ..slicer.previews import orientation_letters
+
+        marks = {}
+        for view in self.slice_views:
+            node = view.mrml_view_node if hasattr(view, "mrml_view_node") else view._view_node
+            matrix = node.GetSliceToRAS()
+            right = [matrix.GetElement(r, 0) for r in range(3)]
+            up = [matrix.GetElement(r, 1) for r in range(3)]
+            marks[view.get_singleton_tag()] = dict(orientation_letters(right, up),
+                                                   name=f"{node.GetOrientation()} ({node.GetLayoutLabel() or node.GetName()})")
+        return marks
 
     def _plot_src(self) -> str:
         """The plot inline (one file, no static route to configure)."""
@@ -220,6 +280,10 @@ class EsegetaViewer(TrameApp):
         with SinglePageWithDrawerLayout(self.server, full_height=True) as self.ui:
             client.Style(".esegeta-table td, .esegeta-table th { font-size: 12px !important; "
                          "padding: 0 6px !important; height: 24px !important; } "
+                         ".esegeta-metrics th, .esegeta-metrics-details th { white-space: normal; "
+                         "line-height: 1.1; font-size: 11px !important; padding: 2px 4px !important; } "
+                         ".esegeta-metrics td, .esegeta-metrics-details td { padding: 0 4px !important; "
+                         "font-size: 11px !important; } "
                          ".esegeta-parameters table { table-layout: fixed; width: 100%; } "
                          ".esegeta-parameters td { overflow-wrap: anywhere; } "
                          ".esegeta-parameters td:first-child { width: 45%; color: #555; }")
@@ -255,17 +319,37 @@ class EsegetaViewer(TrameApp):
                          hide_details=True)
 
     def _build_metrics(self) -> None:
-        with v3.VCard(flat=True, classes="pa-3", v_if=("metrics_columns.length || plot_src",)):
+        with v3.VCard(flat=True, classes="pa-3", v_if=("metrics.rows.length || plot_src",)):
             v3.VCardSubtitle("Metrics")
-            with v3.VTable(density="compact", classes="esegeta-table esegeta-metrics",
-                           v_if=("metrics_columns.length",)):
-                with html.Thead(), html.Tr():
-                    html.Th("{{ c }}", v_for="c in metrics_columns", key="c")
-                with html.Tbody():
-                    with html.Tr(v_for="(row, i) in metrics_rows", key="i"):
-                        html.Td("{{ cell }}", v_for="(cell, j) in row", key="j")
+            self._table("metrics", "esegeta-metrics")
+            v3.VSwitch(label="Details: timings, memory, other statistics", v_model=("show_details",),
+                       density="compact", hide_details=True, color="primary", classes="esegeta-details-switch",
+                       v_if=("metrics_details.rows.length",))
+            self._table("metrics_details", "esegeta-metrics-details", v_if="show_details")
             html.Img(src=("plot_src",), v_if=("plot_src",), classes="esegeta-plot mt-2",
-                     style="width: 100%;")
+                     style="width: 100%; cursor: zoom-in;", title="Click for the curves at full width",
+                     click="show_curves = true")
+            v3.VBtn("Curves at full width", v_if=("plot_src",), click="show_curves = true", size="small",
+                    variant="tonal", classes="esegeta-curves-button mt-1")
+        with v3.VDialog(v_model=("show_curves",), width="95vw", classes="esegeta-curves-dialog"):
+            with v3.VCard():
+                v3.VCardTitle("Deletion and insertion curves")
+                html.Img(src=("plot_src",), classes="esegeta-plot-large",
+                         style="display: block; margin: auto; width: 100%; max-height: 80vh; object-fit: contain;")
+                with v3.VCardActions():
+                    v3.VSpacer()
+                    v3.VBtn("Close", click="show_curves = false")
+
+    def _table(self, key: str, css: str, v_if: str = "") -> None:
+        """Methods as rows; headers short, the full column name as tooltip; scrolls, never overflows."""
+        condition = f"{key}.rows.length" + (f" && {v_if}" if v_if else "")
+        with html.Div(style="overflow-x: auto;", v_if=(condition,)):
+            with v3.VTable(density="compact", classes=f"esegeta-table {css}"):
+                with html.Thead(), html.Tr():
+                    html.Th("{{ h.label }}", v_for=f"h in {key}.headers", key="h.key", title=("h.title",))
+                with html.Tbody():
+                    with html.Tr(v_for=f"(row, i) in {key}.rows", key="i"):
+                        html.Td("{{ cell }}", v_for="(cell, j) in row", key="j")
 
     def _build_parameters(self) -> None:
         with v3.VCard(flat=True, classes="pa-3", v_if=("parameters.length",)):

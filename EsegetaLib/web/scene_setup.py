@@ -150,6 +150,7 @@ def load_mrb(slicer_app, result: ViewerResult) -> LoadedScene:
     for segmentation in segmentations:
         show_outline(segmentation)
     loaded = LoadedScene(input_node=inputs[0], segmentation_node=segmentations[0] if segmentations else None)
+    result.title = inputs[0].GetName() or result.title  # the volume's name, not "esegeta" (the file's)
     for node in maps:
         name = node.GetAttribute(bridge.ATTRIBUTE_PREFIX + "method")
         loaded.maps[name] = layer_from_node(slicer_app, name, node)
@@ -203,7 +204,12 @@ def layer_from_node(slicer_app, name: str, node) -> MapLayer:
                            "re-export the scene.")
     signed_attribute = node.GetAttribute(bridge.ATTRIBUTE_PREFIX + "signed")
     low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
-    signed = signed_attribute == "true" if signed_attribute else low < 0
+    signed = signed_attribute == "true" if signed_attribute else low < -1e-6 * abs(high)
+    # A scene file stores window and level: [min, max] comes back with rounding (an unsigned map's
+    # window from -2e-08). Restore the range the run set: [0, top] or symmetric [-top, top].
+    top = max(abs(low), abs(high))
+    low, high = (-top, top) if signed else (0.0 if abs(low) <= 1e-6 * top else low, high)
+    display.SetWindowLevelMinMax(low, high)
     layer = MapLayer(name=name, node=node, color_node=color_node, low=low, high=high, signed=signed)
     # The run's threshold for unsigned maps; for signed maps the same fraction of the window's top
     # (the exported scene shows all of a signed map, whose near-zero white would wash every slice).

@@ -210,12 +210,56 @@ def test_one_large_view_and_volume_rendering(page):
 
 
 def test_metrics_plot_and_parameters_on_page(page):
-    metrics = page.locator(".esegeta-metrics").inner_text()
-    assert "deletion_auc" in metrics and "IntegratedGradients" in metrics and "0.81" in metrics
+    table = page.locator(".esegeta-metrics")
+    metrics = table.inner_text()
+    # methods as rows, quality metrics only, short headers with the full names as tooltips
+    assert "Del. AUC" in metrics and "Ins. AUC" in metrics and "0.81" in metrics
+    assert [r.split("\t")[0] for r in metrics.strip().splitlines()[1:]] == ["Saliency", "IntegratedGradients"]
+    assert "attribution" not in metrics
+    assert table.locator("th[title=deletion_auc]").count() == 1
+    # the table fits the side panel: nothing sticks out to the right
+    fits = page.evaluate("""() => { const t = document.querySelector('.esegeta-metrics table');
+        const d = document.querySelector('.v-navigation-drawer');
+        return [t.getBoundingClientRect().right, d.getBoundingClientRect().right]; }""")
+    assert fits[0] <= fits[1] + 1, fits
+    # timings and memory behind the switch
+    assert page.locator(".esegeta-metrics-details").count() == 0
+    page.locator(".esegeta-details-switch input").check()
+    details = page.locator(".esegeta-metrics-details")
+    details.wait_for(timeout=10_000)
+    assert "attribution s" in details.inner_text() and "3.2" in details.inner_text()
+    page.locator(".esegeta-details-switch input").uncheck()
     plot = page.locator(".esegeta-plot")
     assert plot.evaluate("img => img.naturalWidth") > 100  # the PNG decoded in the browser
+    # the curves at full width: the dialog's image spans most of the window
+    page.locator(".esegeta-curves-button").click()
+    large = page.locator(".esegeta-plot-large")
+    large.wait_for(timeout=10_000)
+    small = plot.bounding_box()
+    # as large as the window allows: most of its width, or most of its height (aspect kept)
+    wait_until(lambda: large.bounding_box()["width"] > 2.5 * small["width"]
+               and large.evaluate("i => i.getBoundingClientRect().bottom") <= 800, what="the curves at full width")
+    save_screenshot(page, "08_curves_full_width")
+    page.keyboard.press("Escape")
+    wait_until(lambda: page.locator(".esegeta-plot-large").count() == 0
+               or not page.locator(".esegeta-plot-large").is_visible(), what="the dialog closed")
     parameters = page.locator(".esegeta-parameters").inner_text()
     assert "parameters.methods.IntegratedGradients.n_steps" in parameters and "predicted" in parameters
+
+
+def test_slice_views_carry_names_and_orientation_letters(page):
+    red = page.locator('.esegeta-view[data-view="Red"]')
+    assert red.locator(".esegeta-view-name").inner_text().startswith("Axial")
+    letters = {edge: red.locator(f".esegeta-letter-{edge}").inner_text() for edge in ("left", "right", "top", "bottom")}
+    assert letters == {"left": "R", "right": "L", "top": "A", "bottom": "P"}  # Slicer's radiological axial
+    green = page.locator('.esegeta-view[data-view="Green"]')
+    assert green.locator(".esegeta-view-name").inner_text().startswith("Coronal")
+    assert green.locator(".esegeta-letter-top").inner_text() == "S"
+    # the letters sit at the edges they name
+    box = red.bounding_box()
+    left = red.locator(".esegeta-letter-left").bounding_box()
+    right = red.locator(".esegeta-letter-right").bounding_box()
+    assert left["x"] < box["x"] + 0.2 * box["width"] and right["x"] > box["x"] + 0.8 * box["width"]
 
 
 def test_ctrl_c_stops_the_server(viewer, page):

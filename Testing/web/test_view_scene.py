@@ -84,9 +84,26 @@ def test_page_state_of_an_mrb(tmp_path):
     viewer = EsegetaViewer(load_result(write_mrb(tmp_path / "review.mrb")), get_server("mrb_state", client_type="vue3"))
     state = viewer.state
     assert sorted(state.methods) == sorted(METHODS) and state.method == state.methods[0]
-    # One column per method, one row per metric (the panel is narrow), values from the table node.
-    assert state.metrics_columns == ["metric", *METHODS]
-    assert state.metrics_rows == [["deletion_auc", "0.21", "0.18"]]
+    # One row per method, the quality metrics only (short headers, full names as tooltips).
+    assert [h["title"] for h in state.metrics["headers"]] == ["method", "deletion_auc"]
+    assert state.metrics["headers"][1]["label"] == "Del. AUC"
+    assert sorted(state.metrics["rows"]) == sorted([["Saliency", "0.21"], ["IntegratedGradients", "0.18"]])
+    # The page's title is the volume's name (the scene bridge names the input node), not "review".
+    assert viewer.result.title == viewer.scene.input_node.GetName() == "input"
+    assert state.trame__title == "Esegeta: input"
+    # A meaningful display range: an unsigned map from exactly 0 (the scene file's window/level
+    # round trip gave -2e-08 before), a signed one symmetric.
+    for layer in viewer.scene.maps.values():
+        assert (layer.low == -layer.high) if layer.signed else (layer.low == 0.0 < layer.high), layer
+        display = layer.node.GetScalarVolumeDisplayNode()
+        assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == pytest.approx((layer.low, layer.high))
+    # Slice views named, with the orientation letters of Slicer's presets (radiological axial).
+    marks = state.view_marks
+    assert marks["Red"]["name"].startswith("Axial") and marks["Yellow"]["name"].startswith("Sagittal")
+    assert {k: marks["Red"][k] for k in ("left", "right", "top", "bottom")} == \
+        {"left": "R", "right": "L", "top": "A", "bottom": "P"}
+    assert (marks["Green"]["top"], marks["Green"]["left"]) == ("S", "R")
+    assert (marks["Yellow"]["top"], {marks["Yellow"]["left"], marks["Yellow"]["right"]}) == ("S", {"A", "P"})
     assert any(key == "parameters.methods" for key, _ in state.parameters)
     shown = viewer.scene.maps[state.method]
     assert shown.vr_display.GetVisibility() and shown.legend.GetVisibility()
