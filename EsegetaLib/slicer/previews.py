@@ -7,6 +7,7 @@ subprocess first (a failing driver can abort the process) and skipped with a not
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -74,18 +75,7 @@ def render_slice(scene, orientation: str, background, foreground=None, opacity: 
     and `label` (a label map volume) as outline, through `center_ras`, the whole volume in view.
     With `align_to_volume` the plane follows the volume's axes nearest to `orientation`.
     A private slice node is used and removed, so the scene's own views are untouched."""
-    slicer = slicer_module()
-    slice_logic = slicer.vtkMRMLSliceLogic()
-    app_logic = logic(scene, "ApplicationLogic")
-    if app_logic is not None:
-        slice_logic.SetMRMLApplicationLogic(app_logic)
-    slice_logic.SetMRMLScene(scene)
-    layout = f"EsegetaPreview{orientation}"
-    slice_node = slice_logic.AddSliceNode(layout)
-    composite = slice_logic.GetSliceCompositeNode()
-    try:
-        if slice_node is None or composite is None:  # pragma: no cover - MRML always makes them
-            raise EsegetaError("could not create a slice view for the preview")
+    with _private_slice_view(scene, f"EsegetaPreview{orientation}") as (slice_logic, slice_node, composite):
         slice_node.SetOrientation(orientation)
         slice_node.SetDimensions(int(size[0]), int(size[1]), 1)
         slice_node.SetUseLabelOutline(True)
@@ -107,11 +97,35 @@ def render_slice(scene, orientation: str, background, foreground=None, opacity: 
         producer.Update()
         image = producer.GetOutputDataObject(connection.GetIndex())
         return _image_to_rgb(image)
+
+
+@contextlib.contextmanager
+def _private_slice_view(scene, layout: str):
+    """(slice logic, slice node, composite node) of a slice view of our own, removed afterwards,
+    so the scene's own views are untouched."""
+    slicer = slicer_module()
+    slice_logic = slicer.vtkMRMLSliceLogic()
+    app_logic = logic(scene, "ApplicationLogic")
+    if app_logic is not None:
+        slice_logic.SetMRMLApplicationLogic(app_logic)
+    slice_logic.SetMRMLScene(scene)
+    slice_node = slice_logic.AddSliceNode(layout)
+    composite = slice_logic.GetSliceCompositeNode()
+    try:
+        if slice_node is None or composite is None:  # pragma: no cover - MRML always makes them
+            raise EsegetaError("could not create a slice view for the preview")
+        yield slice_logic, slice_node, composite
     finally:
         slice_logic.SetMRMLScene(None)
         for node in (composite, slice_node):
             if node is not None and node.GetScene() is scene:
                 scene.RemoveNode(node)
+
+
+def screen_axes(slice_node) -> Tuple[List[float], List[float]]:
+    """(right, up): the RAS directions of a slice view's screen right and screen up."""
+    matrix = slice_node.GetSliceToRAS()
+    return [matrix.GetElement(r, 0) for r in range(3)], [matrix.GetElement(r, 1) for r in range(3)]
 
 
 _LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) end of each RAS axis
@@ -155,26 +169,11 @@ def render_view(scene, orientation: str, background, foreground=None, opacity: f
     """Like `render_slice`, in a viewport shaped like the volume's extent in this plane (mm), so
     anisotropic and thin volumes keep their proportions. Returns {"rgb", "right", "up", "letters"
     (R/L, A/P, S/I at each edge), "size"}."""
-    slicer = slicer_module()
-    probe_logic = slicer.vtkMRMLSliceLogic()
-    app_logic = logic(scene, "ApplicationLogic")
-    if app_logic is not None:
-        probe_logic.SetMRMLApplicationLogic(app_logic)
-    probe_logic.SetMRMLScene(scene)
-    probe = probe_logic.AddSliceNode(f"EsegetaProbe{orientation}")
-    composite = probe_logic.GetSliceCompositeNode()
-    try:
+    with _private_slice_view(scene, f"EsegetaProbe{orientation}") as (slice_logic, probe, composite):
         probe.SetOrientation(orientation)
         composite.SetBackgroundVolumeID(background.GetID())
-        probe_logic.RotateSliceToLowestVolumeAxes(True)
-        matrix = probe.GetSliceToRAS()
-        right = [matrix.GetElement(r, 0) for r in range(3)]
-        up = [matrix.GetElement(r, 1) for r in range(3)]
-    finally:
-        probe_logic.SetMRMLScene(None)
-        for node in (composite, probe):
-            if node is not None and node.GetScene() is scene:
-                scene.RemoveNode(node)
+        slice_logic.RotateSliceToLowestVolumeAxes(True)
+        right, up = screen_axes(probe)
     size = view_size(*plane_extent(background, right, up), long_side=long_side)
     rgb = render_slice(scene, orientation, background, foreground, opacity, label, center_ras, size)
     return {"rgb": rgb, "right": right, "up": up, "letters": orientation_letters(right, up), "size": size}

@@ -247,14 +247,12 @@ class EsegetaViewer(TrameApp):
 
     def _view_marks(self) -> Dict[str, Dict[str, str]]:
         """Each slice view's name and the anatomical letters at its edges, from its slice-to-RAS."""
-        from ..slicer.previews import orientation_letters
+        from ..slicer.previews import orientation_letters, screen_axes
 
         marks = {}
         for view in self.slice_views:
             node = view.mrml_view_node if hasattr(view, "mrml_view_node") else view._view_node
-            matrix = node.GetSliceToRAS()
-            right = [matrix.GetElement(r, 0) for r in range(3)]
-            up = [matrix.GetElement(r, 1) for r in range(3)]
+            right, up = screen_axes(node)
             marks[view.get_singleton_tag()] = dict(orientation_letters(right, up),
                                                    name=f"{node.GetOrientation()} ({node.GetLayoutLabel() or node.GetName()})")
         return marks
