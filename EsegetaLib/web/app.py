@@ -84,6 +84,15 @@ def mark_view(server, view_id, view) -> None:
                      style=_LETTER_STYLE + where)
 
 
+def plane_name(right, up) -> str:
+    """Axial, Coronal or Sagittal: the standard plane nearest to a view (Slicer calls a view turned
+    to an oblique volume's axes "Reformat", which tells a reader nothing)."""
+    import numpy as np
+
+    normal = np.abs(np.cross(np.asarray(right, float), np.asarray(up, float)))
+    return ("Sagittal", "Coronal", "Axial")[int(np.argmax(normal))]
+
+
 # Columns of metrics.csv that say what a map is worth, in the order shown, with the short header
 # the side panel has room for (the full name is the header's tooltip). Everything else (timings,
 # memory, device, standard errors, raw variants) is behind the "details" switch.
@@ -254,7 +263,7 @@ class EsegetaViewer(TrameApp):
             node = view.mrml_view_node if hasattr(view, "mrml_view_node") else view._view_node
             right, up = screen_axes(node)
             marks[view.get_singleton_tag()] = dict(orientation_letters(right, up),
-                                                   name=f"{node.GetOrientation()} ({node.GetLayoutLabel() or node.GetName()})")
+                                                   name=f"{plane_name(right, up)} ({node.GetLayoutLabel() or node.GetName()})")
         return marks
 
     def _plot_src(self) -> str:

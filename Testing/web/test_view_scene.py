@@ -104,6 +104,10 @@ def test_page_state_of_an_mrb(tmp_path):
         {"left": "R", "right": "L", "top": "A", "bottom": "P"}
     assert (marks["Green"]["top"], marks["Green"]["left"]) == ("S", "R")
     assert (marks["Yellow"]["top"], {marks["Yellow"]["left"], marks["Yellow"]["right"]}) == ("S", {"A", "P"})
+    from EsegetaLib.web.app import plane_name
+
+    # a view turned to an oblique volume's axes (Slicer: "Reformat") is named by its nearest plane
+    assert plane_name((-0.94, 0.34, 0), (0.05, 0.1, 0.99)) == "Coronal"
     assert any(key == "parameters.methods" for key, _ in state.parameters)
     shown = viewer.scene.maps[state.method]
     assert shown.vr_display.GetVisibility() and shown.legend.GetVisibility()
