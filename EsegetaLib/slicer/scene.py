@@ -505,6 +505,23 @@ def show_overlay(scene, background, foreground, opacity: float = 0.5, segmentati
         display.SetVisibility2DFill(False)
 
 
+def show_only_in_3d(scene, map_node, visible: bool = True):
+    """Show `map_node` alone among Esegeta's maps in 3D (or hide them all): its volume rendering is
+    created with `show_volume_rendering` the first time, and kept afterwards (edits the user made
+    in the Volume Rendering module survive). Returns its display node, or None."""
+    vr_logic = logic(scene, "VolumeRendering")
+    if vr_logic is None:
+        return None
+    if visible and vr_logic.GetFirstVolumeRenderingDisplayNode(map_node) is None:
+        show_volume_rendering(scene, map_node)
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        display = vr_logic.GetFirstVolumeRenderingDisplayNode(node) if node.GetAttribute(ATTRIBUTE_PREFIX + "method") else None
+        if display is not None:
+            display.SetVisibility(bool(visible) and node is map_node)
+    return vr_logic.GetFirstVolumeRenderingDisplayNode(map_node)
+
+
 def show_volume_rendering(scene, map_node, visible_fraction: float = 0.5, opacity: float = 0.8):
     """Volume-render `map_node` in every 3D view with a transfer function that shows only the
     strongest attributions: opacity 0 below `visible_fraction` of the display maximum (of |map| for

@@ -103,15 +103,23 @@ def _release(version: str) -> Tuple[int, ...]:
     return tuple(int(n) for n in numbers) + (0,) * (3 - len(numbers))
 
 
-def protection_constraints() -> str:
-    """A pip constraints file's text pinning Slicer's own packages to their installed versions, so
-    that installing captum & co. can never replace them (pip refuses instead)."""
-    pins = []
-    for name in PROTECTED_PACKAGES:
+def protection_constraints(to_install: Iterable[str] = ()) -> str:
+    """A pip constraints file's text pinning every distribution installed in this Python (Slicer
+    bundles numpy, scipy, SimpleITK, pillow, pydicom, requests, ... and the PyTorch extension torch)
+    to its installed version, so that installing captum & co. can never replace one (pip refuses
+    instead). `to_install`: requirement lines being installed now; those names are not pinned."""
+    skip = {_canonical(_requirement(line).name) for line in to_install}
+    pins = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"] if dist.metadata else None
+        if not name or _canonical(name) in skip or not dist.version:
+            continue
+        pins[_canonical(name)] = f"{name}=={dist.version}"
+    for name in PROTECTED_PACKAGES:  # always, even if metadata listing missed them
         version = installed_version(name)
         if version is not None:
-            pins.append(f"{name}=={version}")
-    return "\n".join(pins) + "\n"
+            pins[_canonical(name)] = f"{name}=={version}"
+    return "\n".join(pins[key] for key in sorted(pins)) + "\n"
 
 
 @dataclass
@@ -136,7 +144,7 @@ class DependencyPlan:
         listing = "\n".join(f"  - {item}" for item in items)
         return ("Esegeta needs these Python packages, which are not installed yet:\n\n" + listing +
                 "\n\nThey are downloaded from the internet (PyTorch can be several GB) and installed into "
-                "Slicer's Python. Slicer's own numpy, SimpleITK and requests are kept as they are.\n\n"
+                "Slicer's Python. Every package Slicer already has (numpy, SimpleITK, scipy, ...) is kept as it is.\n\n"
                 "Install them now?")
 
 
@@ -152,37 +160,176 @@ def dependency_plan(requirements: Sequence[str], minimum_torch: str = MINIMUM_TO
 # ------------------------------------------------------------------------------------ method panel
 
 
-def method_catalog() -> List[Dict[str, Any]]:
-    """Every registered method's metadata (JSON-ready), cheapest first within each family.
-    Imports torch and the methods: call only once the dependencies are present."""
+# The panel's method list and metric names, generated from the registries by
+# `python -m EsegetaLib.slicer.slicer_logic --write-catalog` and checked against them by the tests
+# (Testing/slicer_module/test_panel_logic.py): opening the panel must not import torch (2 s or more,
+# a broken CUDA build could take Slicer down, and on Windows it locks torch's files).
+CATALOG_FILE = Path(__file__).resolve().parents[1] / "resources" / "method_catalog.json"
+
+
+def registry_catalog() -> Dict[str, Any]:
+    """{"methods": [metadata...], "metrics": [names...]} from the registries themselves (imports
+    torch): methods cheapest first within each family, default metrics first."""
     from ..methods import all_methods
+    from ..metrics import DEFAULT_METRICS, METRICS
 
     order = {"gradient": 0, "layer": 1, "perturbation": 2}
     specs = sorted(all_methods(), key=lambda s: (order.get(s.family, 9), s.cost, s.name))
-    return [spec.metadata() for spec in specs]
+    metrics = list(DEFAULT_METRICS) + [name for name in METRICS if name not in DEFAULT_METRICS]
+    return json.loads(json.dumps({"methods": [spec.metadata() for spec in specs], "metrics": metrics}))
 
 
-def catalog_available() -> bool:
-    """Whether the method registry can be loaded here (torch and captum importable)."""
+def write_catalog(path: Path = CATALOG_FILE) -> Path:
+    path.write_text(json.dumps(registry_catalog(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def load_catalog(path: Path = CATALOG_FILE) -> Dict[str, Any]:
+    """The checked-in catalogue (no torch); a missing or broken file is a packaging error."""
     try:
-        method_catalog()
-    except Exception:  # ImportError, or a broken torch install (e.g. a DLL that fails to load)
-        return False
-    return True
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EsegetaError(f"The method list {path} is missing or unreadable ({exc}); reinstall Esegeta.") from None
+    return data
+
+
+def method_catalog() -> List[Dict[str, Any]]:
+    """Every registered method's metadata (JSON-ready), cheapest first within each family, read
+    from the checked-in catalogue: no torch."""
+    return load_catalog()["methods"]
 
 
 def metric_names() -> List[str]:
-    """Metrics `EsegetaLib.metrics` computes, the cheap default ones first; none before the
-    dependencies are installed (it imports torch)."""
-    try:
-        from ..metrics import DEFAULT_METRICS, METRICS
-    except ImportError:
-        return []
-    return list(DEFAULT_METRICS) + [name for name in METRICS if name not in DEFAULT_METRICS]
+    """Metrics `EsegetaLib.metrics` computes, the cheap default ones first (from the catalogue)."""
+    return list(load_catalog()["metrics"])
 
+
+# ------------------------------------------------------------------------------------ presets
+
+# Plain-language one-liners for the panel (the registry's descriptions are for specialists).
+PLAIN_TOOLTIPS = {
+    "Saliency": "Which voxels would change the result most if they changed a little. Fast.",
+    "InputXGradient": "Saliency weighted by the image itself: bright voxels that matter. Fast.",
+    "IntegratedGradients": "How much each voxel adds to the result, compared with an empty image. "
+                           "Slower, but the parts add up to the whole.",
+    "GradCAM": "Coarse regions the network's deep layers focus on. Fast, blurry.",
+    "GradCAM++": "Like Grad-CAM, better when several separate structures matter. Fast, blurry.",
+    "SmoothGrad": "Saliency averaged over slightly noisy copies: less speckle. Slower.",
+    "SmoothGradSquared": "Squared SmoothGrad: strongest voxels stand out more. Slower.",
+    "VarGrad": "Where saliency is unstable under noise. Slower.",
+    "Occlusion": "Covers the image cube by cube and measures how much the result drops. Slow, easy to read.",
+    "DeepLift": "How much each voxel adds compared with an empty image, in one pass. Fast.",
+    "DeepLiftShap": "DeepLift averaged over several reference images. Moderate.",
+    "GradientShap": "Expected contributions over random reference images. Slower.",
+    "GuidedBackprop": "Sharp edges the network responds to (not always specific to the result). Fast.",
+    "Deconvolution": "Patterns that excite the network (not specific to the result). Fast.",
+    "GuidedGradCam": "Grad-CAM regions sharpened with guided backpropagation. Fast.",
+    "LayerActivation": "What a deep layer of the network responds to, shown on the image. Fast.",
+    "LayerGradientXActivation": "A deep layer's response weighted by its effect on the result. Fast.",
+    "LayerDeepLift": "DeepLift measured at a deep layer. Fast.",
+    "LayerGradientShap": "Expected contributions measured at a deep layer. Slower.",
+    "InternalInfluence": "Influence of a deep layer along the path from an empty image. Slower.",
+    "LayerConductance": "How much a deep layer passes on to the result. Slower.",
+    "LayerIntegratedGradients": "Integrated Gradients measured at a deep layer. Slower.",
+    "FeatureAblation": "Removes image blocks one at a time and measures the drop. Slow.",
+    "ShapleyValueSampling": "Fair share of each image block in the result (game theory). Very slow.",
+    "KernelShap": "Fits a simple model of the network on random blocks (Shapley weights). Very slow.",
+    "Lime": "Fits a simple model of the network on random blocks. Very slow.",
+    "RISE": "Averages random smooth masks weighted by the result they give. Slow.",
+}
+
+# Ordered presets shown first in the panel; "Custom" is the full list in families.
+PRESETS = {
+    "Quick look": ("Saliency", "IntegratedGradients", "GradCAM"),
+    "Thorough": ("Saliency", "IntegratedGradients", "GradCAM", "SmoothGrad", "Occlusion", "DeepLift"),
+    "Custom": (),
+}
+PRESET_TOOLTIPS = {
+    "Quick look": "Three complementary maps in a few minutes on a CPU: fine detail, contributions, regions.",
+    "Thorough": "Adds noise-averaged, occlusion and reference-based maps; slower (tens of minutes on a CPU).",
+    "Custom": "Choose any of the methods yourself, grouped by family.",
+}
+FAMILY_TITLES = {"gradient": "Gradients (fast)", "layer": "Deep layers (fast, coarse)",
+                 "perturbation": "Perturbation (slow)"}
+
+
+def preset_methods(preset: str, catalog: Sequence[Dict[str, Any]]) -> List[str]:
+    """The methods a preset ticks (only those in `catalog`); Custom: none (the user's ticks stay)."""
+    if preset not in PRESETS:
+        raise EsegetaError(f"Unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
+    names = {m["name"] for m in catalog}
+    return [name for name in PRESETS[preset] if name in names]
+
+
+def preset_for(methods: Sequence[str]) -> str:
+    """The preset whose methods are exactly `methods` (in any order), else "Custom"."""
+    for preset, names in PRESETS.items():
+        if names and sorted(names) == sorted(methods):
+            return preset
+    return "Custom"
+
+
+def method_families(catalog: Sequence[Dict[str, Any]]) -> List[Tuple[str, List[Dict[str, Any]]]]:
+    """[(family title, [method metadata...])] in the catalogue's order, for the Custom list."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for meta in catalog:
+        groups.setdefault(meta["family"], []).append(meta)
+    return [(FAMILY_TITLES.get(family, family.capitalize()), items) for family, items in groups.items()]
+
+
+# ------------------------------------------------------------------------------------ regions
+
+@dataclass(frozen=True)
+class RegionChoice:
+    """One entry of the panel's region menu: what the user reads, the request's region word, and
+    which scene input it needs ('segment', 'point' or None). More targets (connected component,
+    boundary, every class) are added by appending here and handling the word in `SceneRun`."""
+
+    label: str
+    region: str
+    needs: Optional[str] = None
+    tooltip: str = ""
+
+
+REGION_CHOICES: Tuple[RegionChoice, ...] = (
+    RegionChoice("the model's segmentation", "predicted", None,
+                 "Explain the voxels the model assigns to the chosen class."),
+    RegionChoice("a segment", "roi", "segment", "Explain one segment you drew (Segment Editor) or loaded."),
+    RegionChoice("a point", "point", "point", "Explain the model's result at one point you place."),
+    RegionChoice("the whole volume", "whole", None, "Explain the class score summed over every voxel."),
+)
+
+
+def region_choice(region: str) -> RegionChoice:
+    for choice in REGION_CHOICES:
+        if choice.region == region:
+            return choice
+    raise EsegetaError(f"Region must be one of: {', '.join(c.label for c in REGION_CHOICES)}.")
+
+
+def class_choices(summary: Dict[str, Any], n_default: int = 2) -> List[Tuple[int, str]]:
+    """(index, text) for the target-class menu: the model card's class names ("1: vessel"), or
+    numbered classes when the model has no card. Softmax class 0 (background) is listed last."""
+    classes = summary.get("classes")
+    if classes:
+        items = [(i, f"{c} ({i})") for i, c in enumerate(classes)]
+    else:
+        items = [(i, f"class {i}") for i in range(max(2, n_default))]
+    return items[1:] + items[:1]
+
+
+# Patch sizes the panel offers (0: the model's own). Window sizes must be divisible by the
+# network's downsampling (16 for the usual 4-level U-Nets); these are, and cover 32-256 voxels.
+PATCH_SIZE_CHOICES = (0, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+def patch_size_label(size: int) -> str:
+    return "the model's own" if size == 0 else f"{size} voxels"
 
 def method_tooltip(meta: Dict[str, Any]) -> str:
-    lines = [meta.get("description") or meta["name"]]
+    """Plain-language line first, then the specialist's facts."""
+    lines = [PLAIN_TOOLTIPS.get(meta["name"], ""), meta.get("description") or meta["name"]]
+    lines = [line for line in lines if line]
     facts = [meta["family"], "signed" if meta.get("signed") else "unsigned", f"cost ~{meta.get('cost', 1):g}x"]
     if meta.get("captum"):
         facts.append(f"Captum {meta['captum']}")
@@ -310,23 +457,22 @@ def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any
         chosen = edited_params(meta, given) if meta is not None else dict(given)
         if chosen:
             params[name] = chosen
-    if settings.region not in REGIONS:
-        raise EsegetaError(f"Region must be one of {', '.join(REGIONS)}; got '{settings.region}'.")
+    region_choice(settings.region)  # one of the panel's choices, or a one-line error
     if settings.class_index < 0:
         raise EsegetaError("Target class must be 0 or more.")
     if settings.n_classes is not None and settings.class_index >= settings.n_classes:
         raise EsegetaError(f"The model has {settings.n_classes} classes (0-{settings.n_classes - 1}); "
                            f"choose a target class below {settings.n_classes}.")
     if settings.region == "roi" and not settings.has_roi:
-        raise EsegetaError("Region 'roi' needs a segmentation and a segment: choose them under Region.")
+        raise EsegetaError("'Explain' is 'a segment': choose the segmentation and the segment under it.")
     if settings.region == "point" and not settings.has_point:
-        raise EsegetaError("Region 'point' needs a markup point on the volume: place one and choose it.")
+        raise EsegetaError("'Explain' is 'a point': place a point on the volume with the point button beside it.")
     if settings.device not in DEVICE_CHOICES:
         raise EsegetaError(f"Device must be one of {', '.join(DEVICE_CHOICES)}; got '{settings.device}'.")
     if settings.precision not in PRECISIONS:
         raise EsegetaError(f"Precision must be one of {', '.join(PRECISIONS)}; got '{settings.precision}'.")
-    if settings.patch_size < 0 or 0 < settings.patch_size < 16:
-        raise EsegetaError("Patch size must be 0 (the model's own) or at least 16 voxels.")
+    if settings.patch_size not in PATCH_SIZE_CHOICES:
+        raise EsegetaError(f"'Patch size' must be one of the listed sizes; got {settings.patch_size}.")
     if not 0.0 <= settings.overlap < 1.0:
         raise EsegetaError("Overlap must be at least 0 and below 1.")
     if settings.activation not in ("auto", "softmax", "sigmoid"):
@@ -352,6 +498,27 @@ def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any
             "device": DEVICE_CHOICES[settings.device], "precision": settings.precision,
             "patch_size": int(settings.patch_size) or None, "overlap": float(settings.overlap),
             "metrics": list(settings.metrics) or "none"}
+
+
+def panel_settings(pn, scene_folder: Optional[str] = None) -> PanelSettings:
+    """The panel's settings from its parameter node (any object with the node's fields: the
+    `EsegetaParameterNode`, or a namespace in tests); the model path resolved against the scene."""
+    model = resolved_model_path(pn.modelPath, scene_folder)
+    classes = model_card_summary(model).get("classes")
+    point = pn.regionPoint
+    return PanelSettings(
+        methods=split_names(pn.methods), method_params=load_params_json(pn.methodParams), model_path=model,
+        class_index=int(pn.targetClass), region=pn.region, has_roi=pn.roiSegmentation is not None,
+        has_point=point is not None and point.GetNumberOfControlPoints() > 0, device=pn.device,
+        precision=pn.precision, patch_size=int(pn.patchSize), overlap=float(pn.overlap),
+        metrics=split_names(pn.metrics), n_classes=len(classes) if classes else None,
+        activation=getattr(pn, "activation", "auto"), fold=getattr(pn, "fold", ""))  # advanced, where present
+
+
+def class_name(settings: PanelSettings) -> Optional[str]:
+    """The chosen class's name from the model card, or None (the engine then names it)."""
+    classes = model_card_summary(settings.model_path).get("classes")
+    return str(classes[settings.class_index]) if classes and 0 <= settings.class_index < len(classes) else None
 
 
 def model_card_summary(path: str) -> Dict[str, Any]:
@@ -414,6 +581,104 @@ def load_params_json(text: str) -> Dict[str, Dict[str, Any]]:
     return {k: dict(v) for k, v in value.items() if isinstance(v, dict)} if isinstance(value, dict) else {}
 
 
+# ------------------------------------------------------------------------------------ wording
+
+# The engine speaks the command line's language (`--device cuda: ...`); the panel names its controls.
+PANEL_CONTROLS = (
+    ("--device cpu (or auto)", "'Device' CPU (or auto)"),
+    ("--device cuda", "'Device' GPU"), ("--device cpu", "'Device' CPU"), ("--device", "'Device'"),
+    ("--precision", "'Precision'"), ("--patch-size", "'Patch size'"), ("--overlap", "'Overlap'"),
+    ("--batch-size", "'Batch size'"), ("--class", "'Class'"), ("--region", "'Explain'"),
+    ("--methods", "'Methods'"), ("--metrics none", "no metrics"), ("--metrics", "'Metrics'"),
+    ("--model", "'Model'"), ("--params", "the method's settings"),
+)
+
+
+def panel_wording(message: str) -> str:
+    """A message from the engine or the command-line checks, with the panel's control names in
+    place of command-line flags."""
+    for flag, control in PANEL_CONTROLS:
+        message = message.replace(flag, control)
+    return message
+
+
+def log_entries(events: Iterable[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """(level, text) for Slicer's log and the panel's log view: every worker line, warnings as
+    warnings; progress only when its message changes (a window counter is not news)."""
+    entries, last = [], None
+    for event in events:
+        kind = event.get("event")
+        if kind == "log":
+            entries.append(("info", str(event.get("message", ""))))
+        elif kind == "warning":
+            entries.append(("warning", panel_wording(str(event.get("message", "")))))
+        elif kind == "progress":
+            text = str(event.get("message") or "")
+            head = text.split(":", 1)[0]
+            if text and head != last:
+                entries.append(("info", text))
+                last = head
+        elif kind == "error":
+            entries.append(("error", panel_wording(str(event.get("message", "")))))
+        elif kind == "done":
+            entries.append(("info", f"Finished in {float(event.get('seconds', 0)):.0f} s."))
+    return entries
+
+
+# ------------------------------------------------------------------------------------ platform
+
+# Slicer releases the module is tested against: 5.10 and later ship Python 3.12 (5.8 ships 3.9,
+# which captum 0.9 and this package's pins do not support).
+MINIMUM_SLICER = (5, 10)
+
+
+def slicer_version_problem(version: str) -> Optional[str]:
+    """A one-line reason this Slicer cannot run Esegeta, or None."""
+    release = _release(version)
+    if release[:2] < MINIMUM_SLICER:
+        return (f"Esegeta needs Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or later (this is {version}); "
+                "install a current Slicer release.")
+    return None
+
+
+def platform_problem(system: str, machine: str, numpy_version: Optional[str]) -> Optional[str]:
+    """Intel macOS: the last PyTorch for x86_64 macOS (2.2) needs numpy < 2, which Slicer 5.10
+    and later do not have; installing would leave a torch that fails at its first call."""
+    if system == "Darwin" and machine in ("x86_64", "i386") and numpy_version and _release(numpy_version) >= (2, 0, 0):
+        return ("PyTorch has no build for Intel Macs that works with this Slicer's numpy "
+                f"{numpy_version}; run Esegeta on an Apple-silicon Mac, Linux or Windows, or use the "
+                "'esegeta' command line in its own Python environment.")
+    return None
+
+
+# ------------------------------------------------------------------------------------ scene paths
+
+
+def stored_model_path(path: str, scene_folder: Optional[str]) -> str:
+    """The model path as saved with a scene: relative to the scene's folder when the model lies
+    on the same drive (so a scene folder or .mrb moved with its model still finds it)."""
+    import os
+
+    text = str(path or "").strip()
+    if not text or not scene_folder or not os.path.isabs(text):
+        return text
+    try:
+        relative = os.path.relpath(text, scene_folder)
+    except ValueError:  # another drive (Windows)
+        return text
+    return relative.replace(os.sep, "/")
+
+
+def resolved_model_path(stored: str, scene_folder: Optional[str]) -> str:
+    """The model path to use: a relative stored path is taken from the scene's folder."""
+    import os
+
+    text = str(stored or "").strip()
+    if not text or os.path.isabs(text) or not scene_folder:
+        return text
+    return os.path.normpath(os.path.join(scene_folder, text))
+
+
 # ------------------------------------------------------------------------------------ progress view
 
 
@@ -461,4 +726,12 @@ def failure_view(event: Dict[str, Any]) -> FailureView:
         message = out_of_memory_message()
     elif kind == "internal":
         message = "Esegeta failed: " + message + " (see details; please report it with them)."
-    return FailureView(message, str(event.get("details") or ""))
+    return FailureView(panel_wording(message), str(event.get("details") or ""))
+
+
+if __name__ == "__main__":  # python -m EsegetaLib.slicer.slicer_logic --write-catalog
+    import sys
+
+    if sys.argv[1:] != ["--write-catalog"]:
+        sys.exit("usage: python -m EsegetaLib.slicer.slicer_logic --write-catalog")
+    print(write_catalog())

@@ -90,10 +90,11 @@ def test_mrb_round_trip_every_node(tmp_path):
         assert after["TOF - Saliency - vessel"].GetScalarVolumeDisplayNode().GetColorNodeID() == \
             "vtkMRMLColorTableNodeFileInferno.txt"
         assert after["TOF - IntegratedGradients - vessel"].GetScalarVolumeDisplayNode().GetColorNodeID() == \
-            "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
+            "vtkMRMLColorTableNodeEsegetaDivergingBlueRed"
         assert json.loads(after["TOF - IntegratedGradients - vessel"].GetAttribute("Esegeta.params")) == \
             {"n_steps": 16, "baseline": "blur"}
-        for table_id in ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"):
+        for table_id in ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
+                         "vtkMRMLColorTableNodeEsegetaDivergingBlueRed"):  # the band's alphas survive the .mrb
             np.testing.assert_allclose(color_values(loaded.GetNodeByID(table_id)),
                                        color_values(scene.GetNodeByID(table_id)), atol=1e-6)
             assert len([1 for i in range(loaded.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))

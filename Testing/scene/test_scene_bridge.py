@@ -109,6 +109,25 @@ def test_colour_tables_have_desktop_ids_and_matplotlib_colours(scene):
          for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))})
 
 
+def test_signed_table_is_slicers_diverging_table_with_a_transparent_centre_band(scene):
+    band = scene.GetNodeByID(colors.color_node_id(colors.BAND_TABLE))
+    source = scene.GetNodeByID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
+    assert band is not None and band.GetSaveWithScene()
+    n = band.GetNumberOfColors()
+    assert n == source.GetNumberOfColors() == 256
+    band_rgba, source_rgba = [0.0] * 4, [0.0] * 4
+    alphas = []
+    for i in range(n):
+        band.GetColor(i, band_rgba)
+        source.GetColor(i, source_rgba)
+        assert band_rgba[:3] == pytest.approx(source_rgba[:3])  # Slicer's own colours
+        alphas.append(band_rgba[3])
+    # over the window [-h, h]: entries whose value is within 0.1 h of 0 are transparent, the rest opaque
+    centres = (np.arange(n) + 0.5) / n * 2 - 1
+    np.testing.assert_array_equal(np.array(alphas) == 0, np.abs(centres) < colors.BAND_FRACTION)
+    assert sum(a == 0 for a in alphas) == 26 and alphas[0] == alphas[-1] == 1.0
+
+
 def test_unsigned_map_display_fixed_range_and_threshold(scene):
     rng = np.random.default_rng(1)
     reference = S.volume_from_array(scene, np.zeros((20, 20, 20), np.float32), oblique_affine(), "ct")
@@ -135,7 +154,7 @@ def test_signed_map_display_is_symmetric_on_a_diverging_table(scene):
     values = (rng.normal(size=(16, 18, 20)) * 3 + 1.0).astype(np.float32)  # skewed positive
     node = S.add_map(scene, values, reference, "mr - IntegratedGradients - vessel", signed=True)
     display = node.GetScalarVolumeDisplayNode()
-    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
+    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeEsegetaDivergingBlueRed"
     assert not display.GetAutoWindowLevel()
     high = np.percentile(np.abs(values), S.DEFAULT_PERCENTILE)
     assert display.GetWindowLevelMax() == pytest.approx(high, rel=1e-9)

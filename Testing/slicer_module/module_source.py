@@ -23,8 +23,22 @@ LIBRARY = REPO / "EsegetaLib"
 NOT_SHIPPED_PACKAGES = ("web", "study")
 
 
+# Code that runs inside desktop Slicer besides Esegeta.py: the panel's Qt glue, the installers and
+# the in-Slicer tests. The static checks cover them all.
+SLICER_SIDE = (LIBRARY / "slicer" / "qt_panel.py", LIBRARY / "slicer" / "dependencies.py")
+IN_SLICER_TESTS = tuple(sorted((REPO / "Esegeta" / "EsegetaTesting").glob("*.py")))
+
+
 def module_tree() -> ast.Module:
     return ast.parse(MODULE.read_text(encoding="utf-8"), filename=str(MODULE))
+
+
+def slicer_side_tree() -> ast.Module:
+    """Esegeta.py, the Slicer-side library modules and the in-Slicer tests as one AST."""
+    body = []
+    for path in (MODULE,) + SLICER_SIDE + IN_SLICER_TESTS:
+        body.extend(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body)
+    return ast.Module(body=body, type_ignores=[])
 
 
 def slicer_util_calls(tree: ast.Module) -> Set[str]:
@@ -42,12 +56,15 @@ def slicer_util_calls(tree: ast.Module) -> Set[str]:
 
 
 def ui_widget_names(tree: ast.Module) -> Set[str]:
-    """Names used as `self.ui.<name>` in the module."""
+    """Names used as `self.ui.<name>` or `ui.<name>` (the Qt glue's argument) in `tree`."""
     names = set()
     for node in ast.walk(tree):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                 and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
                 and node.value.value.id == "self"):
+            names.add(node.attr)
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ui"
+              and not isinstance(node.ctx, ast.Store)):
             names.add(node.attr)
     return names
 

@@ -11,9 +11,9 @@ import py_compile
 
 import pytest
 
-from module_source import (MODULE, REPO, UI, base_type, eager_import_closure, has_annotation, module_tree,
-                           parameter_node_fields, slicer_util_calls, ui_parameter_names, ui_widget_names,
-                           ui_widgets)
+from module_source import (IN_SLICER_TESTS, MODULE, REPO, UI, base_type, eager_import_closure, has_annotation,
+                           module_tree, parameter_node_fields, slicer_side_tree, slicer_util_calls,
+                           ui_parameter_names, ui_widget_names, ui_widgets)
 
 # Which widget classes the parameter-node wrapper connects to which field types
 # (Slicer: Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, read for this table).
@@ -44,7 +44,7 @@ def test_every_slicer_util_function_exists_in_slicer_core():
     util_path = next(iter(spec.submodule_search_locations)) + "/util.py"
     util_tree = ast.parse(open(util_path, encoding="utf-8").read())
     defined = {n.name for n in util_tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    used = slicer_util_calls(module_tree())
+    used = slicer_util_calls(slicer_side_tree())
     assert used, "no slicer.util calls found: the AST walk is broken"
     assert {"loadUI", "childWidgetVariables", "errorDisplay", "pip_install"} <= used
     assert sorted(used - defined) == []
@@ -52,15 +52,46 @@ def test_every_slicer_util_function_exists_in_slicer_core():
 
 def test_every_widget_the_module_uses_is_in_the_ui():
     widgets = ui_widgets()
-    used = ui_widget_names(module_tree())
-    assert {"applyButton", "progressBar", "regionPointSelector", "methodsFrame"} <= used
+    used = ui_widget_names(slicer_side_tree())
+    assert {"applyButton", "progressBar", "regionPointSelector", "methodsFrame", "metricsFrame",
+            "roiSegmentSelector", "regionPointPlaceWidget", "logTextEdit", "presetComboBox"} <= used
     assert sorted(used - set(widgets)) == []
+
+
+def test_segment_and_point_pickers_are_slicers_own_widgets():
+    widgets = ui_widgets()
+    assert widgets["roiSegmentSelector"] == "qMRMLSegmentSelectorWidget"  # follows segments as they change
+    assert widgets["regionPointPlaceWidget"] == "qSlicerMarkupsPlaceWidget"  # place the point from the panel
+    assert widgets["patchSizeComboBox"] == "QComboBox"  # only valid sizes
+    assert widgets["logTextEdit"] == "QPlainTextEdit"
+    assert "roiSegmentComboBox" not in widgets and "targetClassSpinBox" not in widgets
+
+
+def test_in_slicer_widget_test_uses_real_widgets_and_the_panels_entry_points():
+    """Esegeta/EsegetaTesting/widget_test.py cannot run here: every widget it names exists, and it
+    exercises connectGui (a connected combo), the generated panel, Apply and the poll loop."""
+    widget_test = next(p for p in IN_SLICER_TESTS if p.name == "widget_test.py")
+    tree = ast.parse(widget_test.read_text(encoding="utf-8"))
+    used = ui_widget_names(tree)
+    assert used and sorted(used - set(ui_widgets())) == []
+    assert "presetComboBox" in used and "preset" in ui_parameter_names()  # a connectGui round trip
+    source = widget_test.read_text(encoding="utf-8")
+    widget_methods = {n.name for n in ast.walk(module_tree()) if isinstance(n, ast.FunctionDef)}
+    called = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+              and isinstance(n.value, ast.Attribute) and n.value.attr == "widget"}
+    assert {"setup", "onApplyButton", "cleanup", "methodCheckBoxes", "metricCheckBoxes", "run"} <= called
+    assert sorted(c for c in called if c not in widget_methods and not c.startswith("_")
+                  and c not in ("ui", "logic", "run", "methodCheckBoxes", "metricCheckBoxes")) == []
+    assert "EsegetaWidget(" in source and "processEvents" in source
+    cmake = (REPO / "Esegeta" / "CMakeLists.txt").read_text(encoding="utf-8")
+    for path in IN_SLICER_TESTS:
+        assert f"EsegetaTesting/{path.name}" in cmake, f"{path.name} is not installed with the module"
 
 
 def test_ui_parameter_names_map_to_parameter_node_fields_with_connectable_types():
     fields = parameter_node_fields(module_tree())
     names = ui_parameter_names()
-    assert len(names) >= 12
+    assert len(names) >= 10
     for name, (widget, cls) in names.items():
         assert name in fields, f"{widget} stores '{name}', which the parameter node does not have"
         kind = base_type(fields[name])
@@ -79,11 +110,12 @@ def test_every_panel_setting_is_saved_in_the_parameter_node():
     checklists and the segment choice are written by the widget into these fields."""
     fields = set(parameter_node_fields(module_tree()))
     connected = set(ui_parameter_names())
-    generated = {"methods", "methodParams", "metrics", "roiSegmentId"}
+    generated = {"methods", "methodParams", "metrics", "roiSegmentId", "roiSegmentation", "targetClass", "region",
+                 "patchSize"}
     assert fields == connected | generated | {"metricsTable"}
     source = MODULE.read_text()
     for name in generated:
-        assert f"_parameterNode.{name} =" in source, f"the widget never writes {name}"
+        assert f"_parameterNode.{name} =" in source or f'"{name}"' in source, f"the widget never writes {name}"
 
 
 def test_ui_is_well_formed_with_unique_names_and_a_scene_for_every_mrml_widget():

@@ -243,3 +243,38 @@ def test_module_finds_library_and_resources_from_source_and_when_installed(insta
         assert Path(library_folder()) == root
         assert Path(resource_path("UI/Esegeta.ui")) == root / "Resources" / "UI" / "Esegeta.ui"
         assert Path(resource_path("requirements.txt")).is_file()
+
+
+def test_catalog_metadata_check_flags_placeholders_and_passes_real_entries():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_catalog", REPO / "scripts" / "check_catalog.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    real = ('set(EXTENSION_CONTRIBUTORS "Jane Roe (Lab A, Uni B), John Doe (Corp)")\n'
+            'set(EXTENSION_HOMEPAGE "https://github.com/someone/SlicerEsegeta#readme")\n'
+            'set(EXTENSION_ICONURL "https://raw.githubusercontent.com/someone/SlicerEsegeta/main/i.png")\n'
+            'set(EXTENSION_SCREENSHOTURLS "https://raw.githubusercontent.com/someone/SlicerEsegeta/main/s.png")\n')
+    assert check.problems(real) == []
+    assert check.split_contributors("Jane Roe (Lab A, Uni B), John Doe (Corp)") == ["Jane Roe (Lab A, Uni B)",
+                                                                                   "John Doe (Corp)"]
+    current = check.problems(TOP_CMAKE.read_text(encoding="utf-8"))
+    text = TOP_CMAKE.read_text(encoding="utf-8")
+    if "Esegeta developers" in text:  # still the placeholder: it must be flagged
+        assert any("'Esegeta developers' is not 'Firstname Lastname (Organization)'" in p for p in current)
+    if "github.com/esegeta/Esegeta" in text:
+        assert any("EXTENSION_ICONURL" in p for p in current)
+    # the module shows the same contributors as the catalog
+    module = (REPO / "Esegeta" / "Esegeta.py").read_text(encoding="utf-8")
+    contributors = ast_literal(module, "CONTRIBUTORS")
+    assert contributors == check.split_contributors(cmake_variable(text, "EXTENSION_CONTRIBUTORS"))
+    assert "scripts/check_catalog.py" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def ast_literal(source: str, name: str):
+    import ast
+
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{name} not found")

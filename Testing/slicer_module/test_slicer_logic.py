@@ -44,16 +44,18 @@ def test_dependency_plan_and_its_single_confirmation():
     assert plan.pip_missing == ["esegeta-package-that-does-not-exist>=1"]
     text = plan.confirmation()
     assert "PyTorch >=999.0" in text and "esegeta-package-that-does-not-exist>=1" in text
-    assert "numpy, SimpleITK and requests are kept" in text
+    assert "Every package Slicer already has (numpy, SimpleITK, scipy, ...) is kept" in text
     assert L.dependency_plan(["numpy>=1"], minimum_torch="2.1").nothing_to_do
 
 
-def test_protection_constraints_pin_the_installed_versions():
-    text = L.protection_constraints()
+def test_protection_constraints_pin_every_installed_distribution_but_those_being_installed():
+    text = L.protection_constraints(["captum>=0.7", "monai"])
     pins = dict(line.split("==") for line in text.split())
     assert pins["numpy"] == metadata.version("numpy")
     assert pins["torch"] == metadata.version("torch")
-    assert set(pins) <= set(L.PROTECTED_PACKAGES)
+    assert pins["scipy"] == metadata.version("scipy")  # bundled by Slicer, not in the old fixed list
+    installed = {L._canonical(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]}
+    assert {L._canonical(name) for name in pins} == installed - {"captum", "monai"}
 
 
 def test_torch_version_comparison_ignores_local_build_labels():
@@ -154,10 +156,12 @@ def test_request_fields_are_the_cli_request(catalog):
 @pytest.mark.parametrize("changes, message", [
     (dict(methods=[]), "Tick at least one method"),
     (dict(methods=["NoSuchMethod"]), "not available"),
-    (dict(region="roi"), "needs a segmentation"),
-    (dict(region="point"), "needs a markup point"),
+    (dict(region="roi"), "'a segment': choose the segmentation"),
+    (dict(region="point"), "'a point': place a point"),
+    (dict(region="everywhere"), "the model's segmentation, a segment, a point, the whole volume"),
     (dict(class_index=3, n_classes=2), "has 2 classes"),
-    (dict(patch_size=8), "at least 16"),
+    (dict(patch_size=8), "'Patch size' must be one of the listed sizes"),
+    (dict(patch_size=100), "'Patch size' must be one of the listed sizes"),
     (dict(overlap=1.0), "below 1"),
     (dict(device="TPU"), "Device must be"),
     (dict(model_path="/no/such/model.pt"), "does not exist"),

@@ -46,7 +46,7 @@ def test_result_directory_loads_exactly(folder):
         expected = display_range(maps[name], signed=name != "Saliency")
         assert (layer.low, layer.high) == pytest.approx((expected["low"], expected["high"]))
     assert loaded.maps["Saliency"].color_node.GetID() == "vtkMRMLColorTableNodeFileInferno.txt"
-    assert loaded.maps["IntegratedGradients"].color_node.GetID() == "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
+    assert loaded.maps["IntegratedGradients"].color_node.GetID() == "vtkMRMLColorTableNodeEsegetaDivergingBlueRed"
     display = loaded.segmentation_node.GetDisplayNode()
     assert display.GetVisibility2DOutline() and not display.GetVisibility2DFill()
     labelmap = loaded.segmentation_node.GetSegmentation().GetNumberOfSegments()
