@@ -46,11 +46,14 @@ RESULT_FILE = "run.json"  # written last by runner.execute
 
 # ----------------------------------------------------------------------------------------------- job
 
-# The fields of `runner.ExplainRequest` a job may set (the same request the CLI builds).
-REQUEST_FIELDS = ("volume", "model", "methods", "params", "class_index", "region", "device", "precision",
-                  "patch_size", "overlap", "batch_size", "metrics", "seed", "scene", "activation", "fold",
-                  "reference_mask",
-                  "compress")
+def request_field_names() -> List[str]:
+    """The fields of `runner.ExplainRequest` a job may set (the same request the CLI builds; read
+    from the dataclass, so a field added there is accepted here; `runner` imports no torch)."""
+    from dataclasses import fields
+
+    from ..runner import ExplainRequest
+
+    return [f.name for f in fields(ExplainRequest)]
 
 
 def make_job(request: Dict[str, Any], output: str) -> Dict[str, Any]:
@@ -60,7 +63,7 @@ def make_job(request: Dict[str, Any], output: str) -> Dict[str, Any]:
     CLI's extras, and inside Slicer the module builds the nodes in the application's own scene
     (the worker, run by PythonSlicer, must not touch MRML).  `compress` defaults to False: the
     maps are exchange files read back at once, and gzip would cost far more than it saves."""
-    unknown = sorted(set(request) - set(REQUEST_FIELDS))
+    unknown = sorted(set(request) - set(request_field_names()))
     if unknown:
         raise ValueError(f"unknown request field(s) {', '.join(unknown)}")
     request = {"scene": False, "compress": False, **request}

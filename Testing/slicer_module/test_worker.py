@@ -113,7 +113,10 @@ def test_worker_reports_progress_and_its_results_read_back_equal_the_engine(file
 
     prepared = runner.prepare(runner.ExplainRequest(volume=str(files["volume"]), model=str(files["model"]),
                                                     methods=METHODS, region="whole", metrics="none", device="cpu"))
-    explanation, *_ = runner._run_engine(prepared, lambda f, m: None, None, with_metrics=False)
+    from EsegetaLib.work import WorkPlan, method_stages
+
+    stages = method_stages([spec for spec, _ in runner._method_specs(prepared)])
+    explanation, *_ = runner._run_engine(prepared, WorkPlan(None, ["segmentation"] + stages), stages, None)
     for name in METHODS:
         reference = explanation.results[name].map
         scale = float(np.abs(reference).max())
@@ -301,10 +304,15 @@ def test_scene_run_point_region_becomes_the_voxel_under_the_markup(files, scene_
     assert list(tmp_path.iterdir()) == []  # no temporary folder left by the runs that failed to start
 
 
-def test_a_job_may_set_every_field_of_the_cli_request():
+def test_a_job_may_set_every_field_of_the_cli_request_and_nothing_else():
     from dataclasses import fields
 
     from EsegetaLib.runner import ExplainRequest
-    from EsegetaLib.slicer.worker import REQUEST_FIELDS
 
-    assert sorted(REQUEST_FIELDS) == sorted(f.name for f in fields(ExplainRequest))
+    every = {f.name: getattr(ExplainRequest, f.name, None) for f in fields(ExplainRequest)}
+    every["volume"] = "v.nrrd"
+    job = make_job(every, "out")
+    assert set(job["request"]) == set(every)
+    assert make_job({"volume": "v.nrrd"}, "out")["request"]["compress"] is False  # exchange files
+    with pytest.raises(ValueError, match="unknown request field"):
+        make_job({"volume": "v.nrrd", "no_such_field": 1}, "out")
