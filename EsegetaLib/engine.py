@@ -32,7 +32,7 @@ from .methods.base import MethodContext, MethodSpec, VolumeStats, get_method
 from .options import EngineOptions, Target
 from .results import MethodResult
 from .trust import (COMPLETENESS_TOLERANCE, DETERMINISM_TOLERANCE, add_completeness_check,
-                    add_determinism_check, require_determinism)
+                    add_determinism_check, add_layer_check, require_determinism)
 from .multitarget import VJP_MODES, MultiTargetScore, TargetRows, batches_targets
 from .targets import ResolvedTarget, TargetScore, check_class, check_target, labels_from, probabilities, resolve_targets
 from .windows import WindowGrid, choose_patch, fit_patch
@@ -479,6 +479,7 @@ class ExplainSession:
         """The checks every result carries (methods may have added their own already)."""
         add_determinism_check(result, self.determinism)
         add_completeness_check(result, result.diagnostics, params.get("tolerance"))
+        add_layer_check(result, result.diagnostics)
 
     def _run_guarded(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor, generator):
         """`_run`; layer methods with the network's in-place modules switched off (their kept layer
@@ -787,7 +788,7 @@ class ExplainSession:
         if spec.patching == "noise_tunnel":
             return self._noise_tunnel(spec, params, x, generator)
         layer, layer_name = self._layer(spec, params)
-        diag = {"layer": layer_name} if layer_name else {}
+        diag = dict(self._last_layer_probe) if layer_name else {}
         prepared = self._prepare(spec, params, x, generator)
         x_pad = self.grid.pad(x[None])
         budgets = self._path_budgets(params, prepared, x_pad)
@@ -835,11 +836,27 @@ class ExplainSession:
         return {i: allowed * (0.5 * abs(change[i]) / spread + 0.5 / n) for i in self.active}
 
     def _layer(self, spec: MethodSpec, params: Dict[str, Any]):
+        """(module, name) of a layer method's layer, probed on the first window in the region: the
+        target's gradient must reach it (methods/layers.choose_layer); the probe is kept per layer
+        parameter and target for the trust report ("layer_gradient")."""
         if not spec.needs_layer:
             return None, None
-        from .methods.layers import resolve_layer
+        from .methods.layers import choose_layer, layer_geometry
 
-        name, module = resolve_layer(self.network, params.get("layer") or None)
+        key = (params.get("layer") or "", getattr(self, "current_target", 0))
+        cache = self.__dict__.setdefault("_layer_probes", {})
+        if key not in cache:
+            first = self.active[:1] or [0]
+            x = self._window_batch(self._x_pad, first)
+            weights = self.window_weights(first)
+            from .methods.layers import inplace_disabled
+
+            with inplace_disabled(self.network):
+                chosen = choose_layer(self.network, lambda inp: self.scorer(inp, weights), x, key[0] or None)
+                cache[key] = chosen + (layer_geometry(self.network, chosen[1], x),)
+        name, module, norm, ratio, note, geometry = cache[key]
+        self._last_layer_probe = {"layer": name, "layer_gradient_norm": norm, "layer_cam_weight_ratio": ratio,
+                                  "layer_note": note, "layer_geometry": [list(g) for g in geometry]}
         return module, name
 
     def _prepare(self, spec, params, x, generator) -> Dict[str, torch.Tensor]:
@@ -861,6 +878,8 @@ class ExplainSession:
         acc = torch.zeros(tuple(x_pad.shape), dtype=acc_dtype, device=acc_device)
         diags = _Diagnostics()
         items = [(s, i) for s in range(x_pad.shape[0]) for i in self.active]
+        probe = getattr(self, "_last_layer_probe", None) if layer is not None else None
+        geometry = tuple(tuple(g) for g in probe["layer_geometry"]) if probe else None
 
         def work(chunk):
             windows = [i for _, i in chunk]
@@ -875,7 +894,8 @@ class ExplainSession:
                 prepared=sliced,
                 layer=layer, region=None, generator=generator,
                 # per example: B windows x this many steps fill one forward of `batch_size`
-                internal_batch_size=max(1, self.batch_size // len(chunk)))
+                internal_batch_size=max(1, self.batch_size // len(chunk)),
+                layer_geometry=geometry)
             attribution, diag = _split(spec.attribute(ctx))
             return attribution.detach(), diag
 

@@ -74,3 +74,21 @@ def add_completeness_check(result: MethodResult, diagnostics: Dict[str, Any],
         result.add_check("completeness", "warn", value,
                          detail + "; the map does not add up to the score change: raise n_steps/max_steps "
                          "or choose another baseline")
+
+
+def add_layer_check(result: MethodResult, diagnostics: Dict[str, Any]) -> None:
+    """'layer_gradient' of layer methods: the layer used and the norm of the target's gradient at it
+    (probed on the first window in the region).  warn when Grad-CAM's channel weights vanish there."""
+    norm = diagnostics.get("layer_gradient_norm")
+    if norm is None:
+        return
+    from .methods.layers import CAM_WEIGHT_MIN
+
+    ratio = float(diagnostics.get("layer_cam_weight_ratio", 1.0))
+    detail = (f"{diagnostics.get('layer_note', diagnostics.get('layer'))}: gradient norm {norm:.3g} at the layer, "
+              f"channel-mean gradient {ratio:.2g} of its RMS")
+    if ratio < CAM_WEIGHT_MIN:
+        result.add_check("layer_gradient", "warn", norm, detail + "; Grad-CAM-type channel weights are ~0 at this "
+                         "layer (a per-channel normalisation follows it): choose another layer")
+    else:
+        result.add_check("layer_gradient", "pass", norm, detail)

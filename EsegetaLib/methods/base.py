@@ -103,6 +103,9 @@ class MethodContext:
     region: Optional[torch.Tensor] = None  # (1, 1, *S) float mask of the target region ("global" only)
     generator: Optional[torch.Generator] = None
     internal_batch_size: int = 1
+    # per spatial axis (scale, offset): where the layer's unit o sits on the input grid (scale * o +
+    # offset, methods/layers.layer_geometry); None: the align_corners=False convention
+    layer_geometry: Optional[Tuple[Tuple[float, float], ...]] = None
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import MethodContext, MethodSpec, ParamSpec
-from .common import LAYER_PARAM, first_tensor, to_input_grid
+from .common import LAYER_PARAM, first_tensor, resample_layer_map, to_input_grid
 from .guided import add_rule_check, rectified_gradients
 from .layers import layer_for
 
@@ -33,7 +33,7 @@ def layer_gradcam(ctx: MethodContext, layer=None) -> torch.Tensor:
 
 
 def gradcam(ctx: MethodContext):
-    return to_input_grid(layer_gradcam(ctx), ctx.inputs)
+    return to_input_grid(layer_gradcam(ctx), ctx.inputs, ctx.layer_geometry)
 
 
 def _layer_activation_and_gradient(ctx: MethodContext, layer):
@@ -85,7 +85,8 @@ def gradcam_pp_map(activation: torch.Tensor, grads: torch.Tensor, relu: bool = T
 def gradcam_pp(ctx: MethodContext):
     layer = layer_for(ctx)
     activation, grads = _layer_activation_and_gradient(ctx, layer)
-    return to_input_grid(gradcam_pp_map(activation, grads, bool(ctx.params.get("relu", True))), ctx.inputs)
+    return to_input_grid(gradcam_pp_map(activation, grads, bool(ctx.params.get("relu", True))), ctx.inputs,
+                         ctx.layer_geometry)
 
 
 def guided_gradcam(ctx: MethodContext):
@@ -93,7 +94,7 @@ def guided_gradcam(ctx: MethodContext):
     as Captum's GuidedGradCam computes it (its own guided part only sees nn.ReLU)."""
     guided, diag = rectified_gradients(ctx.forward, ctx.inputs, ctx.forward_args, "guided", "GuidedGradCam")
     cam = layer_gradcam(ctx)
-    cam = F.interpolate(cam, size=tuple(ctx.inputs.shape[2:]), mode="trilinear", align_corners=False)
+    cam = resample_layer_map(cam, tuple(ctx.inputs.shape[2:]), ctx.layer_geometry)
     return guided * cam, diag
 
 

@@ -20,17 +20,46 @@ CHANNEL_REDUCE_PARAM = ParamSpec(
 )
 
 
-def to_input_grid(layer_map: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def resample_layer_map(layer_map: torch.Tensor, spatial, geometry=None) -> torch.Tensor:
+    """(B, K, *s) at layer resolution -> (B, K, *spatial), linear interpolation between the layer's
+    units placed where they sit on the input grid: unit o at scale * o + offset per axis
+    (`geometry`, from methods/layers.layer_geometry: the centres of the units' receptive fields).
+    A stride-2 convolution (kernel 3, padding 1) puts unit o at input voxel 2 o, half a voxel from
+    where align_corners=False upsampling assumes it (2 o + 0.5).  Beyond the outermost units the map
+    keeps their value (border).  geometry None: trilinear with align_corners=False."""
+    spatial = tuple(int(v) for v in spatial)
+    if geometry is None:
+        if tuple(layer_map.shape[2:]) == spatial:
+            return layer_map
+        mode = "trilinear" if len(spatial) == 3 else ("bilinear" if len(spatial) == 2 else "linear")
+        return F.interpolate(layer_map, size=spatial, mode=mode, align_corners=False)
+    if tuple(layer_map.shape[2:]) == spatial and all(abs(sc - 1) < 1e-9 and abs(off) < 1e-9 for sc, off in geometry):
+        return layer_map
+    # grid_sample wants (x, y, z) = (last axis, ..., first axis), normalised with align_corners=True
+    axes = []
+    for a, (n_in, (scale, offset)) in enumerate(zip(spatial, geometry)):
+        n_layer = layer_map.shape[2 + a]
+        u = (torch.arange(n_in, dtype=torch.float64) - offset) / scale
+        axes.append(torch.zeros_like(u) if n_layer == 1 else 2.0 * u / (n_layer - 1) - 1.0)
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack(mesh[::-1], dim=-1).to(layer_map.device, layer_map.dtype)
+    grid = grid.expand(layer_map.shape[0], *grid.shape)
+    if len(spatial) == 1:
+        out = F.grid_sample(layer_map[..., None], torch.stack([grid[..., 0], torch.zeros_like(grid[..., 0])], -1)[:, :, None],
+                            mode="bilinear", padding_mode="border", align_corners=True)
+        return out[..., 0]
+    return F.grid_sample(layer_map, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def to_input_grid(layer_map: torch.Tensor, inputs: torch.Tensor, geometry=None) -> torch.Tensor:
     """A (B, 1, *s) layer map -> (B, C, *S) on the input grid.
 
-    Upsampled trilinearly (align_corners=False, the convention of strided convolutions) and shared
-    equally across the input's C channels, so that the channel sum shown to the user (MethodResult.map)
-    is the layer map itself.
+    Resampled with the layer's sampling geometry when known (`resample_layer_map`), else trilinearly
+    (align_corners=False), and shared equally across the input's C channels, so that the channel sum
+    shown to the user (MethodResult.map) is the layer map itself.
     """
     spatial = tuple(inputs.shape[2:])
-    if tuple(layer_map.shape[2:]) != spatial:
-        mode = "trilinear" if len(spatial) == 3 else ("bilinear" if len(spatial) == 2 else "linear")
-        layer_map = F.interpolate(layer_map, size=spatial, mode=mode, align_corners=False)
+    layer_map = resample_layer_map(layer_map, spatial, geometry)
     channels = inputs.shape[1]
     return (layer_map / channels).expand(-1, channels, *spatial).contiguous()
 

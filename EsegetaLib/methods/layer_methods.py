@@ -27,7 +27,8 @@ def _args(ctx):
 
 
 def _finish(ctx: MethodContext, layer_attr) -> torch.Tensor:
-    return to_input_grid(reduce_channels(first_tensor(layer_attr), ctx.params["channel_reduce"]), ctx.inputs)
+    return to_input_grid(reduce_channels(first_tensor(layer_attr), ctx.params["channel_reduce"]), ctx.inputs,
+                         ctx.layer_geometry)
 
 
 def layer_activation(ctx):

@@ -64,36 +64,8 @@ def _descendants(name: str, names) -> List[str]:
     return [n for n in names if n.startswith(prefix)]
 
 
-def default_layer_name(network: torch.nn.Module, example: Optional[torch.Tensor] = None) -> str:
-    """The automatic layer (see module docstring)."""
-    if example is not None:
-        example = example[:1].detach()
-        order, shapes = _record_outputs(network, example)
-    else:
-        for size in PROBE_SIZES:
-            example = _probe_input(network, size)
-            try:
-                order, shapes = _record_outputs(network, example)
-                break
-            except RuntimeError:
-                if size == PROBE_SIZES[-1]:
-                    raise EsegetaError("could not run a probe input through the network to choose a layer; "
-                                       "name one with the 'layer' parameter.") from None
-    modules = dict(network.named_modules())
-    leaves = [n for n in order if len(list(modules[n].children())) == 0 and len(shapes[n]) == example.dim()]
-    if not leaves:
-        raise EsegetaError("could not find a layer automatically; name one with the 'layer' parameter.")
-    in_spatial = tuple(example.shape[2:])
-    convs = [n for n in leaves if isinstance(modules[n], torch.nn.modules.conv._ConvNd)]
-    reduced = [n for n in (convs or leaves) if tuple(shapes[n][2:]) != in_spatial and all(
-        s <= i for s, i in zip(shapes[n][2:], in_spatial))]
-    if reduced:
-        chosen = reduced[-1]
-    else:
-        # No downsampling: the last convolution before the classifier (the network's last conv).
-        pool = convs or leaves
-        chosen = pool[-2] if len(pool) > 1 else pool[-1]
-    # Widen to the largest enclosing block working entirely at the chosen output's shape.
+def _widen(chosen: str, shapes: Dict[str, Tuple[int, ...]], ndim: int) -> str:
+    """The largest enclosing block working entirely at the chosen output's shape."""
     spatial = shapes[chosen][2:]
     parts = chosen.split(".")
     for cut in range(len(parts) - 1, 0, -1):
@@ -101,10 +73,140 @@ def default_layer_name(network: torch.nn.Module, example: Optional[torch.Tensor]
         if parent not in shapes or shapes[parent] != shapes[chosen]:
             break
         inner = _descendants(parent, shapes)
-        if any(shapes[n][2:] != spatial for n in inner if len(shapes[n]) == example.dim()):
+        if any(shapes[n][2:] != spatial for n in inner if len(shapes[n]) == ndim):
             break
         chosen = parent
     return chosen
+
+
+def _probe_shapes(network: torch.nn.Module, example: Optional[torch.Tensor]):
+    if example is not None:
+        example = example[:1].detach()
+        return example, _record_outputs(network, example)
+    for size in PROBE_SIZES:
+        example = _probe_input(network, size)
+        try:
+            return example, _record_outputs(network, example)
+        except (RuntimeError, ValueError):  # too small for the network (e.g. a norm over one voxel)
+            if size == PROBE_SIZES[-1]:
+                raise EsegetaError("could not run a probe input through the network to choose a layer; "
+                                   "name one with the 'layer' parameter.") from None
+    raise AssertionError("unreachable")
+
+
+def layer_candidates(network: torch.nn.Module, example: Optional[torch.Tensor] = None) -> List[str]:
+    """Automatic layer choices, best first (see the module docstring): the last reduced-resolution
+    convolution widened to its block, then the earlier reduced-resolution ones (output side first),
+    then the remaining convolutions.  The engine keeps the first that receives a usable gradient
+    from the target (`probe_layer`)."""
+    example, (order, shapes) = _probe_shapes(network, example)
+    modules = dict(network.named_modules())
+    ndim = example.dim()
+    leaves = [n for n in order if len(list(modules[n].children())) == 0 and len(shapes[n]) == ndim]
+    if not leaves:
+        raise EsegetaError("could not find a layer automatically; name one with the 'layer' parameter.")
+    in_spatial = tuple(example.shape[2:])
+    convs = [n for n in leaves if isinstance(modules[n], torch.nn.modules.conv._ConvNd)]
+    pool = convs or leaves
+    reduced = [n for n in pool if tuple(shapes[n][2:]) != in_spatial and all(
+        s <= i for s, i in zip(shapes[n][2:], in_spatial))]
+    if reduced:
+        ordered = reduced[::-1] + [n for n in pool[::-1] if n not in reduced]
+    else:
+        # No downsampling: the last convolution before the classifier (the network's last conv).
+        ordered = (pool[-2::-1] + pool[-1:]) if len(pool) > 1 else pool
+    out: List[str] = []
+    for name in ordered:
+        wide = _widen(name, shapes, ndim)
+        if wide not in out:
+            out.append(wide)
+    return out
+
+
+def default_layer_name(network: torch.nn.Module, example: Optional[torch.Tensor] = None) -> str:
+    """The automatic layer by structure alone (see the module docstring); the engine also probes
+    that the target's gradient reaches it (`choose_layer`)."""
+    return layer_candidates(network, example)[0]
+
+
+CAM_WEIGHT_MIN = 1e-3  # channel-mean gradient / RMS gradient below which Grad-CAM weights vanish
+
+
+def probe_layer(score_fn, module: torch.nn.Module, x: torch.Tensor) -> Tuple[Optional[float], float]:
+    """(||dS/dA||, cam_ratio) of the layer's output A for the score S = score_fn(x).sum().
+
+    None when A is not on the score's path (computed but unused, e.g. MONAI SegResNetDS's
+    deep-supervision heads in eval mode, or not computed at all).  cam_ratio =
+    ||mean_s dS/dA|| sqrt(n_s) / ||dS/dA|| in [0, 1]: near 0 when every channel's gradient averages
+    to zero over space (a per-channel GroupNorm after the layer makes the score blind to a channel's
+    constant shift, so every Grad-CAM weight is exactly zero and the map is rounding noise)."""
+    store = {}
+
+    def hook(mod, args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            store["A"] = out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            score = score_fn(x.detach().requires_grad_(True)).sum()
+            activation = store.get("A")
+            if activation is None:
+                return None, 0.0
+            grad = torch.autograd.grad(score, activation, allow_unused=True)[0]
+    finally:
+        handle.remove()
+    if grad is None:
+        return None, 0.0
+    grad = grad.detach().double()
+    norm = float(grad.norm())
+    if norm == 0.0 or grad.dim() < 3:
+        return norm, 0.0
+    spatial = tuple(range(2, grad.dim()))
+    n_s = 1
+    for d in spatial:
+        n_s *= grad.shape[d]
+    ratio = float(grad.mean(dim=spatial).norm()) * n_s ** 0.5 / norm
+    return norm, ratio
+
+
+def choose_layer(network: torch.nn.Module, score_fn, x: torch.Tensor, name: Optional[str] = None):
+    """(name, module, gradient norm, cam_ratio, note) of the layer to explain, probed on the window x.
+
+    A named layer must receive a gradient from the target, else EsegetaError.  The automatic choice
+    is the first of `layer_candidates` whose gradient is non-zero with non-vanishing Grad-CAM
+    weights (cam_ratio >= CAM_WEIGHT_MIN); the note names the candidates passed over and why."""
+    modules = dict(network.named_modules())
+    if name:
+        chosen, module = resolve_layer(network, name)
+        norm, ratio = probe_layer(score_fn, module, x)
+        if not norm:
+            why = "is not on the path from the input to the explained output" if norm is None else \
+                "receives an exactly zero gradient from the target"
+            raise EsegetaError(f"the layer '{name}' {why}; name a layer the output depends on, or leave "
+                               "'layer' empty for the automatic choice.")
+        return chosen, module, norm, ratio, f"layer '{chosen}' as named"
+    skipped, fallback = [], None
+    for candidate in layer_candidates(network, x):
+        norm, ratio = probe_layer(score_fn, modules[candidate], x)
+        if norm is None:
+            skipped.append(f"'{candidate}' (not on the output's path)")
+        elif norm == 0.0:
+            skipped.append(f"'{candidate}' (zero gradient)")
+        elif ratio < CAM_WEIGHT_MIN:
+            skipped.append(f"'{candidate}' (Grad-CAM weights vanish: channel-mean gradient {ratio:.1e} of its RMS)")
+            fallback = fallback or (candidate, norm, ratio)
+        else:
+            note = f"automatic layer '{candidate}'" + (f"; passed over {', '.join(skipped)}" if skipped else "")
+            return candidate, modules[candidate], norm, ratio, note
+    if fallback is not None:
+        candidate, norm, ratio = fallback
+        return candidate, modules[candidate], norm, ratio, (
+            f"automatic layer '{candidate}' (no candidate with non-vanishing Grad-CAM weights); passed over "
+            + ", ".join(skipped))
+    raise EsegetaError("no layer of the network receives a gradient from the target (tried "
+                       f"{', '.join(skipped) or 'none'}); name one with the 'layer' parameter.")
 
 
 def resolve_layer(network: torch.nn.Module, name: Optional[str] = None,
@@ -163,3 +265,111 @@ def refuse_inplace_error(error: BaseException, method: str) -> None:
             f"{method}: the network overwrites the layer's output in place with a functional call "
             "(e.g. torch.relu_(x) or F.relu(x, inplace=True)), so the layer's activation cannot be "
             "kept; choose another 'layer' or use an out-of-place activation.") from None
+
+
+# ------------------------------------------------------------------------ sampling geometry
+# A layer's output unit o along an axis sits at input voxel position scale * o + offset (the centre of
+# its receptive field).  Composed module by module from the input (scale 1, offset 0):
+#   Conv/Pool (kernel k, stride s, padding p, dilation d):  scale *= s; offset += scale_in (d (k-1)/2 - p)
+#   ConvTranspose:  unit j reads input position (j + p - d (k-1)/2) / s
+#   Upsample (factor f, align_corners=False): unit j reads input position (j + 0.5) / f - 0.5
+# Modules that keep the spatial shape keep the geometry; a tensor not made by a module (a functional
+# add, cat, interpolate) takes the geometry of the latest tensor of its spatial shape, else the
+# align_corners=False convention (offset (scale - 1) / 2) that plain trilinear upsampling assumes.
+
+Geometry = Tuple[Tuple[float, float], ...]  # per spatial axis: (scale, offset) in input voxels
+
+
+def _axis(value, n: int):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _next_geometry(module: torch.nn.Module, geo: Geometry, in_shape, out_shape) -> Optional[Geometry]:
+    n = len(geo)
+    if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+        k, s, p, d = (_axis(v, n) for v in (module.kernel_size, module.stride, module.padding, module.dilation))
+        return tuple((sc / s[a], off + sc * (p[a] - d[a] * (k[a] - 1) / 2) / s[a]) for a, (sc, off) in enumerate(geo))
+    if isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
+                           torch.nn.modules.pooling._AvgPoolNd)):
+        if isinstance(module.padding, str):  # "same"/"valid" convolutions
+            pad = tuple(0 for _ in range(n)) if module.padding == "valid" else None
+        else:
+            pad = _axis(module.padding, n)
+        k = _axis(module.kernel_size, n)
+        s = _axis(module.stride if module.stride is not None else module.kernel_size, n)
+        d = _axis(getattr(module, "dilation", 1), n)
+        if pad is None:  # "same": output centred on the input
+            pad = tuple(d[a] * (k[a] - 1) / 2 for a in range(n))
+        return tuple((sc * s[a], off + sc * (d[a] * (k[a] - 1) / 2 - pad[a])) for a, (sc, off) in enumerate(geo))
+    if isinstance(module, torch.nn.Upsample):
+        out = []
+        for a, (sc, off) in enumerate(geo):
+            n_in, n_out = in_shape[a], out_shape[a]
+            if module.align_corners and n_out > 1:
+                f = (n_in - 1) / (n_out - 1)
+                out.append((sc * f, off))
+            else:
+                f = n_out / n_in
+                out.append((sc / f, off + sc * (0.5 / f - 0.5)))
+        return tuple(out)
+    if tuple(in_shape) == tuple(out_shape):
+        return geo
+    return None
+
+
+def default_geometry(layer_shape, input_shape) -> Geometry:
+    """The align_corners=False convention: unit o at (o + 0.5) * scale - 0.5."""
+    out = []
+    for n_l, n_i in zip(layer_shape, input_shape):
+        scale = n_i / n_l
+        out.append((scale, (scale - 1.0) / 2.0))
+    return tuple(out)
+
+
+def layer_geometry(network: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> Geometry:
+    """(scale, offset) per spatial axis of `layer`'s output on the input grid of `x` (see above)."""
+    spatial = tuple(x.shape[2:])
+    identity = tuple((1.0, 0.0) for _ in spatial)
+    known: Dict[int, Tuple[torch.Tensor, Geometry]] = {}  # id -> (the tensor, kept alive so ids stay unique)
+    latest: Dict[Tuple[int, ...], Geometry] = {spatial: identity}
+    found: Dict[str, Geometry] = {}
+    handles = []
+
+    def geometry_of(t: torch.Tensor) -> Geometry:
+        shape = tuple(t.shape[2:])
+        entry = known.get(id(t))
+        if entry is not None and entry[0] is t:
+            return entry[1]
+        if shape in latest:
+            return latest[shape]
+        return default_geometry(shape, spatial)
+
+    def hook(module, args, output):
+        inp = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if inp is None or not isinstance(out, torch.Tensor) or out.dim() != x.dim() or inp.dim() != x.dim():
+            return
+        entry = known.get(id(out))
+        if entry is not None and entry[0] is out:  # a block's output, already placed by its last child
+            geo = entry[1]
+        else:
+            geo = _next_geometry(module, geometry_of(inp), tuple(inp.shape[2:]), tuple(out.shape[2:]))
+            if geo is None:
+                geo = latest.get(tuple(out.shape[2:])) or default_geometry(tuple(out.shape[2:]), spatial)
+        known[id(out)] = (out, geo)
+        latest[tuple(out.shape[2:])] = geo
+        if module is layer:
+            found["layer"] = geo
+
+    leaves = [m for m in network.modules() if len(list(m.children())) == 0 or m is layer]
+    for module in leaves:
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            network(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "layer" not in found:
+        raise EsegetaError("the chosen layer did not run on a probe window; name another 'layer'.")
+    return found["layer"]
