@@ -46,8 +46,7 @@ SAMPLE_NAME = "EsegetaSyntheticTOF"
 SAMPLE_FILE = "sample_tof.nii.gz"  # EsegetaLib/resources/, made by scripts/make_sample.py
 # Checked by Testing/slicer_module (the bundled file's SHA-256); SampleData verifies the copy with it.
 SAMPLE_SHA256 = "SHA256:846547b02809338c0d5a1d6517d1c90e2ffa11989cfea47638e33340151d4e63"
-# Who made it: one place for the catalog metadata is the top-level CMakeLists.txt (checked by
-# Testing/slicer_module/test_packaging.py, which also flags placeholders).
+# As EXTENSION_CONTRIBUTORS in CMakeLists.txt, the one place (tests compare; scripts/check_catalog.py).
 CONTRIBUTORS = ["Esegeta developers"]
 SELF_TEST_METHODS = ("Saliency", "InputXGradient")
 POLL_MILLISECONDS = 200
@@ -106,7 +105,8 @@ class EsegetaParameterNode:
     """The panel's state, saved with the scene."""
 
     inputVolume: vtkMRMLScalarVolumeNode
-    modelPath: str = ""  # relative to the scene's folder once the scene is saved
+    modelPath: str = ""
+    modelPathRelative: str = ""  # the model relative to the scene's folder, written when the scene is saved
     targetClass: Annotated[int, WithinRange(0, 255)] = 1
     region: str = "predicted"
     roiSegmentation: vtkMRMLSegmentationNode
@@ -203,8 +203,8 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartSave(self, caller, event) -> None:
         pn = self._parameterNode
-        if pn is not None and pn.modelPath:
-            pn.modelPath = slicer_logic.stored_model_path(self.logic.modelPath(pn), slicer.mrmlScene.GetRootDirectory())
+        if pn is not None:
+            pn.modelPathRelative = slicer_logic.stored_model_path(self.logic.modelPath(pn), slicer.mrmlScene.GetRootDirectory())
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
@@ -442,7 +442,7 @@ class EsegetaLogic(ScriptedLoadableModuleLogic):
         return slicer_logic.method_catalog()
 
     def modelPath(self, pn) -> str:
-        return slicer_logic.resolved_model_path(pn.modelPath, slicer.mrmlScene.GetRootDirectory())
+        return slicer_logic.resolved_model_path(pn.modelPath, pn.modelPathRelative, slicer.mrmlScene.GetRootDirectory())
 
     def startRun(self, pn, catalog=None):
         """Write the inputs and start the background worker; returns the `SceneRun` to poll."""

@@ -503,7 +503,7 @@ def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any
 def panel_settings(pn, scene_folder: Optional[str] = None) -> PanelSettings:
     """The panel's settings from its parameter node (any object with the node's fields: the
     `EsegetaParameterNode`, or a namespace in tests); the model path resolved against the scene."""
-    model = resolved_model_path(pn.modelPath, scene_folder)
+    model = resolved_model_path(pn.modelPath, getattr(pn, "modelPathRelative", ""), scene_folder)
     classes = model_card_summary(model).get("classes")
     point = pn.regionPoint
     return PanelSettings(
@@ -655,28 +655,31 @@ def platform_problem(system: str, machine: str, numpy_version: Optional[str]) ->
 
 
 def stored_model_path(path: str, scene_folder: Optional[str]) -> str:
-    """The model path as saved with a scene: relative to the scene's folder when the model lies
-    on the same drive (so a scene folder or .mrb moved with its model still finds it)."""
+    """The model path relative to the scene's folder, saved beside the absolute one when the scene
+    is saved (so a scene folder moved with its model, e.g. to a colleague's machine, still finds
+    it); empty when there is none (no path, no folder, another drive)."""
     import os
 
     text = str(path or "").strip()
     if not text or not scene_folder or not os.path.isabs(text):
-        return text
+        return ""
     try:
         relative = os.path.relpath(text, scene_folder)
     except ValueError:  # another drive (Windows)
-        return text
+        return ""
     return relative.replace(os.sep, "/")
 
 
-def resolved_model_path(stored: str, scene_folder: Optional[str]) -> str:
-    """The model path to use: a relative stored path is taken from the scene's folder."""
+def resolved_model_path(path: str, relative: str = "", scene_folder: Optional[str] = None) -> str:
+    """The model to use: `path` (as chosen) when it exists, else the saved relative path taken
+    from the scene's folder when that exists, else `path` (whose error then names it)."""
     import os
 
-    text = str(stored or "").strip()
-    if not text or os.path.isabs(text) or not scene_folder:
+    text = str(path or "").strip()
+    if not text or os.path.exists(text) or not relative or not scene_folder:
         return text
-    return os.path.normpath(os.path.join(scene_folder, text))
+    candidate = os.path.normpath(os.path.join(scene_folder, relative))
+    return candidate if os.path.exists(candidate) else text
 
 
 # ------------------------------------------------------------------------------------ progress view

@@ -111,11 +111,12 @@ def test_every_panel_setting_is_saved_in_the_parameter_node():
     fields = set(parameter_node_fields(module_tree()))
     connected = set(ui_parameter_names())
     generated = {"methods", "methodParams", "metrics", "roiSegmentId", "roiSegmentation", "targetClass", "region",
-                 "patchSize"}
+                 "patchSize", "modelPathRelative"}
     assert fields == connected | generated | {"metricsTable"}
     source = MODULE.read_text()
     for name in generated:
-        assert f"_parameterNode.{name} =" in source or f'"{name}"' in source, f"the widget never writes {name}"
+        assert any(f in source for f in (f"_parameterNode.{name} =", f'"{name}"', f"pn.{name} =")), \
+            f"the widget never writes {name}"
 
 
 def test_ui_is_well_formed_with_unique_names_and_a_scene_for_every_mrml_widget():

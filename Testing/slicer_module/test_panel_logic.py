@@ -148,10 +148,24 @@ def test_model_path_is_saved_relative_to_the_scene(tmp_path):
     scene = slicer.vtkMRMLScene()
     scene.SetRootDirectory(str(tmp_path / "scene"))
     model = tmp_path / "models" / "unet.pt"
-    stored = L.stored_model_path(str(model), scene.GetRootDirectory())
-    assert stored == "../models/unet.pt"
-    # the folder moved to a colleague's machine: the model is found beside it
+    model.parent.mkdir()
+    model.write_bytes(b"model")
+    relative = L.stored_model_path(str(model), scene.GetRootDirectory())
+    assert relative == "../models/unet.pt"
+    assert L.resolved_model_path(str(model), relative, scene.GetRootDirectory()) == str(model)  # as chosen
+    # the scene folder and the model moved together to a colleague's machine
     moved = tmp_path / "colleague"
-    assert L.resolved_model_path(stored, str(moved / "scene")) == str(moved / "models" / "unet.pt")
-    assert L.resolved_model_path(str(model), "/elsewhere") == str(model)  # absolute stays
-    assert L.stored_model_path("", str(tmp_path)) == "" and L.resolved_model_path("", None) == ""
+    (moved / "models").mkdir(parents=True)
+    (moved / "models" / "unet.pt").write_bytes(b"model")
+    model.unlink()
+    assert L.resolved_model_path(str(model), relative, str(moved / "scene")) == str(moved / "models" / "unet.pt")
+    # nothing there either: the chosen path stays, and the run's error names it
+    assert L.resolved_model_path(str(model), relative, str(tmp_path / "elsewhere")) == str(model)
+    assert L.stored_model_path("", str(tmp_path)) == "" and L.resolved_model_path("", "", None) == ""
+    # through the panel's settings (a namespace standing in for the parameter node)
+    from types import SimpleNamespace
+
+    pn = SimpleNamespace(modelPath=str(model), modelPathRelative=relative, methods="Saliency", methodParams="{}",
+                         targetClass=1, region="predicted", roiSegmentation=None, regionPoint=None, device="auto",
+                         precision="auto", patchSize=0, overlap=0.25, metrics="")
+    assert L.panel_settings(pn, str(moved / "scene")).model_path == str(moved / "models" / "unet.pt")
