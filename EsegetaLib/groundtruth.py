@@ -236,3 +236,30 @@ def write_benchmark(out, design: str, seeds: Sequence[int], **kwargs) -> List[Di
     """One folder per seed, `out/<design>_<seed>/` (the same file names in every folder: a cohort
     layout that `esegeta study` globs as `out/*/image.nii.gz`)."""
     return [write_case(make_case(design, int(s), **kwargs), Path(out) / f"{design}_{int(s):04d}") for s in seeds]
+
+
+def main(argv=None) -> int:
+    """`python -m EsegetaLib.groundtruth OUT [--design D] [--seeds A-B]`: write benchmark volumes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m EsegetaLib.groundtruth",
+                                     description="Write ground-truth benchmark volumes (NIfTI + case.json).")
+    parser.add_argument("out")
+    parser.add_argument("--design", default="shortcut", choices=DESIGNS)
+    parser.add_argument("--seeds", default="100-103", help="a range A-B (inclusive) or a list A,B,C")
+    args = parser.parse_args(argv)
+    try:
+        if "-" in args.seeds:
+            first, last = (int(v) for v in args.seeds.split("-", 1))
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be A-B or A,B,C; got {args.seeds!r}")
+    for written in write_benchmark(args.out, args.design, seeds):
+        print(Path(written["image"]).parent)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

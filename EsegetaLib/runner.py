@@ -69,6 +69,7 @@ class ExplainRequest:
     # pointing_game, relevance_shares. None: the explained region is the reference.
     reference_mask: Optional[Union[str, Path]] = None
     compress: bool = True  # gzip the written maps; False for exchange files read back at once (Slicer worker)
+    metric_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # metric -> {param: value}
 
 
 @dataclass
@@ -730,6 +731,7 @@ def _metrics(prepared: PreparedRun, explanation, session, peaks, folder: Path, p
             return _metrics_per_target(prepared, explanation, session, rows, folder, progress, cancel)
         report = metrics_module.evaluate(session, explanation, metrics=prepared.metrics,
                                          reference_mask=prepared.reference_mask,
+                                         params=prepared.request.metric_params or None,
                                          progress=_scaled(progress, 0.0, 1.0, "metrics"), cancel=cancel)
         extra = {row["method"]: row for row in rows}
         for row in report.rows:

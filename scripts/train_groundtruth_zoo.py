@@ -86,6 +86,9 @@ def train(name: str, design: str, seconds: float, seed: int):
     net.train()
     started, iterations, losses = time.perf_counter(), 0, []
     while time.perf_counter() - started < seconds:
+        # Cosine decay over the time budget: the end of a short run settles instead of jumping.
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.perf_counter() - started) / seconds)))
         idx = rng.choice(len(cases), size=2, replace=False)
         x, y = xs[idx], ys[idx]
         flips = [d for d in (2, 3, 4) if rng.random() < 0.5]  # the rules are flip-invariant

@@ -23,7 +23,12 @@ DIRECTIONS: Dict[str, int] = {
     "sparseness": +1, "complexity": -1, "complexity_rel": -1,
     "randomisation_spearman": -1, "randomisation_spearman_signed": -1, "randomisation_ssim": -1,
     "randomisation_pass": +1, "convergence_delta": -1,
+    "vxap": +1, "pointing_game": +1, "topology_auc": -1,
+    # Where the relevance goes (Agg2Exp-style shares): more in the reference mask is better; the
+    # others describe a map rather than rank it (0: no direction, still in summary.csv).
+    "share_reference": +1, "share_segmentation": 0, "share_boundary": 0, "share_elsewhere": -1,
 }
+SHARES = ("share_segmentation", "share_boundary", "share_reference", "share_elsewhere")
 
 
 def _case_rows(out: Path, task: Dict[str, Any], methods: List[str]) -> List[Dict[str, Any]]:

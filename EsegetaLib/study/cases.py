@@ -52,6 +52,8 @@ def make_task(spec, case, out: Path) -> Dict[str, Any]:
     for key in ("activation", "fold"):  # only when given, for the same reason
         if getattr(case.model, key, None) is not None:
             task[key] = getattr(case.model, key)
+    if spec.metric_params:
+        task["metric_params"] = spec.metric_params
     task["fingerprint"] = fingerprint(task)
     task["retries"] = int(engine["retries"])
     task["out"] = str(Path(out).resolve())
@@ -116,7 +118,7 @@ def _request(task: Dict[str, Any]):
                           overlap=float(engine["overlap"]), batch_size=engine["batch_size"],
                           metrics=task["metrics"], seed=int(task["seed"]), scene=bool(engine["scene"]),
                           reference_mask=task.get("reference_path"), activation=task.get("activation"),
-                          fold=task.get("fold"))
+                          fold=task.get("fold"), metric_params=task.get("metric_params") or {})
 
 
 def _first_line(exc: BaseException) -> str:

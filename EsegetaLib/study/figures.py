@@ -7,7 +7,10 @@ two runs can be compared on the numbers a figure shows, not on pixels:
   aggregate.DIRECTIONS), averaged over volumes, per model;
 - `gallery.png`/`.npz`: the same slice of a few cases across methods (input, segmentation, maps);
 - `summary.png`: one glance: up to four metrics, methods side by side, one box colour per model
-  (its data is distributions.csv).
+  (its data is distributions.csv);
+- `relevance_shares.png`/`.csv`: where each method's absolute relevance goes, per model (mean share
+  in the segmentation, its boundary band, the reference mask and elsewhere over volumes; Agg2Exp's
+  cohort aggregation). Only when the `relevance_shares` metric was computed.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .aggregate import DIRECTIONS, metric_columns
+from .aggregate import DIRECTIONS, SHARES, metric_columns
 
 
 def _pyplot():
@@ -42,6 +45,8 @@ def write_figures(out: Path, frame, spec, gallery_cases: int) -> Dict[str, Path]
                   and done.dropna(subset=[m])["method"].nunique() >= 2]
         if ranked:
             written["ranking"] = ranking(folder, done, ranked)
+    if len(done) and all(c in done.columns for c in SHARES) and done[list(SHARES)].notna().any().any():
+        written["relevance_shares"] = relevance_shares_figure(folder, done)
     if len(done) and gallery_cases > 0:
         path = gallery(folder, Path(out), done, spec, gallery_cases)
         if path is not None:
@@ -63,7 +68,7 @@ def distributions(folder: Path, done, metrics: List[str]) -> Path:
     for r, metric in enumerate(metrics):
         for c, model in enumerate(models):
             ax = axes[r][c]
-            values = [done[(done["model"] == model) & (done["method"] == m)][metric].dropna().to_numpy()
+            values = [done[(done["model"] == model) & (done["method"] == m)][metric].dropna().to_numpy(dtype=float)
                       for m in methods]
             ax.boxplot([v if v.size else [np.nan] for v in values], widths=0.6, showfliers=False)
             for k, v in enumerate(values):  # every volume as a point: n is small in a pilot study
@@ -97,7 +102,7 @@ def summary_figure(folder: Path, done, metrics: List[str], at_most: int = 4) -> 
         ax = axes[0][a]
         for j, model in enumerate(models):
             positions = np.arange(len(methods)) + (j - (len(models) - 1) / 2) * width
-            values = [done[(done["model"] == model) & (done["method"] == m)][metric].dropna().to_numpy()
+            values = [done[(done["model"] == model) & (done["method"] == m)][metric].dropna().to_numpy(dtype=float)
                       for m in methods]
             boxes = ax.boxplot([v if v.size else [np.nan] for v in values], positions=positions,
                                widths=width * 0.85, patch_artist=True, showfliers=False)
@@ -117,6 +122,37 @@ def summary_figure(folder: Path, done, metrics: List[str], at_most: int = 4) -> 
     fig.tight_layout()
     path = folder / "summary.png"
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def relevance_shares_figure(folder: Path, done) -> Path:
+    """Grouped bars: per model (panel) and method (group), the mean of each share over volumes."""
+    plt = _pyplot()
+    means = done.groupby(["model", "method"], sort=False)[list(SHARES)].mean().reset_index()
+    means.to_csv(folder / "relevance_shares.csv", index=False)
+    models = list(dict.fromkeys(done["model"]))
+    methods = list(dict.fromkeys(done["method"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(1.5 + 0.9 * len(methods) * len(models), 3.6),
+                             squeeze=False, sharey=True)
+    width = 0.8 / len(SHARES)
+    for c, model in enumerate(models):
+        ax = axes[0][c]
+        rows = means[means["model"] == model].set_index("method").reindex(methods)
+        for k, share in enumerate(SHARES):
+            ax.bar(np.arange(len(methods)) + (k - (len(SHARES) - 1) / 2) * width, rows[share].to_numpy(),
+                   width=width, color=f"C{k}", label=share.replace("share_", ""))
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"model: {model}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("share of |attribution| (mean over volumes)", fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Where the relevance goes", fontsize=10)
+    fig.tight_layout()
+    path = folder / "relevance_shares.png"
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -26,6 +26,7 @@ cases, one per (volume, model), each with its own seed derived from the study se
       - {name: IntegratedGradients, params: {n_steps: 16}}
     target: {class: 1, region: predicted}      # predicted | whole | roi | point:I,J,K
     metrics: [infidelity, sparseness]          # or default | all | none
+    metric_params: {sensitivity: {n_samples: 4}}   # optional, per metric (esegeta's metric defaults otherwise)
     engine: {device: auto, precision: auto, retries: 1}
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ from ..options import is_bundled_model
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".pt2", ".json")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-TOP_KEYS = ("name", "description", "seed", "volumes", "models", "methods", "target", "metrics", "engine")
+TOP_KEYS = ("name", "description", "seed", "volumes", "models", "methods", "target", "metrics", "metric_params",
+            "engine")
 VOLUME_KEYS = ("path", "glob", "name", "mask", "reference")
 MODEL_KEYS = ("name", "path", "activation", "fold")
 METHOD_KEYS = ("name", "params")
@@ -132,6 +134,7 @@ class StudySpec:
     region: str
     metrics: Union[str, List[str]]
     engine: Dict[str, Any]
+    metric_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     @property
     def cases(self) -> List[Case]:
@@ -200,6 +203,7 @@ def validate_study(data: Any, where: str, base: Path) -> StudySpec:
     _check_class(class_index, models, problem)
     _check_eager(methods, models, problem)
     metrics = _metrics(data.get("metrics", "default"), problem)
+    metric_params = _metric_params(data.get("metric_params"), problem)
     engine = _engine(data.get("engine"), problem)
     name = data.get("name", Path(where).stem)
     if not isinstance(name, str):
@@ -208,7 +212,7 @@ def validate_study(data: Any, where: str, base: Path) -> StudySpec:
         raise StudySpecError(issues)
     return StudySpec(file=str(Path(where).resolve()), name=str(name), description=str(data.get("description", "")),
                      seed=int(seed), volumes=volumes, models=models, methods=methods, class_index=class_index,
-                     region=region, metrics=metrics, engine=engine)
+                     region=region, metrics=metrics, engine=engine, metric_params=metric_params)
 
 
 def _unknown_keys(mapping: dict, known: Sequence[str], prefix: str, problem) -> None:
@@ -537,6 +541,23 @@ def _metrics(value, problem) -> Union[str, List[str]]:
         problem("metrics", f"must be a list of metric names, or default, all, none; got {value!r}")
         return "none"
     return names or "none"
+
+
+def _metric_params(value, problem) -> Dict[str, Dict[str, Any]]:
+    """{metric: {parameter: value}} checked against the metrics' own parameter lists."""
+    from ..metrics.evaluate import resolve_params
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        problem("metric_params", f"must map metric names to parameter mappings; got {value!r}")
+        return {}
+    try:
+        resolve_params(value)
+    except EsegetaError as exc:
+        problem("metric_params", str(exc))
+        return {}
+    return {str(k): dict(v) for k, v in value.items()}
 
 
 def _engine(value, problem) -> Dict[str, Any]:
