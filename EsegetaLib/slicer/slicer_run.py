@@ -145,12 +145,7 @@ class SceneRun:
             request = dict(self.request)
             request["volume"] = str(self.workdir / "input.nrrd")
             write_volume_node(self.volume_node, request["volume"])
-            region = str(request.get("region", "predicted"))
-            if region == "roi":
-                with _no_trace(self.scene):
-                    request["region"] = "roi:" + self._write_roi_mask()
-            elif region == "point":
-                request["region"] = "point:" + ",".join(str(v) for v in self._point_voxel())
+            request["region"] = self._region_word(str(request.get("region", "predicted")))
             job_path = str(self.workdir / "job.json")
             write_job(job_path, make_job(request, str(self.workdir / "result")))
             self.worker = WorkerProcess(job_path, python=self.python, env=self.env).start()
@@ -159,6 +154,23 @@ class SceneRun:
             raise
         self.state, self.started = "running", time.monotonic()
         return self
+
+    def _region_word(self, region: str) -> str:
+        """The request's region with what its panel choice needs from the scene appended, as the
+        command line spells it: a segment -> `roi:MASKFILE`, a point -> `point:I,J,K`. A new entry
+        of `slicer_logic.REGION_CHOICES` that needs a segment or a point gets the same suffix
+        (e.g. a connected component at a point: `component:I,J,K`)."""
+        from .slicer_logic import REGION_CHOICES
+
+        needs = {choice.region: choice.needs for choice in REGION_CHOICES}.get(region.split(":", 1)[0])
+        if ":" in region or needs is None:
+            return region
+        if needs == "segment":
+            with _no_trace(self.scene):
+                return f"{region}:{self._write_roi_mask()}"
+        if needs == "point":
+            return f"{region}:" + ",".join(str(v) for v in self._point_voxel())
+        raise EsegetaError(f"Region '{region}' needs '{needs}', which the panel cannot provide.")
 
     def _write_roi_mask(self) -> str:
         from ..io import Image, write_image

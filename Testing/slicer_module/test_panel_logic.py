@@ -34,6 +34,7 @@ BLOCKED = textwrap.dedent("""
         sys.modules[name] = None  # any import of them raises ImportError
     sys.path.insert(0, sys.argv[1])
     from EsegetaLib.slicer import slicer_logic as L
+    from EsegetaLib.slicer import dependencies, qt_panel, slicer_run, worker  # the rest of the panel's imports
     catalog = L.method_catalog()
     editors = [L.param_editor(p) for m in catalog for p in m["params"]]
     tips = [L.method_tooltip(m) for m in catalog]

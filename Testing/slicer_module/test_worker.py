@@ -316,3 +316,20 @@ def test_a_job_may_set_every_field_of_the_cli_request_and_nothing_else():
     assert make_job({"volume": "v.nrrd"}, "out")["request"]["compress"] is False  # exchange files
     with pytest.raises(ValueError, match="unknown request field"):
         make_job({"volume": "v.nrrd", "no_such_field": 1}, "out")
+
+
+def test_a_new_region_choice_gets_what_it_needs_from_the_scene(files, scene_with_volume, monkeypatch):
+    """The extension point for more targets: a choice appended to REGION_CHOICES that needs a point
+    gets `word:I,J,K` (a segment: `word:MASKFILE`), as the command line spells them."""
+    from EsegetaLib.slicer import slicer_logic
+    from EsegetaLib.slicer.slicer_run import SceneRun
+
+    scene, volume, _ = scene_with_volume
+    monkeypatch.setattr(slicer_logic, "REGION_CHOICES", slicer_logic.REGION_CHOICES + (
+        slicer_logic.RegionChoice("the vessel at a point", "component", "point"),))
+    point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "here")
+    point.AddControlPoint(*(files["image"].ijk_to_ras @ np.array([5.0, 7.0, 7.0, 1.0]))[:3])
+    run = SceneRun(scene, volume, {"methods": ["Saliency"]}, point_node=point)
+    assert run._region_word("component") == "component:5,7,7"
+    assert run._region_word("point") == "point:5,7,7"
+    assert run._region_word("whole") == "whole" and run._region_word("component:1,2,3") == "component:1,2,3"
