@@ -563,6 +563,13 @@ def _run(args) -> Dict:
                 rows.append(bench_torchesegeta(session, spec, params, device, label, reference))
             print(format_table([r for r in rows if r.size == label and r.method == spec.name]), flush=True)
             _write(args.json_path, report)  # after every method: a stopped run keeps what it measured
+    if getattr(args, "targets", None):
+        from .bench_targets import targets_study
+
+        report["targets"] = targets_study(loaded, device, getattr(args, "targets_size", None) or "sample",
+                                          int(args.targets), quick=args.quick,
+                                          vjp=getattr(args, "targets_vjp", "auto") or "auto")
+        _write(args.json_path, report)
     if getattr(args, "options_study", False):
         from .bench_options import option_study
 

@@ -51,6 +51,12 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="also time bf16/fp16 autocast, torch.compile, channels-last-3d, cudnn.benchmark")
     parser.add_argument("--study-size", default=None, help="cube edge of the option study (CPU 48, CUDA 128)")
     parser.add_argument("--study-skip", default="", help="comma list of model options to leave out, e.g. torch.compile")
+    parser.add_argument("--targets", type=int, default=None, metavar="K",
+                        help="also time K targets in one batched run beside K single-target runs (e.g. 8)")
+    parser.add_argument("--targets-size", default=None, help="volume of the --targets case (default: sample)")
+    parser.add_argument("--targets-vjp", default="auto", choices=("auto", "vmap", "loop"),
+                        help="how the K targets' backward runs: vmap (one vectorised backward), loop, or auto "
+                             "(vmap on GPUs, loop on CPUs)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a shared, loaded CPU")
     extras = parser.add_argument_group("goals of issue #18 (bench_quick.py; instead of the runner comparison)")

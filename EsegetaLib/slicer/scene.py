@@ -772,11 +772,18 @@ def build_review_scene(image, explanation, metrics_rows: Sequence[Mapping[str, A
         segmentation = add_segmentation(scene, explanation.segmentation, reference,
                                         f"{volume_name} - segmentation", names, folder=folder)
     maps = {}
-    for method, result in explanation.results.items():
-        attrs = {"method": method, "class": label, "seconds": result.seconds,
+    target_folders: Dict[str, int] = {}  # several targets: results "<target>/<method>", a folder each
+    for key, result in explanation.results.items():
+        target, several, method = key.rpartition("/")
+        where, who = folder, label
+        if several:
+            if target not in target_folders:
+                target_folders[target] = scene.GetSubjectHierarchyNode().CreateFolderItem(folder, target)
+            where, who = target_folders[target], target
+        attrs = {"method": method, "class": label, "target": who, "seconds": result.seconds,
                  "params": result.params, "diagnostics": result.diagnostics}
-        maps[method] = add_map(scene, result.map, reference, map_node_name(volume_name, method, label),
-                               signed=_is_signed(result), folder=folder, attributes=attrs)
+        maps[key] = add_map(scene, result.map, reference, map_node_name(volume_name, method, who),
+                            signed=_is_signed(result), folder=where, attributes=attrs)
     table = None
     if metrics_rows:
         table = add_metrics_table(scene, metrics_rows, f"{volume_name} - metrics", folder=folder)

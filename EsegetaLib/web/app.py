@@ -180,8 +180,28 @@ class EsegetaViewer(TrameApp):
         return list(self.scene.maps)
 
     @property
+    def targets(self) -> List[str]:
+        """Several targets: their names ("<target>/<method>" map keys), in run order; else []."""
+        names: List[str] = []
+        for key in self.scene.maps:
+            target, several, _ = key.rpartition("/")
+            if several and target not in names:
+                names.append(target)
+        return names
+
+    def methods_of(self, target: str) -> List[str]:
+        return [key.rpartition("/")[2] for key in self.scene.maps if key.rpartition("/")[0] == target]
+
+    def map_key(self, method: str) -> str:
+        """The map shown for `method` under the selected target."""
+        target = self.state.target if self.state.has("target") else ""
+        return f"{target}/{method}" if target else method
+
+    @property
     def current(self) -> MapLayer:
-        return self.scene.maps[self.state.method] if self.state.has("method") else self.scene.maps[self.methods[0]]
+        if not self.state.has("method"):
+            return self.scene.maps[self.methods[0]]
+        return self.scene.maps[self.map_key(self.state.method)]
 
     def select_method(self, name: str) -> None:
         """Show map `name` as the slices' foreground and alone in 3D."""
@@ -211,8 +231,10 @@ class EsegetaViewer(TrameApp):
     def _init_state(self) -> None:
         state, layer = self.state, self.scene.maps[self.methods[0]]
         state.trame__title = f"Esegeta: {self.result.title}"
-        state.methods = self.methods
-        state.method = self.methods[0]
+        state.targets = self.targets
+        state.target = self.targets[0] if self.targets else ""
+        state.methods = self.methods_of(state.target) if self.targets else self.methods
+        state.method = state.methods[0]
         state.layout_names = LAYOUT_NAMES
         state.layout_name = LAYOUT_NAMES[0]
         state.opacity = DEFAULT_OPACITY
@@ -228,7 +250,8 @@ class EsegetaViewer(TrameApp):
         state.change("opacity")(lambda opacity, **_: self.set_opacity(opacity))
         state.change("threshold")(self._on_threshold)
         state.change("layout_name")(lambda layout_name, **_: self.layout_manager.set_layout(layout_name))
-        state.change("show_3d")(lambda **_: self.select_method(self.state.method))
+        state.change("show_3d")(lambda **_: self.select_method(self.map_key(self.state.method)))
+        state.change("target")(self._on_target)
 
     def _publish_layer(self, layer: MapLayer) -> None:
         self.state.update({
@@ -238,9 +261,20 @@ class EsegetaViewer(TrameApp):
         })
 
     def _on_method(self, method, **_):
-        if method in self.scene.maps:
-            self.select_method(method)
-            self._publish_layer(self.scene.maps[method])
+        key = self.map_key(method)
+        if key in self.scene.maps:
+            self.select_method(key)
+            self._publish_layer(self.scene.maps[key])
+
+    def _on_target(self, target, **_):
+        methods = self.methods_of(target)
+        if not methods:
+            return
+        self.state.methods = methods
+        if self.state.method not in methods:
+            self.state.method = methods[0]  # the method watcher shows it
+        else:
+            self._on_method(self.state.method)
 
     def _on_threshold(self, threshold, **_):
         layer = self.current
@@ -298,6 +332,9 @@ class EsegetaViewer(TrameApp):
             self.ui.footer.hide()
             with self.ui.toolbar:
                 v3.VSpacer()
+                v3.VSelect(label="Target", v_model=("target",), items=("targets",), classes="esegeta-target mx-2",
+                           density="compact", hide_details=True, style="max-width: 220px;",
+                           v_show=("targets.length > 0",))
                 v3.VSelect(label="Method", v_model=("method",), items=("methods",), classes="esegeta-method mx-2",
                            density="compact", hide_details=True, style="max-width: 280px;")
                 v3.VSelect(label="Layout", v_model=("layout_name",), items=("layout_names",),

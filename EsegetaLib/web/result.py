@@ -139,12 +139,18 @@ def _read_run(folder: Path) -> Dict[str, Any]:
 def _attribution_files(folder: Path, run: Dict[str, Any]) -> Dict[str, Path]:
     maps_dir = folder / "attributions"
     files = sorted(p for p in maps_dir.glob("*") if p.is_file() and volume_stem(p)) if maps_dir.is_dir() else []
-    if not files:
+    # several targets: attributions/<target>/<Method>.<ext> (and the target's region.<ext>)
+    nested = sorted(p for p in maps_dir.glob("*/*") if p.is_file() and volume_stem(p) not in (None, "region")) \
+        if maps_dir.is_dir() else []
+    if not files and not nested:
         raise EsegetaError(f"'{folder}' has no attribution maps (attributions/<Method>.nii.gz); "
                            "the run may have failed: re-run `esegeta explain`.")
     found = {volume_stem(p): p for p in files}
+    found.update({f"{p.parent.name}/{volume_stem(p)}": p for p in nested})
     # Keep the order the run used (its parameters list the methods) when run.json says it.
-    order = [name for name in _method_order(run) if name in found]
+    targets = [t.get("name") for t in ((run.get("target") or {}).get("targets") or []) if isinstance(t, dict)]
+    keys = [f"{t}/{m}" for t in targets for m in _method_order(run)] if targets else _method_order(run)
+    order = [name for name in keys if name in found]
     return {name: found[name] for name in order + [n for n in found if n not in order]}
 
 

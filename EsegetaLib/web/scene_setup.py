@@ -153,6 +153,9 @@ def load_mrb(slicer_app, result: ViewerResult) -> LoadedScene:
     result.title = inputs[0].GetName() or result.title  # the volume's name, not "esegeta" (the file's)
     for node in maps:
         name = node.GetAttribute(bridge.ATTRIBUTE_PREFIX + "method")
+        target = node.GetAttribute(bridge.ATTRIBUTE_PREFIX + "target")
+        if target and target != node.GetAttribute(bridge.ATTRIBUTE_PREFIX + "class"):
+            name = f"{target}/{name}"  # several targets: "<target>/<method>", as in the result folder
         loaded.maps[name] = layer_from_node(slicer_app, name, node)
     tables = nodes_of(scene, "vtkMRMLTableNode")
     if tables:

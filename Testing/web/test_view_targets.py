@@ -1,0 +1,53 @@
+"""Several targets in the review scene and in `esegeta view`: a subject-hierarchy folder per target
+in the .mrb, and maps keyed "<target>/<method>" from the result folder and from the .mrb alike
+(the viewer's Target menu lists the targets, its Method menu the methods of the chosen one)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import vessel_tubes
+
+pytest.importorskip("trame_slicer", reason="`esegeta view` needs trame-slicer (pip install esegeta[scene])")
+
+
+@pytest.fixture(scope="module")
+def result_folder(tmp_path_factory):
+    from EsegetaLib import runner
+    from EsegetaLib.io import Image, write_image
+
+    folder = tmp_path_factory.mktemp("targets")
+    volume = folder / "tubes.nii.gz"
+    array = vessel_tubes((32, 32, 32), ((16, 9), (16, 23)), 2.5)[None]
+    write_image(volume, array, Image(array=array, ijk_to_ras=np.diag([0.4, 0.4, 0.4, 1.0]), format="nifti"))
+    request = runner.ExplainRequest(volume=volume, methods="Saliency,InputXGradient", region="components",
+                                    device="cpu", metrics="none", precision="fp32")
+    return runner.execute(runner.prepare(request), folder / "result")
+
+
+KEYS = ["component_1/Saliency", "component_1/InputXGradient", "component_2/Saliency", "component_2/InputXGradient"]
+
+
+def test_folder_per_target_in_the_mrb(result_folder):
+    from EsegetaLib.slicer.scene import read_review
+
+    scene = read_review(result_folder / "esegeta.mrb")
+    sh = scene.GetSubjectHierarchyNode()
+    maps = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    maps = [n for n in maps if n.GetAttribute("Esegeta.method")]
+    where = {(sh.GetItemName(sh.GetItemParent(sh.GetItemByDataNode(n))), n.GetAttribute("Esegeta.method")) for n in maps}
+    assert where == {(k.split("/")[0], k.split("/")[1]) for k in KEYS}
+
+
+def test_viewer_keys_maps_by_target(result_folder):
+    from trame_slicer.core import SlicerApp
+
+    from EsegetaLib.web.result import load_result
+    from EsegetaLib.web.scene_setup import load_directory, load_mrb
+
+    result = load_result(result_folder)
+    assert result.methods == KEYS  # run order: targets, then methods
+    from_dir = load_directory(SlicerApp(), result)
+    from_mrb = load_mrb(SlicerApp(), load_result(result_folder / "esegeta.mrb"))
+    assert list(from_dir.maps) == KEYS and sorted(from_mrb.maps) == sorted(KEYS)
