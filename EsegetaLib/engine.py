@@ -753,7 +753,8 @@ class ExplainSession:
 
                 with torch.no_grad():
                     changes = (multi(inputs, weights, layout) - multi(baselines_of(ctx), weights, layout)).double().cpu()
-            counters["vmap_fallbacks"] += layout.vmap_fallbacks
+            for key, value in layout.counters.items():
+                counters[key] = counters.get(key, 0) + value
             return rows, attribution.detach(), diag, changes
 
         a, b = report_base
@@ -778,6 +779,7 @@ class ExplainSession:
         for g, record in enumerate(per_target):
             values = dict(record.values)
             values.update(n_windows_in_region=len(active[g]), vmap_fallbacks=counters["vmap_fallbacks"],
+                          rows_per_network_input=counters.get("rows", 0) / max(1, counters.get("inputs", 0)),
                           target_vjp=vjp if vjp != "auto" else ("loop" if self.device.type == "cpu" else "vmap"))
             diags.append(values)
         return acc, diags

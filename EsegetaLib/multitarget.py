@@ -38,9 +38,11 @@ class TargetRows:
 
     A plain object, not a tensor: Captum passes it through its input expansion untouched, so a
     forward called on M expanded copies (IG steps, DeepLift's input/baseline halves) sees
-    M * len(self) rows, row r being row r % len(self) of the original batch."""
+    M * len(self) rows, row r being row r % len(self) of the original batch. Methods that pick
+    their own rows (adaptive IG) pass `subset(rows)`."""
 
-    def __init__(self, windows: Sequence[int], classes: Sequence[int], vjp: str = "auto"):
+    def __init__(self, windows: Sequence[int], classes: Sequence[int], vjp: str = "auto",
+                 counters: Dict[str, int] = None):
         if len(windows) != len(classes):
             raise ValueError("one class per row")
         if vjp not in VJP_MODES:
@@ -48,41 +50,49 @@ class TargetRows:
         self.vjp = vjp
         self.windows = [int(w) for w in windows]
         self.classes = [int(c) for c in classes]
-        self.vmap_fallbacks = 0
-        self.shared_forwards = 0
+        # shared with every subset: forwards run, rows they served, vmap fallbacks
+        self.counters = counters if counters is not None else {"forwards": 0, "rows": 0, "inputs": 0,
+                                                               "vmap_fallbacks": 0}
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def subset(self, rows: Sequence[int]) -> "TargetRows":
-        """The rows `rows` (in that order) as a new layout: for methods that build their own batches
-        of points from the examples (adaptive Integrated Gradients)."""
-        return TargetRows([self.windows[r] for r in rows], [self.classes[r] for r in rows], vjp=self.vjp)
+    def subset(self, index: Sequence[int]) -> "TargetRows":
+        return TargetRows([self.windows[i] for i in index], [self.classes[i] for i in index], self.vjp,
+                          self.counters)
+
+    @property
+    def vmap_fallbacks(self) -> int:
+        return self.counters["vmap_fallbacks"]
 
 
 class _Plan:
-    """Row -> distinct input, row -> cotangent slot, for one forward call of N rows."""
+    """Row -> distinct input, row -> cotangent slot, for one forward call of N rows.
+
+    Rows of the same window whose inputs are equal element for element share one network input
+    (found through two checksums per row, confirmed with torch.equal): Captum's expanded copies,
+    adaptive IG's points at the same position of the path, for every target at once."""
 
     def __init__(self, x: torch.Tensor, rows: TargetRows):
         n, n0 = int(x.shape[0]), len(rows)
         if n % n0:
             raise ValueError(f"{n} rows are not a multiple of the {n0} target rows")
-        keys: Dict[tuple, int] = {}
+        flat = x.detach().flatten(1)
+        probe = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device, dtype=flat.dtype)
+        sums = torch.stack([flat.sum(dim=1), (flat * probe).sum(dim=1)], dim=1).tolist()
+        groups: Dict[tuple, List[int]] = {}
         unique: List[int] = []
         row_unique: List[int] = []
         for r in range(n):
-            key = (r // n0, rows.windows[r % n0])
-            if key not in keys:
-                keys[key] = len(unique)
+            key = (rows.windows[r % n0], sums[r][0], sums[r][1])
+            match = next((u for u in groups.get(key, []) if torch.equal(flat[r], flat[unique[u]])), None)
+            if match is None:
+                match = len(unique)
                 unique.append(r)
-            row_unique.append(keys[key])
-        index = torch.as_tensor(row_unique, device=x.device)
-        first = torch.as_tensor(unique, device=x.device)
-        # Sharing is only valid for identical inputs: check, and give it up otherwise.
-        if len(unique) < n and not torch.equal(x, x[first][index]):
-            unique, row_unique = list(range(n)), list(range(n))
-            first, index = torch.arange(n, device=x.device), torch.arange(n, device=x.device)
-        self.first, self.row_unique = first, row_unique
+                groups.setdefault(key, []).append(match)
+            row_unique.append(match)
+        self.first = torch.as_tensor(unique, device=x.device)
+        self.row_unique = row_unique
         self.row_class = [rows.classes[r % n0] for r in range(n)]
         seen: Dict[int, int] = {}
         self.slot = []
@@ -90,6 +100,9 @@ class _Plan:
             self.slot.append(seen.get(u, 0))
             seen[u] = seen.get(u, 0) + 1
         self.n_slots = max(seen.values())
+        rows.counters["forwards"] += 1
+        rows.counters["rows"] += n
+        rows.counters["inputs"] += len(unique)
 
 
 def _row_maps(logits: torch.Tensor, plan: _Plan, scorer: TargetScore) -> torch.Tensor:
@@ -153,7 +166,7 @@ def _batched_vjp(logits: torch.Tensor, xu: torch.Tensor, cot: torch.Tensor, rows
             if is_out_of_memory(error):
                 raise
             # an operator without a vmap rule: one cotangent after another through the same graph
-            rows.vmap_fallbacks += 1
+            rows.counters["vmap_fallbacks"] += 1
     parts = [torch.autograd.grad(logits, xu, cot[g], retain_graph=g + 1 < cot.shape[0])[0]
              for g in range(cot.shape[0])]
     return torch.stack(parts)
@@ -178,7 +191,6 @@ class MultiTargetScore(nn.Module):
         # sum) has the weights' full precision, as in TargetScore.
         weights = weights.to(x.dtype)
         plan = _Plan(x, rows)
-        rows.shared_forwards += 1
         if torch.is_grad_enabled() and x.requires_grad:
             return _SharedForward.apply(x, weights, self.scorer, plan, rows)
         logits = self.scorer.logits(x[plan.first])

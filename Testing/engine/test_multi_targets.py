@@ -58,13 +58,19 @@ def test_batched_maps_equal_single_target_runs(net, singles, vjp, cases):
 
 def test_several_classes_and_fallback_say_how_they_ran(net):
     options = EngineOptions(patch_size=12, divisor=4)
-    expl = explain(IMAGE, net, ["Saliency", "DeepLift"], Target(classes=[0, 1], region="whole"), options)
-    assert sorted(expl.results) == ["class_0/DeepLift", "class_0/Saliency", "class_1/DeepLift", "class_1/Saliency"]
+    ig = ("IntegratedGradients", {"n_steps": 4, "max_steps": 16})  # adaptive: it picks its own rows
+    methods = ["Saliency", ig, "DeepLift"]
+    expl = explain(IMAGE, net, methods, Target(classes=[0, 1], region="whole"), options)
+    assert sorted(expl.results) == ["class_0/DeepLift", "class_0/IntegratedGradients", "class_0/Saliency",
+                                    "class_1/DeepLift", "class_1/IntegratedGradients", "class_1/Saliency"]
+    # both classes' rows share each network input (adaptive IG's points and Captum's rows alike)
+    assert expl.results["class_0/IntegratedGradients"].diagnostics["rows_per_network_input"] > 1.5
+    assert expl.results["class_0/Saliency"].diagnostics["rows_per_network_input"] == 2
     assert [t["name"] for t in expl.targets] == ["class_0", "class_1"]
     assert expl.results["class_1/DeepLift"].diagnostics["multi_target"].startswith("one target at a time")
     for c in (0, 1):
-        single = explain(IMAGE, net, ["Saliency", "DeepLift"], Target(class_index=c, region="whole"), options)
-        for m in ("Saliency", "DeepLift"):
+        single = explain(IMAGE, net, methods, Target(class_index=c, region="whole"), options)
+        for m in ("Saliency", "IntegratedGradients", "DeepLift"):
             assert np.allclose(expl.results[f"class_{c}/{m}"].attribution, single.results[m].attribution,
                                rtol=1e-9, atol=1e-12)
     assert set(expl.by_target()) == {"class_0", "class_1"}
