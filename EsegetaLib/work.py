@@ -11,9 +11,10 @@ the run has measured both. Per stage:
   samples, RISE masks) x the windows each evaluation reruns (forward only);
 - metrics: deletion/insertion steps and infidelity samples x the region's windows (forward only).
 
-The plan measures seconds per unit of each kind as the run goes (the current stage's own rate once
-it has moved), so time left = the units left x what such a unit has cost here. No estimate is given
-before a rate has been measured. Why our own code: the estimate needs the engine's own counts
+The plan measures seconds per unit as the run goes (pooled over the stages done, the current
+stage's own pace once it has moved), so time left = the units left x what such a unit has cost
+here. No estimate is given before 10 % of the work is done and timed; until then the percentage is
+the share of the work done. Why our own code: the estimate needs the engine's own counts
 (windows, passes, perturbations); tqdm's rate only knows a fraction.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 FORWARD, BACKWARD = "forward", "backward"
 BACKWARD_FORWARDS = 3.0  # a forward+backward pass costs about 3 forwards (until measured)
+MEASURED_SHARE = 0.10  # no time estimate before this share of the work is done and timed
 _REPEATS = ("n_steps", "n_samples", "n_baselines")  # parameters that multiply a method's passes
 
 
@@ -223,9 +225,27 @@ class WorkPlan:
             return None
         return seconds / units * (BACKWARD_FORWARDS if kind == BACKWARD else 1.0)
 
+    def work_done(self) -> Optional[Tuple[float, float]]:
+        """(done, total) in forward-equivalents, or None while some stage's work is unknown."""
+        done = total = 0.0
+        for name in self.names:
+            units = self.units[name]
+            if units is None:
+                return None
+            units *= BACKWARD_FORWARDS if self.kinds[name] == BACKWARD else 1.0
+            total += units
+            if name in self.finished:
+                done += units
+            elif name == self.current:
+                done += self.stage_fraction * units
+        return done, total
+
     def time_left(self) -> Optional[float]:
-        """Seconds left, or None while it cannot be estimated (unknown work, nothing measured yet)."""
-        if any(self.units[n] is None for n in self.names if n not in self.finished):
+        """Seconds left, or None while it cannot be estimated: unknown work, or less than
+        MEASURED_SHARE of it done (the first small stages carry warm-up and set-up: on a busy
+        2-core machine they made a window pass look six times dearer than it was)."""
+        work = self.work_done()
+        if work is None or work[0] < MEASURED_SHARE * work[1]:
             return None
         left = 0.0
         for name in self.names:
@@ -256,6 +276,10 @@ class WorkPlan:
             done = self.clock() - self.started
             # never backwards: a grown estimate shows as more time left, not a lower percentage
             self.fraction = max(self.fraction, min(0.999, done / max(done + left, 1e-9)))
+        else:  # no time estimate yet: the share of the work done
+            work = self.work_done()
+            if work is not None and work[1] > 0:
+                self.fraction = max(self.fraction, min(0.999, work[0] / work[1]))
         if self.progress is None:
             return
         estimate = getattr(self.progress, "estimate", None)
