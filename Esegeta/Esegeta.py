@@ -151,7 +151,7 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodsPlaceholderLabel.visible = False
         self.ui.regionPointPlaceWidget.buttonsVisible = False
         self.ui.regionPointPlaceWidget.placeButton().show()
-        qt_panel.fill_combo(self.ui.regionComboBox, [(c.region, c.label, c.tooltip) for c in slicer_logic.REGION_CHOICES])
+        qt_panel.fill_combo(self.ui.regionComboBox, [(c.value, c.label, c.tooltip) for c in slicer_logic.REGION_CHOICES])
         qt_panel.fill_combo(self.ui.patchSizeComboBox, [(size, slicer_logic.patch_size_label(size), "")
                                                         for size in slicer_logic.PATCH_SIZE_CHOICES])
         self.populateMethodPanel()
@@ -232,7 +232,7 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         running = self.run is not None and self.run.state == "running"
         self.ui.applyButton.enabled = running or pn.inputVolume is not None
-        needs = {choice.region: choice.needs for choice in slicer_logic.REGION_CHOICES}.get(pn.region)
+        needs = {choice.value: choice.needs for choice in slicer_logic.REGION_CHOICES}.get(pn.region)
         self.ui.roiSegmentSelector.visible = self.ui.inputsFormLayoutLabel5.visible = needs == "segment"
         self.ui.pointRow.visible = self.ui.inputsFormLayoutLabel7.visible = needs == "point"
         self.ui.methodsFrame.visible = pn.preset == "Custom"

@@ -281,14 +281,20 @@ def method_families(catalog: Sequence[Dict[str, Any]]) -> List[Tuple[str, List[D
 
 @dataclass(frozen=True)
 class RegionChoice:
-    """One entry of the panel's region menu: what the user reads, the request's region word, and
-    which scene input it needs ('segment', 'point' or None). More targets (connected component,
-    boundary, every class) are added by appending here and handling the word in `SceneRun`."""
+    """One entry of the panel's region menu: what the user reads, the request's region word, which
+    scene input it needs ('segment', 'point' or None), and `classes` ('all': one map per class).
+    `value` is the menu's key (the parameter node's `region`): the region word, or
+    '<region>+classes:<classes>' for an entry that also sets the classes."""
 
     label: str
     region: str
     needs: Optional[str] = None
     tooltip: str = ""
+    classes: Optional[str] = None
+
+    @property
+    def value(self) -> str:
+        return self.region if self.classes is None else f"{self.region}+classes:{self.classes}"
 
 
 REGION_CHOICES: Tuple[RegionChoice, ...] = (
@@ -297,12 +303,22 @@ REGION_CHOICES: Tuple[RegionChoice, ...] = (
     RegionChoice("a segment", "roi", "segment", "Explain one segment you drew (Segment Editor) or loaded."),
     RegionChoice("a point", "point", "point", "Explain the model's result at one point you place."),
     RegionChoice("the whole volume", "whole", None, "Explain the class score summed over every voxel."),
+    RegionChoice("this vessel (click)", "component", "point",
+                 "Explain the connected vessel of the model's segmentation that contains the point you place "
+                 "(\"why is this branch vessel?\")."),
+    RegionChoice("the vessel wall", "boundary", None,
+                 "Explain where the model put the wall: the class score just inside the segmentation's "
+                 "boundary minus just outside it (one voxel each side)."),
+    RegionChoice("every class", "predicted", None,
+                 "One map per class the model predicts (each class's own segmentation), in one batched run.",
+                 classes="all"),
 )
 
 
 def region_choice(region: str) -> RegionChoice:
+    """The menu entry whose `value` (or, for older scenes, region word) is `region`."""
     for choice in REGION_CHOICES:
-        if choice.region == region:
+        if choice.value == region:
             return choice
     raise EsegetaError(f"Region must be one of: {', '.join(c.label for c in REGION_CHOICES)}.")
 
@@ -457,7 +473,7 @@ def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any
         chosen = edited_params(meta, given) if meta is not None else dict(given)
         if chosen:
             params[name] = chosen
-    region_choice(settings.region)  # one of the panel's choices, or a one-line error
+    choice = region_choice(settings.region)  # one of the panel's choices, or a one-line error
     if settings.class_index < 0:
         raise EsegetaError("Target class must be 0 or more.")
     if settings.n_classes is not None and settings.class_index >= settings.n_classes:
@@ -465,8 +481,9 @@ def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any
                            f"choose a target class below {settings.n_classes}.")
     if settings.region == "roi" and not settings.has_roi:
         raise EsegetaError("'Explain' is 'a segment': choose the segmentation and the segment under it.")
-    if settings.region == "point" and not settings.has_point:
-        raise EsegetaError("'Explain' is 'a point': place a point on the volume with the point button beside it.")
+    if choice.needs == "point" and not settings.has_point:
+        raise EsegetaError(f"'Explain' is '{choice.label}': place a point on the volume with the point button "
+                           "beside it.")
     if settings.device not in DEVICE_CHOICES:
         raise EsegetaError(f"Device must be one of {', '.join(DEVICE_CHOICES)}; got '{settings.device}'.")
     if settings.precision not in PRECISIONS:
@@ -494,7 +511,7 @@ def request_fields(settings: PanelSettings, catalog: Optional[List[Dict[str, Any
         raise EsegetaError(f"Fold must be a fold number or 'all'; got '{fold}'.")
     return {"model": model, "methods": list(settings.methods), "params": params,
             "activation": None if settings.activation == "auto" else settings.activation, "fold": fold,
-            "class_index": int(settings.class_index), "region": settings.region,
+            "class_index": int(settings.class_index), "region": choice.region, "classes": choice.classes,
             "device": DEVICE_CHOICES[settings.device], "precision": settings.precision,
             "patch_size": int(settings.patch_size) or None, "overlap": float(settings.overlap),
             "metrics": list(settings.metrics) or "none"}

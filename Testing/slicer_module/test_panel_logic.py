@@ -85,6 +85,11 @@ def test_region_choices_are_words_for_the_engines_regions():
         "the model's segmentation", "a segment", "a point", "the whole volume"]
     assert {c.region for c in L.REGION_CHOICES} <= set(REGIONS)
     assert L.region_choice("roi").needs == "segment" and L.region_choice("point").needs == "point"
+    # the radiologist's questions: this vessel (a placed point), its wall, every class at once
+    assert [c.label for c in L.REGION_CHOICES][4:] == ["this vessel (click)", "the vessel wall", "every class"]
+    assert L.region_choice("component").needs == "point" and L.region_choice("boundary").needs is None
+    assert L.region_choice("predicted+classes:all").classes == "all"
+    assert len({c.value for c in L.REGION_CHOICES}) == len(L.REGION_CHOICES)
 
 
 def test_class_menu_lists_names_background_last(tmp_path):

@@ -147,8 +147,14 @@ def test_request_fields_are_the_cli_request(catalog):
     assert fields == {"model": None, "methods": ["Saliency", "IntegratedGradients"],
                       "params": {"IntegratedGradients": {"n_steps": 8}}, "class_index": 1,
                       "region": "predicted", "device": "cuda", "precision": "auto", "patch_size": 64,
-                      "overlap": 0.25, "metrics": ["deletion"], "activation": None, "fold": None}
+                      "overlap": 0.25, "metrics": ["deletion"], "activation": None, "fold": None,
+                      "classes": None}
     ExplainRequest(volume="x.nii.gz", **fields)  # every key is a request field
+    every = L.request_fields(settings(region="predicted+classes:all"), catalog)
+    assert (every["region"], every["classes"]) == ("predicted", "all")
+    assert L.request_fields(settings(region="boundary"), catalog)["region"] == "boundary"
+    vessel = L.request_fields(settings(region="component", has_point=True), catalog)
+    assert vessel["region"] == "component"  # SceneRun appends the placed point's voxel: component:I,J,K
     assert L.request_fields(settings(), catalog)["metrics"] == "none"
     assert L.request_fields(settings(), catalog)["patch_size"] is None
 
@@ -158,6 +164,7 @@ def test_request_fields_are_the_cli_request(catalog):
     (dict(methods=["NoSuchMethod"]), "not available"),
     (dict(region="roi"), "'a segment': choose the segmentation"),
     (dict(region="point"), "'a point': place a point"),
+    (dict(region="component"), "'this vessel \\(click\\)': place a point"),
     (dict(region="everywhere"), "the model's segmentation, a segment, a point, the whole volume"),
     (dict(class_index=3, n_classes=2), "has 2 classes"),
     (dict(patch_size=8), "'Patch size' must be one of the listed sizes"),
