@@ -151,6 +151,12 @@ class ExplainSession:
             network = network.network_for(array, spacing=spacing) if takes_spacing else network.network_for(array)
         if not isinstance(network, nn.Module):
             raise EsegetaError(f"The model must be a torch.nn.Module; got {type(network).__name__}.")
+        if getattr(network, "whole_volume", False):
+            # It resamples and runs its own sliding window inside (nnU-Net, MONAI bundles, cards on
+            # another grid): it must see the whole volume, in one window, unpadded.
+            from dataclasses import replace
+
+            self.options = replace(self.options, patch_size=tuple(int(s) for s in array.shape[1:]), divisor=1)
         self.device = resolve_device(self.options.device)
         self.dtype = _network_dtype(network)
         # "auto" -> bf16 where the device computes it natively, else fp32 (device.resolve_precision)

@@ -386,7 +386,12 @@ def prepare(request: ExplainRequest) -> PreparedRun:
                            "use --class, or --region components for every component of each class.")
     device = resolve_device_name(request.device, warnings)
     # The model card's settings flow into the target and the engine; the command line wins.
-    hints = model.engine_hints() if hasattr(model, "engine_hints") else {}
+    hints = {}
+    if hasattr(model, "engine_hints"):  # a card whose spacing differs from the volume's resamples
+        import inspect
+
+        takes_spacing = "spacing" in inspect.signature(model.engine_hints).parameters
+        hints = model.engine_hints(spacing=image.spacing) if takes_spacing else model.engine_hints()
     target = Target(class_index=class_index, region=region, activation=hints.get("activation", "softmax"),
                     head=hints.get("head", 0), mask=mask, point=point, classes=classes,
                     geodesic_mm=region_request.geodesic_mm,

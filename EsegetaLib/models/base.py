@@ -277,12 +277,29 @@ class LoadedModel:
         (4x4 ijk_to_ras) are used by formats that resample (nnU-Net, MONAI bundles); ignored here."""
         self.check_channels(array)
         normalize = make_normalization(array, self.card.normalization)
-        return NormalizedNetwork(normalize, self.network).eval()
+        network = NormalizedNetwork(normalize, self.network).eval()
+        if self.resamples(spacing):
+            from .resampling import ResampledNetwork
 
-    def engine_hints(self) -> Dict[str, Any]:
+            shape = np.shape(array)[-3:]
+            return ResampledNetwork(network, shape, spacing, self.card.spacing, self.card.patch_size,
+                                    self.card.divisor, self.card.head).eval()
+        return network
+
+    def resamples(self, spacing: Optional[Sequence[float]]) -> bool:
+        """Whether a card's model runs on another grid than a volume of this spacing: the card
+        gives a spacing that differs from the volume's by more than 5 % on some axis."""
+        if spacing is None or not self.card.spacing or len(self.card.spacing) != 3:
+            return False
+        return any(abs(float(s) / float(c) - 1.0) > 0.05 for s, c in zip(spacing, self.card.spacing))
+
+    def engine_hints(self, spacing: Optional[Sequence[float]] = None) -> Dict[str, Any]:
         """What the card says about running it: for `EngineOptions`/`Target` defaults.
         `whole_volume`: the explained function must see the whole volume in one window (it
-        resamples and runs its own sliding window inside)."""
+        resamples and runs its own sliding window inside), as for a volume of `spacing` when the
+        card's spacing differs (`resamples`)."""
+        if self.resamples(spacing):
+            return {"whole_volume": True, "divisor": 1, "activation": self.card.activation, "head": 0}
         return {key: value for key, value in (
             ("patch_size", self.card.patch_size), ("divisor", self.card.divisor),
             ("activation", self.card.activation), ("head", self.card.head)) if value is not None}

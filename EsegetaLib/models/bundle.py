@@ -202,7 +202,7 @@ class BundleModel(LoadedModel):
             affine = np.diag([*map(float, spacing), 1.0])
         return BundleFunction(self, array, np.asarray(affine, dtype=np.float64)).eval()
 
-    def engine_hints(self) -> Dict[str, Any]:
+    def engine_hints(self, spacing=None) -> Dict[str, Any]:
         return {"whole_volume": True, "divisor": 1, "activation": self.card.activation, "head": 0}
 
     def refusal(self, spec) -> Optional[str]:
@@ -291,6 +291,8 @@ class _Affine(torch.nn.Module):
 class BundleFunction(torch.nn.Module):
     """(B, C, I, J, K) on the input grid -> (B, n_classes, I, J, K): the bundle's inference (module
     docstring). Built from the unperturbed `array` with `affine` (RAS, as MONAI's loaders give it)."""
+
+    whole_volume = True  # the engine gives it the whole volume in one window
 
     def __init__(self, model: BundleModel, array: np.ndarray, affine: np.ndarray):
         super().__init__()

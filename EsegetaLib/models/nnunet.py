@@ -235,7 +235,7 @@ class NnUNetModel(LoadedModel):
             array = array[None]
         return NnUNetFunction(self, array, [float(s) for s in spacing]).eval()
 
-    def engine_hints(self) -> Dict[str, Any]:
+    def engine_hints(self, spacing=None) -> Dict[str, Any]:
         return {"whole_volume": True, "divisor": 1, "activation": self.card.activation, "head": 0}
 
     def probe_out_channels(self) -> Optional[int]:
@@ -286,6 +286,8 @@ class NnUNetModel(LoadedModel):
 class NnUNetFunction(torch.nn.Module):
     """(B, C, I, J, K) volume on the input grid -> (B, n_classes, I, J, K) logits, as nnU-Net
     computes them (module docstring). Constants come from the unperturbed `array` and are fixed."""
+
+    whole_volume = True  # the engine gives it the whole volume in one window
 
     def __init__(self, model: NnUNetModel, array: np.ndarray, spacing_ijk: Sequence[float]):
         super().__init__()

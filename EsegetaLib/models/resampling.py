@@ -85,3 +85,45 @@ class SeparableResample(torch.nn.Module):
 
     def output_shape(self, shape: Sequence[int]) -> List[int]:
         return [int(s) if self.identity[a] else int(getattr(self, f"m{a}").shape[0]) for a, s in enumerate(shape)]
+
+
+class ResampledNetwork(torch.nn.Module):
+    """A model card's network on its own grid, explained on the volume's: (B, C, I, J, K) ->
+    trilinear resampling to the card's spacing (`torch.nn.functional.interpolate`, align_corners
+    False: voxel centres, the field of view kept) -> MONAI `sliding_window_inference` at the card's
+    patch size (overlap 0.25, Gaussian blending) -> logits resampled back to (I, J, K), trilinear.
+    Differentiable throughout, so maps are gradients with respect to the volume's own voxels."""
+
+    whole_volume = True  # the engine gives it the whole volume in one window
+
+    def __init__(self, network: torch.nn.Module, shape: Sequence[int], spacing: Sequence[float],
+                 model_spacing: Sequence[float], patch_size: Optional[Sequence[int]], divisor: Optional[int],
+                 head=0):
+        super().__init__()
+        self.network = network
+        self.shape = [int(s) for s in shape]
+        self.model_shape = [max(1, int(round(n * float(s) / float(m))))
+                            for n, s, m in zip(shape, spacing, model_spacing)]
+        divisor = int(divisor or 1)
+        patch = list(patch_size or [96, 96, 96])
+        self.roi = [max(divisor, int(np.ceil(min(p, n) / divisor)) * divisor) for p, n in zip(patch, self.model_shape)]
+        self.head = head
+        self.record = {"what": "model card spacing: the network runs on its own grid inside the explained function",
+                       "resampled_from": {"shape": self.shape, "spacing": [float(s) for s in spacing]},
+                       "resampled_to": {"shape": self.model_shape, "spacing": [float(m) for m in model_spacing]},
+                       "resampling": "trilinear (torch.nn.functional.interpolate, align_corners=False), in and out",
+                       "sliding_window": {"roi_size": self.roi, "overlap": 0.25, "blend": "gaussian",
+                                          "implementation": "monai.inferers.sliding_window_inference"}}
+
+    def _predict(self, x):
+        from ..targets import select_head
+
+        return select_head(self.network(x), self.head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        y = torch.nn.functional.interpolate(x, size=self.model_shape, mode="trilinear", align_corners=False)
+        logits = sliding_window_inference(y, self.roi, 1, self._predict, overlap=0.25, mode="gaussian")
+        return torch.nn.functional.interpolate(logits.to(x.dtype), size=self.shape, mode="trilinear",
+                                               align_corners=False)
