@@ -327,9 +327,32 @@ class ExplainSession:
             chunk = items[i:i + size]
             try:
                 result = self._finite_or_fp32(work, chunk)
-            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled here
+            except Exception as error:  # noqa: BLE001 - out-of-memory and fixed batch sizes are handled here
                 if not is_out_of_memory(error):
-                    raise
+                    if isinstance(error, (EsegetaError, EsegetaCancelled)) or self.batch_size == 1 or \
+                            getattr(self, "batch_fixed_at_one", False):
+                        raise
+                    # A program exported with a static batch of 1 (torch.export without a dynamic
+                    # batch dimension) refuses more: run windows and steps one at a time. If one at a
+                    # time fails too, the original error is the real one.
+                    saved = self.batch_size
+                    self.batch_size, self.batch_fixed_at_one = 1, True
+                    try:
+                        result = self._finite_or_fp32(work, chunk[:1])
+                    except (EsegetaError, EsegetaCancelled):  # the one-line reason of a single window
+                        self.batch_size, self.batch_fixed_at_one = saved, False
+                        raise
+                    except Exception:  # noqa: BLE001
+                        self.batch_size, self.batch_fixed_at_one = saved, False
+                        raise error from None
+                    self.batch_note = (f"the model refused a batch of {saved} ({_first_line(error)}); windows "
+                                       "and steps run one at a time (export it with a dynamic batch dimension "
+                                       "to batch them)")
+                    yield chunk[:1], result
+                    i += 1
+                    if report is not None:
+                        report(i, n)
+                    continue
                 release_memory(self.device)
                 # Fewer windows per chunk first; with one window, fewer steps/samples per forward.
                 smaller = (size if size > 1 else self.batch_size) // 2
@@ -371,6 +394,8 @@ class ExplainSession:
             except (EsegetaError, EsegetaCancelled):
                 raise
             except RuntimeError as error:
+                if first[0] and not is_out_of_memory(error) and len(chunk) > 1:
+                    raise  # run_batches retries one window at a time (a static batch of 1)
                 if first[0] and not is_out_of_memory(error):
                     line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                     raise EsegetaError(
@@ -470,6 +495,8 @@ class ExplainSession:
             bad = int((~torch.isfinite(attribution)).sum())
             raise EsegetaError(f"{spec.name} produced {bad} non-finite values; try precision 'fp32' or other parameters.")
         diag.update(self.counters)
+        if getattr(self, "batch_note", None):
+            diag["batch_note"] = self.batch_note
         diag.update(n_windows=len(self.windows), n_windows_in_region=len(self.active),
                     batch_size=self.batch_size, device=str(self.device), precision=self.active_precision,
                     precision_requested=self.options.precision)
@@ -1010,6 +1037,11 @@ def completeness_status(result: MethodResult) -> Tuple[Optional[str], Optional[f
     if isinstance(delta, (int, float)) and not isinstance(delta, bool):
         return ("pass" if float(delta) <= COMPLETENESS_TOLERANCE else "warn"), float(delta)
     return None, None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]
 
 
 def _steps_used(diag: Dict[str, Any]) -> None:

@@ -284,13 +284,58 @@ def _axis(value, n: int):
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
+class _OpParams:
+    """kernel_size/stride/padding/dilation of the one convolution or pooling in a module's graph
+    (a module of an unflattened torch.export program calls aten ops, not nn.Conv3d)."""
+
+    def __init__(self, kind, kernel_size, stride, padding, dilation=1, transposed=False):
+        self.kind, self.kernel_size, self.stride = kind, kernel_size, stride
+        self.padding, self.dilation, self.transposed = padding, dilation, transposed
+
+
+def _graph_op(module: torch.nn.Module, n: int) -> Optional[_OpParams]:
+    graph = getattr(module, "graph", None)
+    if graph is None or not hasattr(graph, "nodes"):
+        return None
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        args = list(node.args) + [None] * 9
+        if "conv" in name and "backward" not in name:
+            weight = args[1]
+            shape = None
+            if getattr(weight, "op", None) == "get_attr":
+                value = module
+                for part in str(weight.target).split("."):
+                    value = getattr(value, part, None)
+                shape = tuple(value.shape[2:]) if isinstance(value, torch.Tensor) else None
+            if shape is None:
+                return None
+            transposed = "transpose" in name or (name.startswith("aten.convolution") and bool(args[6]))
+            found.append(_OpParams("conv", shape, args[3] or 1, args[4] if args[4] is not None else 0,
+                                   args[5] or 1, transposed))
+        elif "max_pool" in name and "backward" not in name:
+            found.append(_OpParams("pool", args[1], args[2] or args[1], args[3] or 0, args[4] or 1))
+        elif "avg_pool" in name and "backward" not in name:
+            found.append(_OpParams("pool", args[1], args[2] or args[1], args[3] or 0))
+    return found[0] if len(found) == 1 else None
+
+
 def _next_geometry(module: torch.nn.Module, geo: Geometry, in_shape, out_shape) -> Optional[Geometry]:
     n = len(geo)
+    op = _graph_op(module, n)
+    if op is not None:
+        module = op
+        if op.transposed:
+            k, s, p, d = (_axis(v, n) for v in (op.kernel_size, op.stride, op.padding, op.dilation))
+            return tuple((sc / s[a], off + sc * (p[a] - d[a] * (k[a] - 1) / 2) / s[a]) for a, (sc, off) in enumerate(geo))
     if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
         k, s, p, d = (_axis(v, n) for v in (module.kernel_size, module.stride, module.padding, module.dilation))
         return tuple((sc / s[a], off + sc * (p[a] - d[a] * (k[a] - 1) / 2) / s[a]) for a, (sc, off) in enumerate(geo))
     if isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
-                           torch.nn.modules.pooling._AvgPoolNd)):
+                           torch.nn.modules.pooling._AvgPoolNd, _OpParams)):
         if isinstance(module.padding, str):  # "same"/"valid" convolutions
             pad = tuple(0 for _ in range(n)) if module.padding == "valid" else None
         else:

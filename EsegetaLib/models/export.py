@@ -17,8 +17,14 @@ def is_export_archive(names: Sequence[str]) -> bool:
 
 
 def load_program(path: str):
-    """The program's module (its train/eval mode is fixed at export)."""
+    """The program's module (its train/eval mode is fixed at export), unflattened
+    (`torch.export.unflatten`) so that its submodules run as modules again: layer and CAM methods
+    hook them (`ExportedProgram.module()` inlines every call, so no layer hook would fire)."""
     try:
-        return torch.export.load(path).module()
+        program = torch.export.load(path)
     except Exception as exc:
         raise EsegetaError(f"cannot load {path} as a torch.export program: {first_line(exc)}") from exc
+    try:
+        return torch.export.unflatten(program)
+    except Exception:  # noqa: BLE001 - a program unflatten cannot rebuild still runs inlined
+        return program.module()
