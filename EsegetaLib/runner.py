@@ -765,6 +765,7 @@ def _metrics_per_target(prepared: PreparedRun, explanation, session, rows, folde
             a, b = n / len(groups), (n + 1) / len(groups)
             report = metrics_module.evaluate(session, results, metrics=prepared.metrics,
                                              reference_mask=prepared.reference_mask,
+                                             params=prepared.request.metric_params or None,
                                              progress=_scaled(progress, a, b, f"metrics {target}"), cancel=cancel)
             for row in report.rows:
                 key = f"{target}{TARGET_SEPARATOR}{row.get('method')}"

@@ -52,6 +52,9 @@ def make_task(spec, case, out: Path) -> Dict[str, Any]:
     for key in ("activation", "fold"):  # only when given, for the same reason
         if getattr(case.model, key, None) is not None:
             task[key] = getattr(case.model, key)
+    for key in ("classes", "boundary_mm"):  # several targets / a boundary band: only when given
+        if getattr(spec, key, None) is not None:
+            task[key] = getattr(spec, key)
     if spec.metric_params:
         task["metric_params"] = spec.metric_params
     task["fingerprint"] = fingerprint(task)
@@ -118,7 +121,8 @@ def _request(task: Dict[str, Any]):
                           overlap=float(engine["overlap"]), batch_size=engine["batch_size"],
                           metrics=task["metrics"], seed=int(task["seed"]), scene=bool(engine["scene"]),
                           reference_mask=task.get("reference_path"), activation=task.get("activation"),
-                          fold=task.get("fold"), metric_params=task.get("metric_params") or {})
+                          fold=task.get("fold"), metric_params=task.get("metric_params") or {},
+                          classes=task.get("classes"), boundary_mm=task.get("boundary_mm"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -24,7 +24,9 @@ cases, one per (volume, model), each with its own seed derived from the study se
     methods:
       - Saliency
       - {name: IntegratedGradients, params: {n_steps: 16}}
-    target: {class: 1, region: predicted}      # predicted | whole | roi | point:I,J,K
+    target: {class: 1, region: predicted}      # predicted | whole | roi | point:I,J,K | component:I,J,K[:MM]
+                                               # | components[:N] | boundary[:MM]; optional keys:
+                                               # classes: all | [a, b] (one map per class), boundary: MM
     metrics: [infidelity, sparseness]          # or default | all | none
     metric_params: {sensitivity: {n_samples: 4}}   # optional, per metric (esegeta's metric defaults otherwise)
     engine: {device: auto, precision: auto, retries: 1}
@@ -51,7 +53,7 @@ TOP_KEYS = ("name", "description", "seed", "volumes", "models", "methods", "targ
 VOLUME_KEYS = ("path", "glob", "name", "mask", "reference")
 MODEL_KEYS = ("name", "path", "activation", "fold")
 METHOD_KEYS = ("name", "params")
-TARGET_KEYS = ("class", "region")
+TARGET_KEYS = ("class", "region", "classes", "boundary")
 ENGINE_DEFAULTS: Dict[str, Any] = {
     "device": "auto", "precision": "auto", "patch_size": None, "overlap": 0.25, "batch_size": "auto",
     "retries": 1,           # extra attempts of a case after an unexpected error (not after bad input)
@@ -135,6 +137,8 @@ class StudySpec:
     metrics: Union[str, List[str]]
     engine: Dict[str, Any]
     metric_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    classes: Optional[Union[str, List[Union[int, str]]]] = None  # several targets: "all" or a list
+    boundary_mm: Optional[float] = None  # a boundary band on the region
 
     @property
     def cases(self) -> List[Case]:
@@ -200,6 +204,7 @@ def validate_study(data: Any, where: str, base: Path) -> StudySpec:
     models = _models(data.get("models"), base, problem)
     methods = _methods(data.get("methods"), problem)
     class_index, region = _target(data.get("target"), volumes, problem)
+    classes, boundary_mm = _target_extras(data.get("target"), problem)
     _check_class(class_index, models, problem)
     _check_eager(methods, models, problem)
     metrics = _metrics(data.get("metrics", "default"), problem)
@@ -212,7 +217,8 @@ def validate_study(data: Any, where: str, base: Path) -> StudySpec:
         raise StudySpecError(issues)
     return StudySpec(file=str(Path(where).resolve()), name=str(name), description=str(data.get("description", "")),
                      seed=int(seed), volumes=volumes, models=models, methods=methods, class_index=class_index,
-                     region=region, metrics=metrics, engine=engine, metric_params=metric_params)
+                     region=region, metrics=metrics, engine=engine, metric_params=metric_params,
+                     classes=classes, boundary_mm=boundary_mm)
 
 
 def _unknown_keys(mapping: dict, known: Sequence[str], prefix: str, problem) -> None:
@@ -497,6 +503,24 @@ def _methods(value, problem) -> List[MethodEntry]:
             continue
         found.append((key, MethodEntry(name=spec.name, params=dict(params))))
     return _unique(found, "method", problem)
+
+
+def _target_extras(value, problem):
+    """target.classes ('all' or a list of names/indices) and target.boundary (mm), both optional."""
+    if not isinstance(value, dict):
+        return None, None
+    classes, boundary = value.get("classes"), value.get("boundary")
+    if classes is not None:
+        if isinstance(classes, str) and classes.strip().lower() == "all":
+            classes = "all"
+        elif not isinstance(classes, list) or not classes or not all(
+                isinstance(c, (int, str)) and not isinstance(c, bool) for c in classes):
+            problem("target.classes", f"must be 'all' or a list of class names or indices; got {classes!r}")
+            classes = None
+    if boundary is not None and (isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or boundary <= 0):
+        problem("target.boundary", f"must be a positive number of mm; got {boundary!r}")
+        boundary = None
+    return classes, (None if boundary is None else float(boundary))
 
 
 def _target(value, volumes: List[VolumeEntry], problem) -> Tuple[Optional[Union[int, str]], str]:

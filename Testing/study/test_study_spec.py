@@ -171,3 +171,26 @@ def test_cohort_folders_with_the_same_file_name_get_names_from_their_folders(tmp
         "models": [{"name": "default", "path": "bundled"}], "methods": ["Saliency"]})
     with pytest.raises(StudySpecError, match="reference .*absent.nii.gz"):
         load_study(missing)
+
+
+def test_several_targets_and_boundary_reach_the_request(folder, tmp_path):
+    from EsegetaLib.study.cases import _request, make_task
+
+    study = _write(folder, "targets.yaml", {
+        "volumes": ["vol0.nii.gz"], "models": ["bundled"], "methods": ["Saliency"],
+        "target": {"class": 1, "region": "components:30", "classes": "all", "boundary": 0.8}})
+    spec = load_study(study)
+    assert (spec.region, spec.classes, spec.boundary_mm) == ("components:30", "all", 0.8)
+    task = make_task(spec, spec.cases[0], tmp_path)
+    request = _request(task)
+    assert (request.region, request.classes, request.boundary_mm) == ("components:30", "all", 0.8)
+    plain = load_study(_write(folder, "plain.yaml", {"volumes": ["vol0.nii.gz"], "models": ["bundled"],
+                                                     "methods": ["Saliency"], "target": {"class": 1}}))
+    assert "classes" not in make_task(plain, plain.cases[0], tmp_path)  # earlier fingerprints unchanged
+    bad = _write(folder, "bad_targets.yaml", {
+        "volumes": ["vol0.nii.gz"], "models": ["bundled"], "methods": ["Saliency"],
+        "target": {"region": "component:1,2", "classes": 3, "boundary": -1}})
+    with pytest.raises(StudySpecError) as info:
+        load_study(bad)
+    text = str(info.value)
+    assert "target.classes" in text and "target.boundary" in text and "three voxel indices" in text
