@@ -997,7 +997,49 @@ class ExplainSession:
             out = spec.finalize(out, params)
         return out, diag
 
+    def layer_activation(self, layer: nn.Module, x: Optional[torch.Tensor] = None,
+                         geometry=None) -> torch.Tensor:
+        """(1, K, I, J, K) float32 (float64 for a float64 network) on the device: `layer`'s output of every window of `x` (default:
+        the session's volume; host (C, I, J, K)), brought to the window's input grid with the layer's
+        sampling geometry (methods/common.resample_layer_map) and blended with the window weights
+        (which sum to 1 at every voxel): the sliding-window model's layer activation on the volume."""
+        from .methods.common import first_tensor, resample_layer_map
+
+        x_pad = self._x_pad if x is None else self.grid.pad(x[None])
+        store: Dict[str, torch.Tensor] = {}
+
+        def hook(module, args, output):
+            store["A"] = first_tensor(output).detach()
+
+        acc: Optional[torch.Tensor] = None
+        dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+
+        def work(chunk):
+            with torch.no_grad():
+                self.scorer.logits(self._window_batch(x_pad, chunk))
+            return resample_layer_map(store.pop("A").to(dtype), self.grid.patch, geometry)
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            for chunk, maps in self.run_batches(list(range(len(self.windows))), work):
+                if acc is None:
+                    self.layer_channels = int(maps.shape[1])  # work.perturbation_work's count
+                    acc = torch.zeros((1, maps.shape[1]) + tuple(self.grid.padded_shape), dtype=dtype,
+                                      device=maps.device)
+                for k, i in enumerate(chunk):
+                    w = self.windows[i]
+                    acc[(0, slice(None)) + w] += maps[k] * self.grid.weight(w).to(maps.device, maps.dtype)
+        finally:
+            handle.remove()
+        return self.grid.crop(acc)
+
     def _global(self, spec, params, x, generator) -> Tuple[torch.Tensor, Dict]:
+        layer, layer_name = self._layer(spec, params)
+        diag: Dict[str, Any] = dict(self._last_layer_probe) if layer_name else {}
+        geometry, activation = None, None
+        if layer is not None:  # a perturbation method on a layer (Score-CAM): its blended activation
+            geometry = tuple(tuple(g) for g in self._last_layer_probe["layer_geometry"])
+            activation = self.layer_activation(layer, x, geometry)
         forward = PatchedScore(self, x, label=spec.name)
         try:  # how many volumes and window forwards to expect: progress with a total
             from .work import perturbation_work
@@ -1007,12 +1049,15 @@ class ExplainSession:
             pass
         region = torch.from_numpy(self.region).to(self.device, self.dtype)[None, None]
         inputs = x[None].to(self.device)
-        prepared = spec.prepare(inputs, self.stats, params, generator) if spec.prepare else {}
+        prepared = dict(spec.prepare(inputs, self.stats, params, generator) or {}) if spec.prepare else {}
+        if activation is not None:
+            prepared["layer_activation"] = activation
         ctx = MethodContext(forward=forward, network=self.network, inputs=inputs, params=params,
-                            stats=self.stats, forward_args=(), prepared=prepared or {},
-                            layer=None, region=region, generator=generator,
-                            internal_batch_size=self.batch_size)
-        attribution, diag = _split(spec.attribute(ctx))
+                            stats=self.stats, forward_args=(), prepared=prepared,
+                            layer=layer, region=region, generator=generator,
+                            internal_batch_size=self.batch_size, layer_geometry=geometry)
+        attribution, more = _split(spec.attribute(ctx))
+        diag.update(more)
         diag.update(windows_rerun=forward.windows_rerun, volumes_evaluated=forward.evaluations)
         attribution = attribution.detach()[0].cpu()
         if spec.finalize is not None:

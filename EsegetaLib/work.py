@@ -106,6 +106,11 @@ def perturbation_work(spec, params: Dict[str, Any], session) -> Tuple[int, float
         evaluations = len(blocks) + 1  # Captum scores the unperturbed input first
         per_block = sum(_windows_touching(session, b) for b in blocks) / max(len(blocks), 1)
         return evaluations, whole + len(blocks) * per_block
+    if name == "ScoreCAM":  # one volume per channel (+ the baseline); the count is known once the layer ran
+        channels = int(getattr(session, "layer_channels", 0) or 32)
+        if int(params.get("max_channels") or 0) > 0:
+            channels = min(channels, int(params["max_channels"]))
+        return channels + 1, whole + (channels + 1) * whole
     if name == "RISE":
         evaluations = int(params.get("n_masks", 512))
         return evaluations, whole + evaluations * whole

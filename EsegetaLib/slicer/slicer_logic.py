@@ -236,6 +236,7 @@ PLAIN_TOOLTIPS = {
     "KernelShap": "Fits a simple model of the network on random blocks (Shapley weights). Very slow.",
     "Lime": "Fits a simple model of the network on random blocks. Very slow.",
     "RISE": "Averages random smooth masks weighted by the result they give. Slow.",
+    "ScoreCAM": "Shows the image through each deep-layer pattern and weights it by the result. Slow.",
 }
 
 # Ordered presets shown first in the panel; "Custom" is the full list in families.

@@ -21,6 +21,10 @@ def _cheap(spec):
         params["n_samples"] = 12
     if spec.name == "ShapleyValueSampling":
         params["n_samples"] = 1
+    if spec.name == "ScoreCAM":
+        # every channel weight is negative on the random BatchNorm/ReLU net: the rectified map is
+        # empty (with a warn in its trust report, Testing/methods/test_scorecam.py); check the signed map
+        params.update(relu=False, max_channels=4)
     return params
 
 

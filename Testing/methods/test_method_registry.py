@@ -11,7 +11,7 @@ REQUIRED = [
     "DeepLiftShap", "GradientShap", "SmoothGrad", "SmoothGradSquared", "VarGrad", "GuidedGradCam", "GradCAM",
     "GradCAM++", "LayerActivation", "LayerConductance", "InternalInfluence", "LayerGradientXActivation",
     "LayerDeepLift", "LayerIntegratedGradients", "LayerGradientShap", "Occlusion", "FeatureAblation",
-    "ShapleyValueSampling", "Lime", "KernelShap", "RISE",
+    "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM",
 ]
 
 
@@ -37,7 +37,7 @@ def test_patching_modes_follow_the_maths():
         "DeepLiftShap", "GradientShap"}
     assert {m.name for m in all_methods() if m.patching == "noise_tunnel"} == {"SmoothGrad", "SmoothGradSquared", "VarGrad"}
     assert {m.name for m in all_methods() if m.patching == "global"} == {
-        "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "RISE"}
+        "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM"}
 
 
 def test_unknown_method_suggests_closest():
