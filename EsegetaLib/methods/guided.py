@@ -56,6 +56,21 @@ _CHAIN = (aten.softplus, aten.mul)  # elementwise steps between x and the gate (
 _MUL = (aten.mul, aten.mul_)
 
 
+def call_op(func, args, kwargs):
+    """func(*args, **kwargs), re-wrapping numbers where the op's schema wants a Tensor: the TorchScript
+    interpreter passes some 0-dim "wrapped number" tensors (e.g. to aten::equal in a traced SwinUNETR),
+    which reach Python dispatch modes as plain ints and no longer match the schema."""
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as error:
+        if "Expected a value of type 'Tensor'" not in str(error):
+            raise
+        schema = func._schema.arguments
+        fixed = [torch.tensor(a) if isinstance(a, (int, float, bool)) and i < len(schema)
+                 and str(schema[i].type) == "Tensor" else a for i, a in enumerate(args)]
+        return func(*fixed, **kwargs)
+
+
 def _packet(func):
     return getattr(func, "overloadpacket", func)
 
@@ -113,7 +128,7 @@ class RectifierRules(TorchDispatchMode):
         packet = _packet(func)
         kind = RECTIFIER_BACKWARD.get(packet)
         if kind is None:
-            out = func(*args, **kwargs)
+            out = call_op(func, args, kwargs)
             if packet in _GATES or packet in _MUL or packet in _CHAIN:
                 self._track_forward(packet, args, out)
             return out

@@ -51,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..errors import EsegetaError
+from .guided import call_op
 
 aten = torch.ops.aten
 
@@ -74,7 +75,8 @@ LINEAR = frozenset({
     "new_empty", "new_empty_strided", "full_like", "fill_", "zero_", "dropout", "native_dropout",
     "feature_dropout", "alpha_dropout", "_native_batch_norm_legit_no_training", "sym_size",
     "sym_stride", "sym_numel", "sym_storage_offset", "dim", "size", "stride", "is_same_size",
-    "_local_scalar_dense", "item", "linear", "addmm", "mm", "bmm", "matmul", "baddbmm",
+    "_local_scalar_dense", "item", "linear", "_assert_tensor_metadata", "_assert_async", "_assert_scalar",
+    "_functional_assert_async", "sym_constrain_range", "sym_constrain_range_for_size", "addmm", "mm", "bmm", "matmul", "baddbmm",
     "addbmm", "einsum", "mul", "mul_", "div", "div_", "where", "masked_fill", "masked_fill_", "tile",
     "type_as", "movedim", "swapaxes", "flatten", "unflatten", "channel_shuffle", "_unsafe_index",
 })
@@ -202,7 +204,7 @@ class RescaleRules(TorchDispatchMode):
         inplace = name.endswith("_") and args and isinstance(args[0], torch.Tensor)
         tracked = name in ELEMENTWISE or name in AVERAGED or name in MAX_POOL or name in BILINEAR or name in CLAMP
         before = _detached(args) if (tracked and (inplace or self.phase == "reference")) else None
-        out = func(*args, **kwargs)
+        out = call_op(func, args, kwargs)
         if self.phase == "reference":
             self.reference.append((name, before if tracked else None,
                                    _detached([out])[0] if tracked else None))
@@ -306,7 +308,7 @@ class RescaleRules(TorchDispatchMode):
             swapped = [self.operands.get(_key(a), a) if isinstance(a, torch.Tensor) else a for a in args]
             if any(s is not a for s, a in zip(swapped, args)):
                 return func(*swapped, **kwargs)
-        return func(*args, **kwargs)
+        return call_op(func, args, kwargs)
 
     def _elementwise(self, func, rec: _Record, args, kwargs, original=None):
         """grad * (f(a) - f(a0)) / (a - a0) where a moved, the kernel's own gradient elsewhere;
