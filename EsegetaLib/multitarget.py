@@ -137,7 +137,17 @@ class _SharedForward(torch.autograd.Function):
 def _cotangents(logits, weights, grad_scores, plan: _Plan, scorer: TargetScore, slots) -> torch.Tensor:
     """(slots, U, n_classes, *S): the cotangent on the logits of each distinct input, one slot per
     row sharing that input (a slot never holds two rows of one input). The head (softmax, class
-    pick, weights) is differentiated here with autograd; it is cheap next to the network."""
+    pick, weights) is differentiated here: directly for logit scores (the cotangent is the row's
+    weights times its incoming gradient, on its class's channel), with autograd otherwise."""
+    if scorer.target.score == "logit":
+        cot = logits.new_zeros((plan.n_slots,) + tuple(logits.shape))
+        rows = torch.arange(len(plan.row_unique), device=logits.device)
+        unique = torch.as_tensor(plan.row_unique, device=logits.device)
+        classes = torch.as_tensor(plan.row_class, device=logits.device)
+        shape = (-1,) + (1,) * (weights.dim() - 2)
+        values = weights[:, 0].to(cot.dtype) * grad_scores.reshape(shape).to(cot.dtype)
+        cot.index_put_((slots, unique, classes), values[rows], accumulate=True)
+        return cot
     with torch.enable_grad():
         leaf = logits.detach().requires_grad_(True)
         maps = _row_maps(leaf, plan, scorer)

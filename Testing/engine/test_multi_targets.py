@@ -107,3 +107,13 @@ def test_target_errors(net):
     session = ExplainSession(IMAGE, net, Target(classes=[0, 1], region="whole"), options)
     with pytest.raises(EsegetaError, match="No target named"):
         session.select_target("aorta")
+
+
+@pytest.mark.parametrize("score, activation", [("probability", "softmax"), ("probability", "sigmoid")])
+def test_probability_scores_batch_exactly(net, score, activation):
+    options = EngineOptions(patch_size=12, divisor=4)
+    common = dict(region="whole", score=score, activation=activation)
+    batched = ExplainSession(IMAGE, net, Target(classes=[0, 1], **common), options).attribute_targets("InputXGradient")
+    for c in (0, 1):
+        single = ExplainSession(IMAGE, net, Target(class_index=c, **common), options).attribute("InputXGradient")
+        assert np.allclose(batched[f"class_{c}"].attribution, single.attribution, rtol=1e-9, atol=1e-12)
