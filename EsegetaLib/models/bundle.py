@@ -210,9 +210,6 @@ class BundleModel(LoadedModel):
             return ("refused on MONAI bundles with a sliding-window inferer: the layer runs once per window "
                     "on the resampled grid inside the explained function, so one layer map on the input grid "
                     "does not exist; use gradient or perturbation methods")
-        if spec.name in ("DeepLift", "DeepLiftShap") and _has_several_windows(self.inferer):
-            return ("refused on MONAI bundles with a sliding-window inferer: Captum's DeepLift rules keep one "
-                    "input and output per module, and each module runs once per window")
         return None
 
     def source_files(self) -> List[tuple]:

@@ -46,8 +46,6 @@ OUTSIDE_LOGIT = 30.0  # outside the non-zero box nnU-Net writes background: logi
 REFUSAL = ("refused on nnU-Net models: {what} runs once per nnU-Net patch (and fold) on the resampled grid "
            "inside the explained function, so {why}; use gradient or perturbation methods, which are exact "
            "through nnU-Net's resampling and sliding window")
-# Captum's DeepLift keeps one input/output per hooked module: a module called once per patch breaks it.
-MODULE_HOOK_METHODS = ("DeepLift", "DeepLiftShap")
 
 
 def _require_nnunet():
@@ -245,9 +243,6 @@ class NnUNetModel(LoadedModel):
         """Why a registered method cannot run on this model (None: it can)."""
         if spec.needs_layer:
             return REFUSAL.format(what="the layer", why="one layer map on the input grid does not exist")
-        if spec.name in MODULE_HOOK_METHODS:
-            return REFUSAL.format(what="each hooked activation module",
-                                  why="Captum's DeepLift rules (one input and output per module) do not apply")
         return None
 
     def source_files(self) -> List[tuple]:

@@ -162,8 +162,7 @@ def test_fold_ensemble_is_the_mean_of_the_folds(nnunet_root):
 
 def test_every_method_runs_or_is_refused_with_a_reason(nnunet_root, volume_file):
     """Gradient and perturbation methods run through nnU-Net's pipeline; layer methods are refused
-    in one line that says why (the layer runs once per nnU-Net patch on the resampled grid), and so
-    is Captum's DeepLift (its module hooks keep one call per module)."""
+    in one line that says why (the layer runs once per nnU-Net patch on the resampled grid)."""
     from EsegetaLib.methods import all_methods
     from EsegetaLib.engine import ExplainSession
     from EsegetaLib.runner import ExplainRequest, prepare
@@ -195,8 +194,8 @@ def test_every_method_runs_or_is_refused_with_a_reason(nnunet_root, volume_file)
         assert result.map.shape == (36, 30, 18) and np.isfinite(result.map).all(), spec.name
         ran.append(spec.name)
     print(f"\nran on nnU-Net: {', '.join(ran)}\nrefused: {', '.join(refused)}")
-    assert {"Saliency", "IntegratedGradients", "GuidedBackprop", "Occlusion", "RISE"} <= set(ran)
-    assert set(refused) == {s.name for s in all_methods() if s.needs_layer} | {"DeepLift", "DeepLiftShap"}
+    assert {"Saliency", "IntegratedGradients", "GuidedBackprop", "DeepLift", "Occlusion", "RISE"} <= set(ran)
+    assert set(refused) == {s.name for s in all_methods() if s.needs_layer}
 
 
 def test_residual_encoder_unet_folder_loads_and_runs(tmp_path):
