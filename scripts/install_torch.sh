@@ -5,8 +5,8 @@
 #   - Linux with an NVIDIA GPU (nvidia-smi lists one, or /proc/driver/nvidia exists)
 #                                                 -> the default index (on PyPI: the CUDA build);
 #   - Linux without one, PyTorch's CPU index reachable (checked with a 5 s timeout)
-#                                                 -> the CPU-only build from that index (~200 MB
-#                                                    instead of ~0.9 GB plus several GB of CUDA libraries);
+#                                                 -> the CPU-only build from that index (192 MB
+#                                                    instead of ~0.5 GB plus several GB of CUDA libraries);
 #   - Linux without one, that index unreachable   -> the default index, whatever it serves (a local
 #                                                    mirror's file, or PyPI's CUDA build, which also runs on CPU).
 # A CPU-index install that fails falls back to the default index too.
