@@ -623,7 +623,7 @@ class ExplainSession:
                 prepared = [self._prepare(spec, params, xs[j], torch.Generator().manual_seed(seed))
                             for j in range(j0, j1)]
                 x_pad = self.grid.pad(xs[j0:j1])
-                budgets = [self._path_budgets(params, prepared[k], x_pad[k:k + 1]) for k in range(j1 - j0)]
+                budgets = [self._path_budgets(spec, params, prepared[k], x_pad[k:k + 1]) for k in range(j1 - j0)]
                 acc, _ = self._windows_pass(spec, params, x_pad, prepared, layer,
                                             torch.Generator().manual_seed(seed), blended=spec.patching == "blended",
                                             report_base=(j0 / n, j1 / n),
@@ -826,7 +826,7 @@ class ExplainSession:
         diag = dict(self._last_layer_probe) if layer_name else {}
         prepared = self._prepare(spec, params, x, generator)
         x_pad = self.grid.pad(x[None])
-        budgets = self._path_budgets(params, prepared, x_pad)
+        budgets = self._path_budgets(spec, params, prepared, x_pad)
         acc, more = self._windows_pass(spec, params, x_pad, prepared, layer, generator,
                                        blended=spec.patching == "blended", budgets=budgets)
         diag.update(more)
@@ -853,13 +853,14 @@ class ExplainSession:
             values.update(zip(chunk, out.double().cpu().tolist()))
         return values
 
-    def _path_budgets(self, params: Dict[str, Any], prepared: Dict[str, torch.Tensor],
+    def _path_budgets(self, spec: MethodSpec, params: Dict[str, Any], prepared: Dict[str, torch.Tensor],
                       x_pad: torch.Tensor) -> Optional[Dict[int, float]]:
         """Absolute completeness error allowed per window for an adaptive path method, so that all
         windows together stay within tolerance x |F(x) - F(baseline)| of the whole volume: half of the
         allowance shared equally, half in proportion to each window's |F_w(x) - F_w(b)|. `x_pad`: the
         explained input, padded (1, C, *padded) (a perturbed copy has its own allowances)."""
-        if not params.get("adaptive") or "tolerance" not in params or "baselines" not in prepared or not self.active:
+        if spec.patching != "additive" or not params.get("adaptive") or "tolerance" not in params or \
+                "baselines" not in prepared or not self.active:
             return None
         on_x = self._window_scores(x_pad)
         on_b = self._window_scores(prepared["baselines"])

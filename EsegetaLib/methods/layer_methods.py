@@ -20,6 +20,13 @@ from .layers import layer_for
 LAYER_APPROX = ("computed per window and blended with the window weights; a window's layer activations "
                 "depend on its context, so this approximates the whole-volume layer map")
 STEPS_PARAM = ParamSpec("n_steps", "int", 32, minimum=2, maximum=1024, help="integration steps")
+ADAPTIVE_PARAMS = (
+    ParamSpec("n_steps", "int", 16, minimum=2, maximum=1024,
+              help="integration steps: where adaptive refinement starts, or the fixed number when adaptive is off"),
+    ParamSpec("adaptive", "bool", True, help="subdivide the path until the completeness error is within 'tolerance'"),
+    ParamSpec("tolerance", "float", 0.01, minimum=1e-6, maximum=1.0, help="relative completeness error aimed at"),
+    ParamSpec("max_steps", "int", 512, minimum=4, maximum=8192, help="cap on the gradient evaluations per window"),
+)
 
 
 def _args(ctx):
@@ -60,9 +67,52 @@ def internal_influence(ctx):
     return _path_layer_method(ctx, InternalInfluence)
 
 
+def _layer_output(network_call, layer, x, replacement=None):
+    """The layer's output on x (first tensor), or the score with the layer's output replaced."""
+    store = {}
+
+    def hook(module, args, output):
+        if replacement is not None:
+            value = replacement()
+            if isinstance(output, (tuple, list)):
+                return type(output)([value] + list(output[1:]))
+            return value
+        store["A"] = first_tensor(output)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        out = network_call(x)
+    finally:
+        handle.remove()
+    return out if replacement is not None else store["A"]
+
+
 def layer_integrated_gradients(ctx):
-    from captum.attr import LayerIntegratedGradients
-    return _path_layer_method(ctx, LayerIntegratedGradients)
+    """Adaptive by default: Integrated Gradients in the layer's activation space (Captum's
+    LayerIntegratedGradients definition: the layer's output A moves from A(baseline) to A(x) while
+    the rest of the network sees x), integrated by methods/adaptive.py until the completeness
+    error against its own reference F(x; A(x)) - F(x; A(baseline)) is within `tolerance` (for
+    networks whose skips bypass the layer this is not F(x) - F(baseline), the reference Captum's
+    delta uses). `adaptive=False`: Captum's LayerIntegratedGradients with `n_steps` nodes."""
+    if not ctx.params.get("adaptive", False):
+        from captum.attr import LayerIntegratedGradients
+        return _path_layer_method(ctx, LayerIntegratedGradients)
+    from .adaptive import adaptive_integrated_gradients
+
+    layer = layer_for(ctx)
+    args = tuple(ctx.forward_args or ())
+    with torch.no_grad():
+        a_x = _layer_output(lambda v: ctx.forward(v, *args), layer, ctx.inputs).detach()
+        a_b = _layer_output(lambda v: ctx.forward(v, *args), layer, baselines_of(ctx)).detach()
+
+    def layer_forward(points, x, *rest):
+        return _layer_output(lambda v: ctx.forward(v, *rest), layer, x, replacement=lambda: points)
+
+    attr, diag = adaptive_integrated_gradients(
+        layer_forward, a_x, a_b, (ctx.inputs,) + args, tolerance=ctx.params["tolerance"],
+        initial_steps=ctx.params["n_steps"], max_steps=ctx.params["max_steps"],
+        batch=steps_batch(ctx, ctx.inputs.shape[0], ctx.params["max_steps"]))
+    return _finish(ctx, attr), diag
 
 
 def layer_deep_lift(ctx):
@@ -119,7 +169,7 @@ SPECS = [
     _spec("InternalInfluence", internal_influence, "InternalInfluence", 32.0, baseline=True, extra=(STEPS_PARAM,),
           description="integrated gradient of the score w.r.t. the layer along the input path"),
     _spec("LayerIntegratedGradients", layer_integrated_gradients, "LayerIntegratedGradients", 32.0, baseline=True,
-          extra=(STEPS_PARAM,), description="integrated gradients in the layer's activation space"),
+          extra=ADAPTIVE_PARAMS, description="integrated gradients in the layer's activation space"),
     _spec("LayerDeepLift", layer_deep_lift, "LayerDeepLift", 2.0, baseline=True, trust=add_rule_check,
           description="DeepLift attributions to the layer's units (dispatcher-level rescale rules)"),
     _spec("LayerGradientShap", layer_gradient_shap, "LayerGradientShap", 16.0, baseline=True,

@@ -120,3 +120,18 @@ def test_adaptive_matches_dense_fixed_rule_on_smooth_function():
     dense = IntegratedGradients(Smooth()).attribute(x, baselines=base, additional_forward_args=(w,), n_steps=256)
     np.testing.assert_allclose(attr.numpy(), dense.numpy(), rtol=1e-6, atol=1e-9)
     assert abs(diag["convergence_delta"]) <= 1e-8 * abs(diag["score_change"])
+
+
+def test_adaptive_layer_integrated_gradients():
+    """Adaptive LayerIntegratedGradients meets its completeness (reference F(x; A(x)) - F(x; A(b)))
+    and converges to the map of Captum's LayerIntegratedGradients with a dense rule."""
+    name, network = list(_networks())[2]
+    session = ExplainSession(_volume(), network, Target(region="whole"), EngineOptions(device="cpu", divisor=4))
+    result = session.attribute("LayerIntegratedGradients")
+    check = {c.name: c for c in result.checks}["completeness"]
+    assert check.status == "pass" and result.diagnostics["relative_convergence_delta"] <= 0.01
+    dense = session.attribute("LayerIntegratedGradients", {"adaptive": False, "n_steps": 128})
+    r = np.corrcoef(result.map.ravel(), dense.map.ravel())[0, 1]
+    print(f"LayerIntegratedGradients adaptive: {result.diagnostics['steps_used_mean']:.0f} steps, "
+          f"completeness {result.diagnostics['relative_convergence_delta']:.3%}, r vs Captum 128 steps {r:.5f}")
+    assert r > 0.999
