@@ -39,7 +39,7 @@ def completeness_of(ctx: MethodContext, attr: torch.Tensor, inputs: torch.Tensor
 def deep_lift(ctx: MethodContext):
     """(B, C, *S) attributions (x - x0) * m and diagnostics (delta, score change, rule counts)."""
     baselines = baselines_of(ctx)
-    mult, _, _, diag, _ = rescale_gradients(ctx.forward, ctx.inputs, baselines, ctx.forward_args, "DeepLift")
+    mult, diag, _ = rescale_gradients(ctx.forward, ctx.inputs, baselines, ctx.forward_args, "DeepLift")
     attr = (ctx.inputs - baselines) * mult
     diag.update(completeness_of(ctx, attr, ctx.inputs, baselines))
     return attr, diag
@@ -56,7 +56,7 @@ def deep_lift_shap(ctx: MethodContext):
     attr, f_x, f_b, diag = 0.0, 0.0, 0.0, {}
     for j in range(n):
         base = stack[j * batch:(j + 1) * batch]
-        mult, _, _, counts, _ = rescale_gradients(ctx.forward, ctx.inputs, base, ctx.forward_args, "DeepLiftShap")
+        mult, counts, _ = rescale_gradients(ctx.forward, ctx.inputs, base, ctx.forward_args, "DeepLiftShap")
         attr = attr + (ctx.inputs - base) * mult / n
         fx, fb = endpoint_scores(ctx, ctx.inputs, base)
         f_x, f_b = f_x + fx / n, f_b + fb / n
@@ -69,7 +69,7 @@ def deep_lift_shap(ctx: MethodContext):
 def layer_deep_lift_map(ctx: MethodContext, layer: torch.nn.Module):
     """(B, K, *s) layer attributions (A(x) - A(x0)) * dF/dA with the rescale rules, and diagnostics."""
     baselines = baselines_of(ctx)
-    _, _, _, diag, (a_x, a_b, grad) = rescale_gradients(
+    _, diag, (a_x, a_b, grad) = rescale_gradients(
         ctx.forward, ctx.inputs, baselines, ctx.forward_args, "LayerDeepLift", layer=layer)
     attr = (a_x - a_b) * grad
     diag.update(completeness_of(ctx, attr, ctx.inputs, baselines))

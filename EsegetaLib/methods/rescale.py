@@ -455,9 +455,9 @@ def rescale_gradients(forward: Callable, inputs: torch.Tensor, baselines: torch.
                       layer: Optional[torch.nn.Module] = None):
     """DeepLift multipliers for `inputs` against `baselines` (both (B, C, *S)).
 
-    Returns (multipliers (B, C, *S) (attribution = (inputs - baselines) * multipliers), F(inputs) (B,),
-    F(baselines) (B,), diagnostics {"rule_calls_changed", "rule_calls_seen"}, layer_pair) where
-    layer_pair = (A(x), A(x0), dF/dA with the rules) for `layer` (an nn.Module called once), else None.
+    Returns (multipliers (B, C, *S) (attribution = (inputs - baselines) * multipliers), diagnostics
+    {"rule_calls_changed", "rule_calls_seen"}, layer_pair) where layer_pair = (A(x), A(x0), dF/dA with
+    the rules) for `layer` (an nn.Module called once), else None.
     Raises EsegetaError naming the ops it has no rule for."""
     mode = RescaleRules()
     args = tuple(forward_args or ())
@@ -473,7 +473,7 @@ def rescale_gradients(forward: Callable, inputs: torch.Tensor, baselines: torch.
         x = inputs.detach().clone().requires_grad_(True)
         with torch.enable_grad(), mode:
             mode.phase = "reference"
-            f_ref = forward(ref_in, *args)
+            forward(ref_in, *args)
             mode.phase = "input"
             mode.mark(x)
             f_x = forward(x, *args)
@@ -501,4 +501,4 @@ def rescale_gradients(forward: Callable, inputs: torch.Tensor, baselines: torch.
     if layer is not None:
         g = grads[1] if grads[1] is not None else torch.zeros_like(store["input"][0])
         layer_pair = (store["input"][0].detach(), store["reference"][0].detach(), g)
-    return multipliers.detach(), f_x.detach(), f_ref.detach(), mode.diagnostics(), layer_pair
+    return multipliers.detach(), mode.diagnostics(), layer_pair
