@@ -134,18 +134,25 @@ def import_result(scene, volume_node, folder, *, class_name: Optional[str] = Non
                                                        names, folder=run_folder)
             del labels
         maps = {}
-        for method, entry in (run.get("results") or {}).items():
+        target_folders: Dict[str, int] = {}  # several targets: "<target>/<method>", a folder each
+        for key, entry in (run.get("results") or {}).items():
             if between_maps is not None:
-                between_maps(method)
+                between_maps(key)
+            target, several, method = key.rpartition("/")
+            where, who = run_folder, label
+            if several:
+                if target not in target_folders:
+                    target_folders[target] = scene.GetSubjectHierarchyNode().CreateFolderItem(run_folder, target)
+                where, who = target_folders[target], target
             meta = entry.get("metadata") or {}
-            attributes = {"method": method, "class": label, "seconds": entry.get("seconds"),
+            attributes = {"method": method, "class": label, "target": who, "seconds": entry.get("seconds"),
                           "params": (run.get("parameters") or {}).get("methods", {}).get(method, {}),
                           "diagnostics": entry.get("diagnostics", {})}
             signed = bool(meta["signed"]) if "signed" in meta else None
             node = bridge.add_map_file(scene, folder / entry["file"], volume_node,
-                                       bridge.map_node_name(volume_name, method, label), signed=signed,
-                                       folder=run_folder, attributes=attributes)
-            maps[method] = node
+                                       bridge.map_node_name(volume_name, method, who), signed=signed,
+                                       folder=where, attributes=attributes)
+            maps[key] = node
         table = bridge.add_metrics_table(scene, metrics_rows(result), f"{volume_name} - metrics", folder=run_folder)
         shown = maps.get(show_method) if show_method in maps else next(iter(maps.values()), None)
     # Views after the batch: the overlay and rendering need the scene's normal updates.

@@ -207,3 +207,28 @@ def test_the_parent_watch_itself_ends_the_worker_when_the_parent_is_gone():
     assert "still running" not in child.stdout
     assert child.returncode in (-signal.SIGTERM, W.EXIT_CODES["cancelled"])
     assert W.watch_parent(None, None) is None and W.watch_parent("", None) is None
+
+
+def test_several_targets_import_into_a_folder_per_target(scene, tmp_path):
+    """A run with several targets (--region components): each target's maps in its own folder
+    under the run's folder, named after the target, voxel for voxel as written."""
+    from conftest import vessel_tubes
+    from EsegetaLib import runner
+    from EsegetaLib.io import Image, read_image, write_image
+
+    affine = np.diag([0.4, 0.4, 0.4, 1.0])
+    array = vessel_tubes((32, 32, 32), ((16, 9), (16, 23)), 2.5)[None]
+    write_image(tmp_path / "tubes.nii.gz", array, Image(array=array, ijk_to_ras=affine, format="nifti"))
+    request = runner.ExplainRequest(volume=tmp_path / "tubes.nii.gz", methods="Saliency", region="components",
+                                    device="cpu", metrics="none", precision="fp32", scene=False)
+    folder = runner.execute(runner.prepare(request), tmp_path / "result")
+    volume = bridge.volume_from_array(scene, array[0], affine, "tubes")
+    nodes = import_result(scene, volume, folder)
+    sh = scene.GetSubjectHierarchyNode()
+    assert sorted(nodes["maps"]) == ["component_1/Saliency", "component_2/Saliency"]
+    for key, node in nodes["maps"].items():
+        parent = sh.GetItemParent(sh.GetItemByDataNode(node))
+        assert sh.GetItemName(parent) == key.split("/")[0] and sh.GetItemParent(parent) == nodes["folder"]
+        assert node.GetName() == f"tubes - Saliency - {key.split('/')[0]}"
+        np.testing.assert_array_equal(bridge.array_from_volume(node)[0],
+                                      read_image(folder / "attributions" / f"{key}.nii.gz").array[0])
