@@ -70,6 +70,9 @@ class ExplainRequest:
     reference_mask: Optional[Union[str, Path]] = None
     compress: bool = True  # gzip the written maps; False for exchange files read back at once (Slicer worker)
     metric_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # metric -> {param: value}
+    # test-time augmentation: "flips" | "noise:N[:F]" -> stability/<method>_mean, _cv and the prediction's
+    # entropy (stability.py); None: off
+    stability: Optional[str] = None
 
 
 @dataclass
@@ -86,6 +89,7 @@ class PreparedRun:
     device: str
     warnings: List[str] = field(default_factory=list)
     reference_mask: Optional[np.ndarray] = None  # bool (I, J, K) from request.reference_mask
+    stability: Any = None  # stability.StabilitySpec from request.stability
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -340,6 +344,12 @@ def prepare(request: ExplainRequest) -> PreparedRun:
         raise EsegetaError(f"--boundary needs a region with a boundary (predicted, component, components, roi); "
                            f"--region {region} has none.")
     methods = resolve_methods(request.methods, request.params)
+    from .stability import parse_stability
+
+    stability = parse_stability(request.stability)
+    if stability is not None and (request.classes is not None or region in ("components",)):
+        raise EsegetaError("--stability explains one target at a time; drop --classes / components, or run "
+                           "each class or component separately.")
     metrics = resolve_metrics(request.metrics)
 
     volume_path = check_readable(request.volume, "volume")
@@ -414,7 +424,7 @@ def prepare(request: ExplainRequest) -> PreparedRun:
                             seed=int(request.seed))
     return PreparedRun(request=request, image=image, model=model, target=target, options=options,
                        methods=methods, metrics=metrics, inputs=inputs, class_name=class_name,
-                       device=device, warnings=warnings, reference_mask=reference)
+                       device=device, warnings=warnings, reference_mask=reference, stability=stability)
 
 
 def _load_model(path, inputs: List[Tuple[str, Path]], fold=None, activation: Optional[str] = None):
@@ -487,12 +497,16 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
     t0 = time.perf_counter()
     # Progress by the work left (work.py): segmentation, each method, the metrics, then writing.
     stages = method_stages([spec for spec, _ in _method_specs(prepared)])
-    plan = WorkPlan(progress, ["segmentation"] + stages + ["metrics", "writing"])
+    tta = ["stability"] if prepared.stability is not None else []
+    plan = WorkPlan(progress, ["segmentation"] + stages + tta + ["metrics", "writing"])
     plan.set("writing", 0.0)  # seconds of file writing: not model work, not in the estimate
     with ResultDirectory(out_dir, overwrite=overwrite, inputs=[p for _, p in prepared.inputs]) as result:
         explanation, session, peaks, engine_seconds = _run_engine(prepared, plan, stages, cancel)
+        stability = _stability(prepared, session, explanation, plan, stages) if tta else None
         folder = result.path
         written = write_images(folder, prepared.image, explanation, compress=prepared.request.compress)
+        if stability is not None:
+            written.update(write_stability(folder, prepared.image, stability, compress=prepared.request.compress))
         t_engine = time.perf_counter()
         metric_rows = _metrics(prepared, explanation, session, peaks, folder, plan.stage("metrics"), cancel)
         t_metrics = time.perf_counter()
@@ -507,10 +521,50 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
                    "methods": {name: r.seconds for name, r in explanation.results.items()}}
         record = _run_json(prepared, explanation, command, argv, started, timings, metric_rows, written, scene_record)
         timings["total_seconds"] = time.perf_counter() - t0
+        if stability is not None:
+            record["stability"] = stability.summary(explanation.region)
         record["outputs"] = provenance.output_records(folder)
         provenance.write_json(folder / "run.json", record)
         plan.finish("done")
         return result.commit()
+
+
+def _stability(prepared: PreparedRun, session, explanation, plan, stages: Sequence[str]):
+    """The methods rerun under test-time augmentation (stability.py); each plain result gets the
+    "stability" trust check."""
+    from .stability import add_stability_check, augmentations, run_stability
+    from .work import BACKWARD, BACKWARD_FORWARDS
+
+    image = prepared.image
+    runs = len(augmentations(prepared.stability, image.array[:1, :1, :1, :1]))
+    per_run = sum((plan.units.get(s) or 0.0) * (BACKWARD_FORWARDS if plan.kinds.get(s) == BACKWARD else 1.0)
+                  for s in ["segmentation"] + list(stages))
+    plan.set("stability", runs * per_run)
+    result = run_stability(session, lambda array: prepared.model.network_for(array, spacing=image.spacing,
+                                                                             affine=image.ijk_to_ras),
+                           prepared.methods, prepared.stability, progress=plan.stage("stability"))
+    for name, method_result in explanation.results.items():
+        add_stability_check(method_result, result, name, explanation.region)
+    return result
+
+
+def write_stability(folder: Path, image, stability, compress: bool = True) -> Dict[str, str]:
+    """stability/<method>_mean, <method>_cv and prediction_entropy on the input grid (float32)."""
+    from .io import extension_for, write_image
+
+    ext = extension_for(image)
+    if not compress and ext == ".nii.gz":
+        ext = ".nii"
+    (folder / "stability").mkdir()
+    written = {}
+    volumes = {f"{name}_{kind}": array for name, (mean, cv) in stability.maps.items()
+               for kind, array in (("mean", mean), ("cv", cv))}
+    volumes["prediction_entropy"] = stability.prediction_entropy
+    for key, array in volumes.items():
+        path = folder / "stability" / f"{key}{ext}"
+        write_image(path, np.asarray(array, dtype=np.float32), image, dtype=np.float32, compress=compress)
+        written[f"stability/{key}"] = path.relative_to(folder).as_posix()
+    return written
 
 
 def _check_cancel(cancel) -> None:

@@ -89,6 +89,11 @@ def add_run_arguments(parser, methods_default: str, metrics_default: str = "defa
                      help="a ground-truth (or reference) mask on the volume's grid for the localisation metrics "
                           "(relevance_mass, relevance_rank, vxap, pointing_game, relevance_shares); "
                           "default: the explained region")
+    out.add_argument("--stability", default=None, metavar="flips|noise:N[:F]",
+                     help="rerun every method under test-time augmentation (flips: the 8 axis mirrors, mapped "
+                          "back; noise:N[:F]: N draws of Gaussian noise, F x the volume's stdev, default 0.05) and "
+                          "write stability/<method>_mean, <method>_cv (coefficient of variation) and the "
+                          "prediction's entropy; costs that many runs")
     out.add_argument("--no-scene", dest="scene", action="store_false",
                      help="skip esegeta.mrb and previews/ (the Slicer review scene)")
     out.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output directory")
@@ -121,7 +126,8 @@ def request_from(args, volume, model):
                           patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size,
                           metrics=args.metrics, seed=args.seed, scene=args.scene,
                           activation=getattr(args, "activation", None), fold=getattr(args, "fold", None),
-                          reference_mask=getattr(args, "reference_mask", None))
+                          reference_mask=getattr(args, "reference_mask", None),
+                          stability=getattr(args, "stability", None))
 
 
 def run_request(args, request, out: Path, command: str) -> Path:

@@ -57,6 +57,8 @@ def make_task(spec, case, out: Path) -> Dict[str, Any]:
             task[key] = getattr(spec, key)
     if spec.metric_params:
         task["metric_params"] = spec.metric_params
+    if engine.get("stability") is not None:  # only when given (fingerprints of earlier studies)
+        task["stability"] = str(engine["stability"])
     task["fingerprint"] = fingerprint(task)
     task["retries"] = int(engine["retries"])
     task["out"] = str(Path(out).resolve())
@@ -122,7 +124,8 @@ def _request(task: Dict[str, Any]):
                           metrics=task["metrics"], seed=int(task["seed"]), scene=bool(engine["scene"]),
                           reference_mask=task.get("reference_path"), activation=task.get("activation"),
                           fold=task.get("fold"), metric_params=task.get("metric_params") or {},
-                          classes=task.get("classes"), boundary_mm=task.get("boundary_mm"))
+                          classes=task.get("classes"), boundary_mm=task.get("boundary_mm"),
+                          stability=task.get("stability"))
 
 
 def _first_line(exc: BaseException) -> str:

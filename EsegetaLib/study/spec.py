@@ -61,6 +61,7 @@ ENGINE_DEFAULTS: Dict[str, Any] = {
     "gallery_cases": 3,     # cases shown in figures/gallery.png
     "cpus_per_task": 1,     # Ray: CPUs asked per case on a cluster without GPUs
     "gpus_per_task": 1,     # Ray: GPUs asked per case on a cluster with GPUs
+    "stability": None,      # flips | noise:N[:F]: test-time augmentation per case (EsegetaLib/stability.py)
 }
 
 
@@ -609,4 +610,11 @@ def _engine(value, problem) -> Dict[str, Any]:
         _integer(engine[key], f"engine.{key}", problem, minimum=0)
     if not isinstance(engine["scene"], bool):
         problem("engine.scene", f"must be true or false; got {engine['scene']!r}")
+    if engine["stability"] is not None:
+        from ..stability import parse_stability
+
+        try:
+            parse_stability(str(engine["stability"]))
+        except EsegetaError as error:
+            problem("engine.stability", str(error).replace("--stability ", "", 1))
     return engine

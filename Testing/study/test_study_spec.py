@@ -194,3 +194,16 @@ def test_several_targets_and_boundary_reach_the_request(folder, tmp_path):
         load_study(bad)
     text = str(info.value)
     assert "target.classes" in text and "target.boundary" in text and "three voxel indices" in text
+
+
+def test_engine_stability_reaches_the_request_and_is_validated(folder, tmp_path):
+    from EsegetaLib.study.cases import _request, make_task
+
+    base = {"volumes": ["vol0.nii.gz"], "models": ["bundled"], "methods": ["Saliency"], "target": {"class": 1}}
+    spec = load_study(_write(folder, "stability.yaml", dict(base, engine={"stability": "noise:4"})))
+    task = make_task(spec, spec.cases[0], tmp_path)
+    assert task["stability"] == "noise:4" and _request(task).stability == "noise:4"
+    plain = load_study(_write(folder, "no_stability.yaml", base))
+    assert "stability" not in make_task(plain, plain.cases[0], tmp_path)  # earlier fingerprints unchanged
+    with pytest.raises(StudySpecError, match="engine.stability"):
+        load_study(_write(folder, "bad_stability.yaml", dict(base, engine={"stability": "mirror"})))
