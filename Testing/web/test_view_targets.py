@@ -51,3 +51,24 @@ def test_viewer_keys_maps_by_target(result_folder):
     from_dir = load_directory(SlicerApp(), result)
     from_mrb = load_mrb(SlicerApp(), load_result(result_folder / "esegeta.mrb"))
     assert list(from_dir.maps) == KEYS and sorted(from_mrb.maps) == sorted(KEYS)
+
+
+def test_target_menu_switches_the_methods_and_the_map(result_folder):
+    import os
+
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    from trame.app import get_server
+
+    from EsegetaLib.web.app import EsegetaViewer
+    from EsegetaLib.web.result import load_result
+
+    viewer = EsegetaViewer(load_result(result_folder), get_server("targets_state", client_type="vue3"))
+    state = viewer.state
+    assert state.targets == ["component_1", "component_2"] and state.target == "component_1"
+    assert state.methods == ["Saliency", "InputXGradient"] and state.method == "Saliency"
+    assert viewer.current is viewer.scene.maps["component_1/Saliency"]
+    viewer._on_method("InputXGradient")
+    state.method = "InputXGradient"
+    state.target = "component_2"
+    viewer._on_target("component_2")
+    assert state.method == "InputXGradient" and viewer.current is viewer.scene.maps["component_2/InputXGradient"]
