@@ -309,8 +309,24 @@ class ExplainSession:
         return torch.stack(parts).to(self.device, self.dtype)
 
     def window_weights(self, indices: Sequence[int]) -> torch.Tensor:
-        """(len, 1, *patch): blending weight x region (/ region size for 'mean') per window."""
-        parts = [self.grid.weight(self.windows[i]) * self._region_pad[self.windows[i]] for i in indices]
+        """(len, 1, *patch): blending weight x region (/ region size for 'mean') per window.
+
+        Kept per window (host, the network's dtype) while they fit in 256 MB: every pass of every
+        method and metric asks for them again, and computing one costs about a tenth of a small
+        window's forward+backward (measured on a 48^3 window)."""
+        cache = getattr(self, "_weight_cache", None)
+        if cache is None or cache[0] is not self._region_pad:
+            patch_bytes = int(np.prod(self.grid.patch)) * torch.finfo(self.dtype).bits // 8
+            keep = len(self.windows) * patch_bytes <= 256 * 2**20
+            cache = self._weight_cache = (self._region_pad, {} if keep else None)
+        parts = []
+        for i in indices:
+            part = None if cache[1] is None else cache[1].get(i)
+            if part is None:
+                part = (self.grid.weight(self.windows[i]) * self._region_pad[self.windows[i]]).to(self.dtype)
+                if cache[1] is not None:
+                    cache[1][i] = part
+            parts.append(part)
         return torch.stack(parts)[:, None].to(self.device, self.dtype)
 
     def run_batches(self, items: Sequence[Any], work: Callable[[Sequence[Any]], Any],
