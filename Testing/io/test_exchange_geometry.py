@@ -28,7 +28,8 @@ from helpers import write_torchscript  # noqa: E402
 from EsegetaLib.cli import main  # noqa: E402
 from EsegetaLib.io import read_image  # noqa: E402
 from EsegetaLib.slicer import scene as S  # noqa: E402
-from EsegetaLib.slicer.slicer_run import import_result, write_volume_node  # noqa: E402
+from EsegetaLib.slicer.result_import import import_result  # noqa: E402
+from EsegetaLib.slicer.slicer_run import write_volume_node  # noqa: E402
 from EsegetaLib.slicer.worker import make_job, read_result, run_job  # noqa: E402
 
 REPRESENTATIVES = H.representatives()
@@ -88,7 +89,7 @@ def test_module_exchange_keeps_the_input_nodes_grid(tmp_path, scene, model, vari
                     "device": "cpu"}, str(work / "result"))
     run_job(job, progress=lambda fraction, message="": None, cancel=threading.Event())
     result = read_result(str(work / "result"))
-    nodes = import_result(scene, node, result)
+    nodes = import_result(scene, node, str(work / "result"))  # what SceneRun.import_result calls
 
     for method, map_node in nodes["maps"].items():
         map_values, map_matrix = S.array_from_volume(map_node)
