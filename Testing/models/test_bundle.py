@@ -5,7 +5,6 @@ input grid; bad bundles get one line."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import zipfile
 from pathlib import Path
