@@ -51,7 +51,7 @@ def nnunet_prediction(folder: Path, volume: Path, out: Path, folds) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential([[str(volume)]], str(out), save_probabilities=False, overwrite=True,
                                             folder_with_segs_from_prev_stage=None)
-    return out / "case.nii.gz"
+    return out / volume.name.replace("_0000.nii.gz", ".nii.gz")  # nnU-Net's case name
 
 
 @pytest.mark.parametrize("fold", ["0", None])
@@ -288,3 +288,29 @@ def test_slicer_panel_logic_takes_folders_fold_and_activation(nnunet_root, tmp_p
         with pytest.raises(EsegetaError, match=fragment) as err:
             request_fields(bad)
         assert "\n" not in str(err.value)
+
+
+def test_transposed_ct_resenc_folder_equals_nnunet_predictor(tmp_path, capsys):
+    """Axis handling and CT normalisation against nnU-Net's predictor: plans with transpose_forward
+    [2, 0, 1] (nnU-Net puts the anisotropic axis first), CTNormalization (clip to the dataset's
+    percentiles, its mean and std), a ResidualEncoderUNet; the volume's coarse axis is I."""
+    from EsegetaLib.io import Image, read_image, write_image
+
+    folder = make_nnunet_folder(tmp_path / "nn", plans_dict=plans(architecture=RESENC, normalization="CTNormalization",
+                                                                  transpose=(2, 0, 1)), seed=3)
+    array = tube_volume(shape=(14, 30, 34))
+    volume = tmp_path / "ct_0000.nii.gz"
+    write_image(volume, array, Image(array=array, ijk_to_ras=anisotropic_affine((2.6, 0.9, 0.8)), format="nifti"))
+    out = tmp_path / "run"
+    assert main(["explain", str(volume), "--model", str(folder), "--out", str(out), "--methods", "Saliency",
+                 "--metrics", "none", "--no-scene", "--device", "cpu", "--region", "whole"]) == 0, \
+        capsys.readouterr().err
+    ours = read_image(out / "segmentation.nii.gz")
+    reference = read_image(nnunet_prediction(folder, volume, tmp_path / "nnunet", (0,)))
+    score = dice(ours.array[0], reference.array[0])
+    print(f"\ntransposed CT ResEnc: Dice vs nnUNetPredictor {score:.4f}")
+    assert ours.array.shape == reference.array.shape
+    assert 100 < int((reference.array > 0).sum()) < reference.array.size - 100
+    assert score >= 0.99
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine"]["model_preprocessing"]["axis_order"] == ["I", "K", "J"]
