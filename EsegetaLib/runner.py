@@ -65,6 +65,7 @@ class ExplainRequest:
     scene: bool = True  # esegeta.mrb + previews/ when slicer-core is installed
     activation: Optional[str] = None  # softmax | sigmoid; None: the model's (one output channel: sigmoid)
     fold: Optional[Union[int, str]] = None  # nnU-Net folders: a fold number or "all"; None: every fold
+    mirroring: bool = False  # nnU-Net folders: test-time mirroring (nnUNetPredictor's default)
     # Ground-truth / reference mask (same grid) for localisation metrics: relevance_mass/rank, vxap,
     # pointing_game, relevance_shares. None: the explained region is the reference.
     reference_mask: Optional[Union[str, Path]] = None
@@ -358,7 +359,8 @@ def prepare(request: ExplainRequest) -> PreparedRun:
         raise EsegetaError(f"Volume '{volume_path}' contains NaN or infinite voxels; fix or mask them first.")
     inputs: List[Tuple[str, Path]] = [("volume", volume_path)]
 
-    model = _load_model(request.model, inputs, fold=request.fold, activation=request.activation)
+    model = _load_model(request.model, inputs, fold=request.fold, activation=request.activation,
+                        mirroring=request.mirroring)
     card = model.card
     from .methods.base import check_network_support, get_method
 
@@ -427,19 +429,21 @@ def prepare(request: ExplainRequest) -> PreparedRun:
                        device=device, warnings=warnings, reference_mask=reference, stability=stability)
 
 
-def _load_model(path, inputs: List[Tuple[str, Path]], fold=None, activation: Optional[str] = None):
+def _load_model(path, inputs: List[Tuple[str, Path]], fold=None, activation: Optional[str] = None,
+                mirroring: bool = False):
     from . import models
 
     if is_bundled_model(path):
-        if fold is not None:
-            raise EsegetaError("--fold applies to nnU-Net trained-model folders only, not to the bundled model.")
+        if fold is not None or mirroring:
+            raise EsegetaError("--fold and --mirroring apply to nnU-Net trained-model folders only, not to the "
+                               "bundled model.")
         path = None
         model = models.load_default_model()
         if activation is not None:
             model.set_activation(activation)
     else:
         check_readable(path, "model")
-        model = models.load_model(path, fold=fold, activation=activation)
+        model = models.load_model(path, fold=fold, activation=activation, mirroring=mirroring)
     for role, file in model_files(model, path):
         inputs.append((role, file))
     return model
@@ -911,7 +915,7 @@ def _run_json(prepared: PreparedRun, explanation, command, argv, started, timing
         "patch_size": request.patch_size, "overlap": request.overlap, "batch_size": request.batch_size,
         "metrics": prepared.metrics, "seed": request.seed,
         "model_card": _card_record(card),
-        "activation": request.activation, "fold": request.fold,
+        "activation": request.activation, "fold": request.fold, "mirroring": request.mirroring,
         "model_description": prepared.model.description.to_dict() if hasattr(prepared.model, "description") else None,
     }
     return provenance.run_record(

@@ -110,6 +110,9 @@ def add_parser(subparsers, common):
     parser.add_argument("--fold", default=None, metavar="N|all",
                         help="nnU-Net folders: one fold, or 'all' (the fold_all model); default: every fold_N, "
                              "ensembled (mean of the folds' logits)")
+    parser.add_argument("--mirroring", action="store_true",
+                        help="nnU-Net folders: test-time mirroring, as nnUNetPredictor does by default (up to 8x "
+                             "the cost; default: off)")
     parser.add_argument("--out", required=True, metavar="DIR", help="result directory (created; must be empty)")
     add_run_arguments(parser, methods_default="Saliency,IntegratedGradients")
     parser.set_defaults(handler=run)
@@ -126,6 +129,7 @@ def request_from(args, volume, model):
                           patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size,
                           metrics=args.metrics, seed=args.seed, scene=args.scene,
                           activation=getattr(args, "activation", None), fold=getattr(args, "fold", None),
+                          mirroring=bool(getattr(args, "mirroring", False)),
                           reference_mask=getattr(args, "reference_mask", None),
                           stability=getattr(args, "stability", None))
 

@@ -26,7 +26,8 @@ __all__ = ["ACTIVATIONS", "DEFAULT_CARD", "NORMALIZATIONS", "IntensityNormalizat
 
 
 def load_model(path, normalization=None, fold: Optional[Union[int, str]] = None,
-               activation: Optional[str] = None, checkpoint: Optional[str] = None) -> LoadedModel:
+               activation: Optional[str] = None, checkpoint: Optional[str] = None,
+               mirroring: bool = False) -> LoadedModel:
     """Load any supported model (see the module docstring) and settle its activation.
 
     normalization: overrides the card's (or sets one for a bare TorchScript/export file, default
@@ -34,6 +35,9 @@ def load_model(path, normalization=None, fold: Optional[Union[int, str]] = None,
     fold: nnU-Net only: a fold number or "all" (the fold_all model); None = every fold_N found,
       ensembled (mean of the folds' logits, as nnU-Net does). checkpoint: nnU-Net checkpoint name
       (default checkpoint_final.pth, else checkpoint_best.pth).
+      mirroring: nnU-Net only: test-time mirroring over the axes its checkpoint allows (the mean of
+      the flipped predictions, as `nnUNetPredictor(use_mirroring=True)`, its default); off by default
+      (up to 8x the cost).
     activation: "softmax" | "sigmoid" overrides the card/format; None keeps it, except that a model
       with one output channel is a sigmoid model (detected with a small forward pass).
     Errors: EsegetaError with one line for every expected mistake.
@@ -42,10 +46,13 @@ def load_model(path, normalization=None, fold: Optional[Union[int, str]] = None,
     path = str(path)
     if fold is not None and kind != "nnunet":
         raise EsegetaError(f"--fold applies to nnU-Net trained-model folders only; {path} is a {kind} model")
+    if mirroring and kind != "nnunet":
+        raise EsegetaError(f"--mirroring applies to nnU-Net trained-model folders only; {path} is a {kind} model")
     if kind == "nnunet":
         from . import nnunet
 
         loaded = nnunet.load(path, fold=fold, checkpoint=checkpoint)
+        loaded.use_mirroring = bool(mirroring)
     elif kind == "monai_bundle":
         from . import bundle
 

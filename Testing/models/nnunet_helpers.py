@@ -99,6 +99,8 @@ def make_nnunet_folder(root: Path, plans_dict=None, folds=(0,), seed: int = 0) -
                 trainer.logger.log("epoch_start_timestamps", 1.0e9 + epoch, epoch)
                 trainer.logger.log("epoch_end_timestamps", 1.0e9 + epoch + 0.5, epoch)
             trainer._best_ema = np.float64(0.5)
+            # what training sets before its first epoch: the axes allowed for test-time mirroring
+            trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
             save_json(trainer.plans_manager.plans, join(trainer.output_folder_base, "plans.json"), sort_keys=False)
             save_json(trainer.dataset_json, join(trainer.output_folder_base, "dataset.json"), sort_keys=False)
             trainer.save_checkpoint(join(trainer.output_folder, "checkpoint_final.pth"))

@@ -40,11 +40,11 @@ def volume_file(tmp_path_factory):
     return path
 
 
-def nnunet_prediction(folder: Path, volume: Path, out: Path, folds) -> Path:
+def nnunet_prediction(folder: Path, volume: Path, out: Path, folds, mirroring: bool = False) -> Path:
     """nnU-Net's own predictor on the file (its SimpleITK reader, preprocessing and export)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=folds,
                                                    checkpoint_name="checkpoint_final.pth")
@@ -54,10 +54,11 @@ def nnunet_prediction(folder: Path, volume: Path, out: Path, folds) -> Path:
     return out / volume.name.replace("_0000.nii.gz", ".nii.gz")  # nnU-Net's case name
 
 
-@pytest.mark.parametrize("fold", ["0", None])
-def test_segmentation_equals_nnunet_predictor(nnunet_root, volume_file, tmp_path, capsys, fold):
+@pytest.mark.parametrize("fold, mirroring", [("0", False), (None, False), ("0", True)])
+def test_segmentation_equals_nnunet_predictor(nnunet_root, volume_file, tmp_path, capsys, fold, mirroring):
     """esegeta explain on the folder = nnUNetPredictor on the same file: Dice >= 0.99, same grid.
-    fold None: both folds, ensembled (mean of the folds' logits) by both."""
+    fold None: both folds, ensembled (mean of the folds' logits) by both; mirroring: nnU-Net's
+    test-time mirroring (its predictor's default) in both."""
     from EsegetaLib.io import read_image
 
     _, folder = nnunet_root
@@ -65,16 +66,18 @@ def test_segmentation_equals_nnunet_predictor(nnunet_root, volume_file, tmp_path
             "--methods", "Saliency", "--metrics", "none", "--no-scene", "--device", "cpu", "--region", "whole"]
     if fold is not None:
         argv += ["--fold", fold]
+    if mirroring:
+        argv += ["--mirroring"]
     assert main(argv) == 0, capsys.readouterr().err
     notes = capsys.readouterr().err
     assert "nnU-Net v2 trained-model folder" in notes and "PlainConvUNet" in notes
     ours = read_image(tmp_path / "run" / "segmentation.nii.gz")
     reference = read_image(nnunet_prediction(folder, volume_file, tmp_path / "nnunet",
-                                             (0,) if fold else (0, 1)))
+                                             (0,) if fold else (0, 1), mirroring))
     assert ours.array.shape == reference.array.shape
     np.testing.assert_allclose(ours.ijk_to_ras, reference.ijk_to_ras, atol=1e-5)
     score = dice(ours.array[0], reference.array[0])
-    print(f"\nfold {fold or '0+1'}: Dice vs nnUNetPredictor {score:.4f}, foreground "
+    print(f"\nfold {fold or '0+1'}, mirroring {mirroring}: Dice vs nnUNetPredictor {score:.4f}, foreground "
           f"{int((reference.array > 0).sum())} voxels")
     assert (reference.array > 0).sum() > 100 and (reference.array == 0).sum() > 100
     assert score >= 0.99
@@ -84,6 +87,7 @@ def test_segmentation_equals_nnunet_predictor(nnunet_root, volume_file, tmp_path
     pre = run["engine"]["model_preprocessing"]
     assert pre["resampled_from"]["spacing"] == pytest.approx(list(SPACING[::-1]))
     assert pre["resampled_to"]["spacing"] == [2.0, 1.0, 1.0] and pre["folds"] == ([fold] if fold else ["0", "1"])
+    assert (pre["mirroring"] is not None) == mirroring
     roles = [item["role"] for item in run["inputs"]]
     assert "nnU-Net plans" in roles and any(r.startswith("nnU-Net checkpoint") for r in roles)
     saliency = read_image(tmp_path / "run" / "attributions" / "Saliency.nii.gz")
