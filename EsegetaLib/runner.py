@@ -114,6 +114,29 @@ def parse_param_assignments(items: Sequence[str]) -> Dict[str, Dict[str, str]]:
     return params
 
 
+def parse_metric_params(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """`["sensitivity.n_samples=4", "randomisation.within=region"]` -> {"sensitivity": {"n_samples": 4}, ...}:
+    values read as JSON where they parse (numbers, true/false, null), else kept as text; names are
+    checked against the metrics' own parameters (one-line error)."""
+    import json
+
+    from .metrics.evaluate import resolve_params
+
+    params: Dict[str, Dict[str, Any]] = {}
+    for item in items or ():
+        match = re.fullmatch(r"\s*([A-Za-z_]+)\.([A-Za-z0-9_]+)\s*=\s*(.*?)\s*", item)
+        if not match:
+            raise EsegetaError(f"--metric-param '{item}' is not METRIC.NAME=VALUE (e.g. sensitivity.n_samples=4).")
+        metric, name, text = match.groups()
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        params.setdefault(metric.lower(), {})[name] = value
+    resolve_params(params)  # unknown metric or parameter: one line naming it
+    return params
+
+
 def resolve_methods(names: Union[str, Sequence[str]], params: Dict[str, Dict[str, Any]]) -> MethodList:
     """Registered names (case-insensitive, closest suggested) with validated parameters."""
     from .methods import all_methods, get_method

@@ -85,6 +85,9 @@ def add_run_arguments(parser, methods_default: str, metrics_default: str = "defa
                      help="evaluation metrics per method (default: "
                           + ("the metrics module's default set" if metrics_default == "default" else metrics_default)
                           + "); runtime, device and peak memory are always recorded")
+    out.add_argument("--metric-param", action="append", default=[], metavar="METRIC.NAME=VALUE",
+                     help="a metric's parameter, repeatable (e.g. sensitivity.n_samples=4, deletion.domain=region; "
+                          "see docs/readme/metrics.md)")
     out.add_argument("--reference-mask", default=None, metavar="MASKFILE",
                      help="a ground-truth (or reference) mask on the volume's grid for the localisation metrics "
                           "(relevance_mass, relevance_rank, vxap, pointing_game, relevance_shares); "
@@ -120,7 +123,7 @@ def add_parser(subparsers, common):
 
 
 def request_from(args, volume, model):
-    from ..runner import ExplainRequest, parse_param_assignments
+    from ..runner import ExplainRequest, parse_metric_params, parse_param_assignments
 
     return ExplainRequest(volume=volume, model=model, methods=args.methods,
                           params=parse_param_assignments(args.param), class_index=args.class_index,
@@ -131,6 +134,7 @@ def request_from(args, volume, model):
                           activation=getattr(args, "activation", None), fold=getattr(args, "fold", None),
                           mirroring=bool(getattr(args, "mirroring", False)),
                           reference_mask=getattr(args, "reference_mask", None),
+                          metric_params=parse_metric_params(getattr(args, "metric_param", None) or []),
                           stability=getattr(args, "stability", None))
 
 
