@@ -15,12 +15,8 @@ import vtk
 
 import slicer
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                          ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
@@ -119,6 +115,8 @@ class EsegetaParameterNode:
     precision: Annotated[str, Choice(["auto", "fp32", "bf16", "fp16"])] = "auto"
     patchSize: int = 0
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
+    activation: Annotated[str, Choice(list(slicer_logic.ACTIVATION_CHOICES))] = "auto"
+    fold: str = ""  # nnU-Net folders: a fold or "all"; empty: every fold, ensembled
     metrics: str = ""
     shownMap: vtkMRMLScalarVolumeNode
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -165,7 +163,8 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(slicer.mrmlScene, event, handler)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
-        self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
+        self.ui.modelBrowseButton.connect("clicked(bool)", lambda _=False: self.onBrowseModel(folder=False))
+        self.ui.modelFolderButton.connect("clicked(bool)", lambda _=False: self.onBrowseModel(folder=True))
         self.ui.modelPathLineEdit.connect("editingFinished()", self.updateModelCard)
         for combo, name in ((self.ui.targetClassComboBox, "targetClass"), (self.ui.regionComboBox, "region"),
                             (self.ui.patchSizeComboBox, "patchSize")):
@@ -265,9 +264,10 @@ class EsegetaWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt_panel.fill_combo(self.ui.targetClassComboBox, [(i, text, "") for i, text in slicer_logic.class_choices(summary)],
                             pn.targetClass if pn else 1)
 
-    def onBrowseModel(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Choose a segmentation model", "",
-                                              "Models (*.pt *.ts *.pt2 *.json);;All files (*)")
+    def onBrowseModel(self, folder: bool = False) -> None:
+        window = slicer.util.mainWindow()  # a folder: an nnU-Net trained-model folder or a MONAI bundle
+        path = qt.QFileDialog.getExistingDirectory(window, "Choose an nnU-Net or MONAI bundle folder") if folder else \
+            qt.QFileDialog.getOpenFileName(window, "Choose a segmentation model", "", slicer_logic.MODEL_FILE_FILTER)
         if path:
             self.ui.modelPathLineEdit.text = path
             self._parameterNode.modelPath = path

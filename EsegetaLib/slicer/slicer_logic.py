@@ -435,6 +435,10 @@ def _match_choice(value: Any, choices: Sequence[Any]) -> Any:
 # ------------------------------------------------------------------------------------ job settings
 
 DEVICE_CHOICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+# auto: the model's own (one output channel: sigmoid); the override of `esegeta explain --activation`.
+ACTIVATION_CHOICES = ("auto", "softmax", "sigmoid")
+# The model file picker (folders, nnU-Net results and MONAI bundles, have their own button).
+MODEL_FILE_FILTER = "Models (*.pt *.ts *.pt2 *.json *.zip);;All files (*)"
 
 
 @dataclass
