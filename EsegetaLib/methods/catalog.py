@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from .base import _REGISTRY, register
-from . import cam, gradient, layer_methods, noise, perturbation, rise, scorecam
+from . import cam, excitation, gradient, layer_methods, noise, perturbation, rise, scorecam
 
 ORDER = (gradient.SPECS + noise.SPECS + cam.SPECS + layer_methods.SPECS + perturbation.SPECS + rise.SPECS
-         + scorecam.SPECS)
+         + scorecam.SPECS + excitation.SPECS)
 
 # Layer methods hook modules: they need an eager network.  Guided backprop, deconvolution and
 # DeepLift apply their rules at the dispatcher (methods/guided.py, methods/rescale.py): any format.

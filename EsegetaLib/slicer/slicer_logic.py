@@ -237,6 +237,8 @@ PLAIN_TOOLTIPS = {
     "Lime": "Fits a simple model of the network on random blocks. Very slow.",
     "RISE": "Averages random smooth masks weighted by the result they give. Slow.",
     "ScoreCAM": "Shows the image through each deep-layer pattern and weights it by the result. Slow.",
+    "ExcitationBackprop": "Where the evidence for the result flows from, top-down (ReLU networks only). Fast.",
+    "ContrastiveExcitationBackprop": "Evidence for this class rather than the others (ReLU networks only). Fast.",
 }
 
 # Ordered presets shown first in the panel; "Custom" is the full list in families.

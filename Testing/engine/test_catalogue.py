@@ -58,6 +58,8 @@ def _check(expl, methods):
 def test_every_method_every_region(factory, region):
     net = factory()
     methods = _methods()
+    if factory is make_unet_instancenorm_prelu:  # refused there by design (Testing/methods/test_excitation.py)
+        methods = [m for m in methods if not m[0].endswith("ExcitationBackprop")]
     c = _class_predicted(net)
     extra = {"roi": {"mask": TUBES}, "point": {"point": (8, 8, 8), "radius": 1}}.get(region, {})
     target = Target(class_index=c, region=region, **extra)

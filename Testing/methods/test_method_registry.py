@@ -11,7 +11,8 @@ REQUIRED = [
     "DeepLiftShap", "GradientShap", "SmoothGrad", "SmoothGradSquared", "VarGrad", "GuidedGradCam", "GradCAM",
     "GradCAM++", "LayerActivation", "LayerConductance", "InternalInfluence", "LayerGradientXActivation",
     "LayerDeepLift", "LayerIntegratedGradients", "LayerGradientShap", "Occlusion", "FeatureAblation",
-    "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM",
+    "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM", "ExcitationBackprop",
+    "ContrastiveExcitationBackprop",
 ]
 
 
@@ -34,7 +35,7 @@ def test_every_required_method_is_registered_with_metadata():
 def test_patching_modes_follow_the_maths():
     assert {m.name for m in all_methods() if m.patching == "additive"} == {
         "Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop", "Deconvolution", "DeepLift",
-        "DeepLiftShap", "GradientShap"}
+        "DeepLiftShap", "GradientShap", "ExcitationBackprop", "ContrastiveExcitationBackprop"}
     assert {m.name for m in all_methods() if m.patching == "noise_tunnel"} == {"SmoothGrad", "SmoothGradSquared", "VarGrad"}
     assert {m.name for m in all_methods() if m.patching == "global"} == {
         "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM"}
