@@ -59,6 +59,17 @@ def _check_shape(shape) -> Tuple[int, int, int]:
     return shape
 
 
+def _start(shape, spacing, seed: int, n_tubes: int, radius_mm: Tuple[float, float]):
+    """Checked shape, spacing (array), the case's generator and its tubes (at least two)."""
+    shape = _check_shape(shape)
+    spacing = np.asarray(spacing, float)
+    rng = np.random.default_rng(seed)
+    tubes = _tubes(shape, spacing, rng, n_tubes, radius_mm)
+    if len(tubes) < 2:
+        raise EsegetaError(f"seed {seed}: fewer than two tubes fit in {shape}; use a larger shape.")
+    return shape, spacing, rng, tubes
+
+
 def _tubes(shape, spacing, rng, n_tubes: int, radius_mm: Tuple[float, float]):
     """Separate unbranched tubes: per tube its centre-line points (mm) and radius (mm)."""
     tubes = []
@@ -102,12 +113,7 @@ def shortcut_case(seed: int, shape: Sequence[int] = (48, 48, 48), spacing: Seque
 
     Markers sit beside randomly chosen tubes (touching the tube wall, on a random side), at most one
     per tube, so every volume has labelled and unlabelled tubes of the same appearance."""
-    shape = _check_shape(shape)
-    spacing = np.asarray(spacing, float)
-    rng = np.random.default_rng(seed)
-    tubes = _tubes(shape, spacing, rng, n_tubes, (0.7, 1.3))
-    if len(tubes) < 2:
-        raise EsegetaError(f"seed {seed}: fewer than two tubes fit in {shape}; use a larger shape.")
+    shape, spacing, rng, tubes = _start(shape, spacing, seed, n_tubes, (0.7, 1.3))
     occupancy = np.zeros(shape, np.float32)
     for points, radii in tubes:
         occupancy = np.maximum(occupancy, _occupancy(shape, spacing, points, radii))
@@ -167,12 +173,7 @@ def contrast_case(seed: int, shape: Sequence[int] = (48, 48, 48), spacing: Seque
     Tube and shell levels are drawn from overlapping ranges (0.35-0.85) with a contrast of 0.15-0.3
     of either sign, and the tissue between shells spans the same range, so no absolute threshold
     separates labelled from unlabelled tubes."""
-    shape = _check_shape(shape)
-    spacing = np.asarray(spacing, float)
-    rng = np.random.default_rng(seed)
-    tubes = _tubes(shape, spacing, rng, n_tubes, (0.7, 1.2))
-    if len(tubes) < 2:
-        raise EsegetaError(f"seed {seed}: fewer than two tubes fit in {shape}; use a larger shape.")
+    shape, spacing, rng, tubes = _start(shape, spacing, seed, n_tubes, (0.7, 1.2))
     clean = _texture(shape, rng, 0.6, 0.08)
     owner = np.full(shape, -1, np.int32)  # which tube (core or shell) a voxel shows; later tubes on top
     core = np.zeros(shape, bool)

@@ -102,14 +102,20 @@ def split_list(text: Union[str, Sequence[str], None]) -> List[str]:
     return [str(part).strip() for part in text if str(part).strip()]
 
 
+def _assignments(items: Sequence[str], flag: str, owner: str, pattern: str, example: str):
+    """Yield (owner, name, value text) from `OWNER.NAME=VALUE` strings; one-line error otherwise."""
+    for item in items or ():
+        match = re.fullmatch(r"\s*(" + pattern + r")\.([A-Za-z0-9_]+)\s*=\s*(.*?)\s*", item)
+        if not match:
+            raise EsegetaError(f"{flag} '{item}' is not {owner}.NAME=VALUE (e.g. {example}).")
+        yield match.groups()
+
+
 def parse_param_assignments(items: Sequence[str]) -> Dict[str, Dict[str, str]]:
     """`["IntegratedGradients.n_steps=32", ...]` -> {"IntegratedGradients": {"n_steps": "32"}}."""
     params: Dict[str, Dict[str, str]] = {}
-    for item in items or ():
-        match = re.fullmatch(r"\s*([A-Za-z0-9_+\-]+)\.([A-Za-z0-9_]+)\s*=\s*(.*?)\s*", item)
-        if not match:
-            raise EsegetaError(f"--param '{item}' is not METHOD.NAME=VALUE (e.g. IntegratedGradients.n_steps=32).")
-        method, name, value = match.groups()
+    for method, name, value in _assignments(items, "--param", "METHOD", r"[A-Za-z0-9_+\-]+",
+                                            "IntegratedGradients.n_steps=32"):
         params.setdefault(method, {})[name] = value
     return params
 
@@ -123,11 +129,8 @@ def parse_metric_params(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     from .metrics.evaluate import resolve_params
 
     params: Dict[str, Dict[str, Any]] = {}
-    for item in items or ():
-        match = re.fullmatch(r"\s*([A-Za-z_]+)\.([A-Za-z0-9_]+)\s*=\s*(.*?)\s*", item)
-        if not match:
-            raise EsegetaError(f"--metric-param '{item}' is not METRIC.NAME=VALUE (e.g. sensitivity.n_samples=4).")
-        metric, name, text = match.groups()
+    for metric, name, text in _assignments(items, "--metric-param", "METRIC", r"[A-Za-z_]+",
+                                           "sensitivity.n_samples=4"):
         try:
             value = json.loads(text)
         except ValueError:
