@@ -378,6 +378,8 @@ def prepare(request: ExplainRequest) -> PreparedRun:
         raise EsegetaError("--stability explains one target at a time; drop --classes / components, or run "
                            "each class or component separately.")
     metrics = resolve_metrics(request.metrics)
+    for metric in sorted(set(request.metric_params or {}) - set(metrics if metrics != "none" else [])):
+        warnings.append(f"--metric-param for '{metric}' is ignored: that metric is not computed (add it to --metrics).")
 
     volume_path = check_readable(request.volume, "volume")
     image = read_volume(volume_path)

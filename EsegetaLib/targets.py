@@ -52,6 +52,10 @@ def check_target(target: Target) -> None:
 
 
 def check_class(target: Target, n_classes: int) -> None:
+    if n_classes == 1 and target.activation == "softmax" and target.class_index != 0:
+        # A user who forced softmax on a one-channel model never named class 1: say what is wrong.
+        raise EsegetaError("softmax needs at least 2 output channels; this model has 1 (a sigmoid model, class 0 = "
+                           "the foreground): leave out --activation softmax, or use --activation sigmoid.")
     listed = target.classes if target.classes is not None and not isinstance(target.classes, str) else []
     for c in [target.class_index] + list(listed):
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < n_classes:

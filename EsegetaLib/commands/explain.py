@@ -164,7 +164,35 @@ def run_request(args, request, out: Path, command: str) -> Path:
         folder = execute(prepared, out, overwrite=args.overwrite, progress=progress, note=progress.note,
                          warn=progress.warn,
                          command=command, argv=getattr(args, "argv", None))
+        for line in trust_warnings(folder):  # users read the terminal: say which maps fell short
+            progress.warn(line)
     return folder
+
+
+def trust_warnings(folder: Path) -> list:
+    """One line per trust check of `run.json` that did not pass (warn/fail), naming method and check."""
+    import json
+
+    try:
+        run = json.loads((Path(folder) / "run.json").read_text())
+    except (OSError, ValueError):
+        return []
+    lines = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for check in node.get("checks") or []:
+                if isinstance(check, dict) and check.get("status") in ("warn", "fail"):
+                    value = check.get("value")
+                    figure = f" ({value:.3g})" if isinstance(value, (int, float)) else ""
+                    lines.append(f"trust: {where} {check.get('name')} {check['status']}{figure}: "
+                                 f"{check.get('detail', '')}".rstrip(": "))
+            for key, value in node.items():
+                if key != "checks":
+                    walk(value, f"{where}/{key}" if where else key)
+
+    walk(run.get("results", {}), "")
+    return lines
 
 
 def run(args) -> int:

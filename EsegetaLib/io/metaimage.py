@@ -30,7 +30,7 @@ def read(path) -> Tuple[np.ndarray, np.ndarray, None]:
     reader.ReadImageInformation()
     if reader.GetDimension() != 3:
         raise EsegetaError(f"{path} is a {reader.GetDimension()}-D image (MetaImage NDims); Esegeta explains 3-D "
-                           "volumes")
+                           "volumes: give the whole 3-D scan (not one slice), e.g. exported from Slicer as NIfTI")
     check_spacing(reader.GetSpacing(), "MetaImage ElementSpacing")
     direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine = LPS_TO_RAS @ affine_from(direction, reader.GetSpacing(), reader.GetOrigin())

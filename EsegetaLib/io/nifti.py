@@ -128,7 +128,7 @@ def read(path) -> Tuple[np.ndarray, np.ndarray, object]:
     shape = tuple(int(v) for v in header.get_data_shape())
     if len(shape) < 3:
         raise EsegetaError(f"{path} is a {len(shape)}-D image (NIfTI dim[0] = {len(shape)}); Esegeta explains 3-D "
-                           "volumes")
+                           "volumes: give the whole 3-D scan (not one slice), e.g. exported from Slicer as NIfTI")
     extra = [a for a in range(3, len(shape)) if shape[a] > 1]
     if len(extra) > 1:
         raise EsegetaError(f"{path} has more than one non-spatial axis (NIfTI dim = {list(shape)}); expected a 3-D "

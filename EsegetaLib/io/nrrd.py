@@ -105,7 +105,7 @@ def read(path) -> Tuple[np.ndarray, np.ndarray, Dict]:
     data, header = nrrd.read(path)  # index order F: axes as the file lists them (fastest first)
     if data.ndim < 3:
         raise EsegetaError(f"{path} is a {data.ndim}-D image (NRRD dimension {data.ndim}); Esegeta explains 3-D "
-                           "volumes")
+                           "volumes: give the whole 3-D scan (not one slice), e.g. exported from Slicer as NIfTI")
     affine, domain = geometry(header, data.ndim)
     channel_axes = [a for a in range(data.ndim) if a not in domain]
     if len(channel_axes) > 1:

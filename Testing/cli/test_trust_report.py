@@ -64,3 +64,22 @@ def test_trust_report_in_slicer_metrics_table(inputs, tmp_path):
         assert table.GetColumnTitle("trust") == "Trust report"
     finally:
         S.release_scene(scene)
+
+
+def test_checks_that_fall_short_are_said_on_the_terminal(inputs, tmp_path, capsys):
+    """A map that misses its guarantee is written (the user asked for it) and said on stderr, one line
+    per check, naming method, check and figure; the passing checks stay silent."""
+    out = tmp_path / "short"
+    code = main(["explain", str(inputs["volume"]), "--model", str(inputs["model"]), "--out", str(out),
+                 "--methods", "IntegratedGradients", "--param", "IntegratedGradients.adaptive=false",
+                 "--param", "IntegratedGradients.n_steps=2", "--param", "IntegratedGradients.baseline=zero",
+                 "--region", "whole", "--metrics", "none", "--no-scene", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    run = json.loads((out / "run.json").read_text())
+    short = [c for c in run["results"]["IntegratedGradients"]["checks"] if c["status"] in ("warn", "fail")]
+    said = [line for line in err.splitlines() if "trust: IntegratedGradients" in line]
+    assert short and len(said) == len(short)
+    completeness = next(c for c in short if c["name"] == "completeness")  # 2 steps from zero: far off
+    assert any("completeness warn" in line and f"{completeness['value']:.3g}" in line for line in said)
+    assert not any("determinism" in line for line in said)  # it passed

@@ -94,3 +94,14 @@ def test_heads_list_and_dict():
         ExplainSession(IMAGE, _DeepSupervision(), Target(region="whole", head=1), options)
     with pytest.raises(EsegetaError, match="head"):
         ExplainSession(IMAGE, _DeepSupervision(True), Target(region="whole", head="nope"), options)
+
+
+def test_softmax_forced_on_a_one_channel_model_says_so():
+    """The user asked for softmax, not for class 1: the message names the real problem."""
+    from EsegetaLib.errors import EsegetaError
+    from EsegetaLib.options import Target
+    from EsegetaLib.targets import check_class
+
+    with pytest.raises(EsegetaError, match="softmax needs at least 2 output channels; this model has 1"):
+        check_class(Target(class_index=1, activation="softmax"), 1)
+    check_class(Target(class_index=0, activation="sigmoid"), 1)  # the detected default is fine
