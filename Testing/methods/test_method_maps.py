@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from EsegetaLib.errors import EsegetaError
 from EsegetaLib.methods import all_methods
 from method_helpers import make_context, make_net_batchnorm_relu, make_unet_instancenorm_prelu, run_method, structured_volume
 
@@ -18,6 +19,28 @@ CHEAP = {  # fewer steps/samples keep the suite fast; defaults are exercised els
     "KernelShap": {"n_samples": 24, "block_fraction": 0.5}, "RISE": {"n_masks": 24},
 }
 RECTIFIED = {"GradCAM", "GradCAM++", "GuidedGradCam"}
+EXCITATION = {"ExcitationBackprop", "ContrastiveExcitationBackprop"}
+# Methods that run once on the whole volume against the session's patched score (patching "global"
+# with a layer activation from the session): through the engine, not one window's context.
+WHOLE_VOLUME = {"ScoreCAM"}
+
+
+def make_context_and_run(name, network, x, params=None):
+    spec, ctx = make_context(name, network, x, CHEAP.get(name) if params is None else params)
+    return run_method(spec, ctx)
+
+
+def whole_volume_run(name, network, x, params=None):
+    from EsegetaLib.engine import ExplainSession
+    from EsegetaLib.options import EngineOptions, Target
+
+    session = ExplainSession(x[0].numpy(), network, Target(region="whole"),
+                             EngineOptions(device="cpu", precision="fp32", divisor=4))
+    # unrectified: on a random network every channel weight may be negative (the rectified map is
+    # then zero, which the method's channel_weights check flags; test_scorecam covers that case)
+    result = session.attribute(name, {"relu": False, "max_channels": 4, **(params or {})})
+    return torch.from_numpy(result.attribution)[None], result.diagnostics  # (1, C, *S) like x
+
 NETWORKS = {"unet_in_prelu": make_unet_instancenorm_prelu, "bn_relu": make_net_batchnorm_relu}
 
 
@@ -27,15 +50,21 @@ NETWORKS = {"unet_in_prelu": make_unet_instancenorm_prelu, "bn_relu": make_net_b
 def test_method_gives_finite_nonconstant_map(name, net_name, channels):
     network = NETWORKS[net_name](in_channels=channels)
     x = structured_volume(16, channels)
-    spec, ctx = make_context(name, network, x, CHEAP.get(name))
-    attr, diag = run_method(spec, ctx)
+    if name in EXCITATION and net_name == "unet_in_prelu":
+        # Excitation backprop is defined for non-negative activations only: refused, naming the layers.
+        with pytest.raises(EsegetaError, match="no rule for .*PReLU"):
+            make_context_and_run(name, network, x)
+        return
+    if name in WHOLE_VOLUME:
+        attr, diag = whole_volume_run(name, network, x)
+    else:
+        attr, diag = make_context_and_run(name, network, x)
     assert attr.shape == x.shape
     assert torch.isfinite(attr).all()
     if name in RECTIFIED and float(attr.std()) == 0:
         # A CAM of a random network may be rectified away entirely: then the unrectified map must
         # be non-positive everywhere (so zero is the right answer) and itself non-constant.
-        spec, ctx = make_context(name, network, x, {"relu": False})
-        raw, _ = run_method(spec, ctx)
+        raw, _ = make_context_and_run(name, network, x, {"relu": False})
         cam = raw if name != "GuidedGradCam" else None
         assert float(attr.abs().max()) == 0.0
         assert float(raw.std()) > 0

@@ -116,13 +116,19 @@ def test_ray_gives_the_same_study(local_run, ray_run):
     assert list(local[["volume", "model", "method", "status", "seed"]].itertuples(index=False)) == \
         list(remote[["volume", "model", "method", "status", "seed"]].itertuples(index=False))
     for column in NUMERIC:
-        np.testing.assert_allclose(remote[column], local[column], rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=column)
+        # convergence_delta is the difference of two sums of ~1e3: summation order (Ray workers run
+        # torch with one thread, the local run with the machine's) moves it by ~5e-4 relative.
+        rtol = 2e-3 if column == "convergence_delta" else 1e-4
+        np.testing.assert_allclose(remote[column], local[column], rtol=rtol, atol=1e-6, equal_nan=True, err_msg=column)
     # The same figure data.
     for name in ("distributions.csv", "ranking.csv"):
         a, b = pd.read_csv(local_run / "figures" / name), pd.read_csv(ray_run / "figures" / name)
         assert list(a.select_dtypes(exclude="number").itertuples(index=False)) == \
             list(b.select_dtypes(exclude="number").itertuples(index=False))
-        np.testing.assert_allclose(b.select_dtypes("number"), a.select_dtypes("number"), rtol=1e-4, atol=1e-6)
+        loose = (a["metric"] == "convergence_delta").to_numpy() if "metric" in a else np.zeros(len(a), bool)
+        for rows, rtol in ((~loose, 1e-4), (loose, 2e-3)):  # convergence_delta: see above
+            np.testing.assert_allclose(b.select_dtypes("number")[rows], a.select_dtypes("number")[rows],
+                                       rtol=rtol, atol=1e-6)
     a, b = np.load(local_run / "figures" / "gallery.npz"), np.load(ray_run / "figures" / "gallery.npz")
     assert sorted(a.files) == sorted(b.files) and len(a.files) == 2 * 5
     for key in a.files:
