@@ -304,11 +304,11 @@ def read_result(folder: str) -> Dict[str, Any]:
     from ..errors import EsegetaError
     from ..io import read_image
 
+    from .result_import import read_run  # run.json and metrics.json, read one way
+
     folder = Path(folder)
-    try:
-        run = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EsegetaError(f"no readable result in {folder}: {exc}") from exc
+    header = read_run(folder)
+    run = header["run"]
     grid = (run.get("input_geometry") or {}).get("ijk_to_ras")
 
     def on_input_grid(file: str):
@@ -326,14 +326,8 @@ def read_result(folder: str) -> Dict[str, Any]:
     segmentation = None
     if run.get("segmentation"):
         segmentation = on_input_grid(run["segmentation"]).astype(np.uint8)
-    metrics: List[Dict[str, Any]] = []
-    metrics_path = folder / "metrics.json"
-    if metrics_path.is_file():
-        data = json.loads(metrics_path.read_text(encoding="utf-8"))
-        table = data.get("methods", data.get("rows")) if isinstance(data, dict) else data
-        metrics = list(table or [])
     return {"run": run, "segmentation": segmentation, "maps": maps, "signed": signed,
-            "metrics": metrics, "folder": str(folder)}
+            "metrics": header["metrics"], "folder": str(folder)}
 
 
 def default_python(in_slicer: Optional[bool] = None) -> str:
