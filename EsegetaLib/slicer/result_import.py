@@ -138,12 +138,7 @@ def import_result(scene, volume_node, folder, *, class_name: Optional[str] = Non
         for key, entry in (run.get("results") or {}).items():
             if between_maps is not None:
                 between_maps(key)
-            target, several, method = key.rpartition("/")
-            where, who = run_folder, label
-            if several:
-                if target not in target_folders:
-                    target_folders[target] = scene.GetSubjectHierarchyNode().CreateFolderItem(run_folder, target)
-                where, who = target_folders[target], target
+            method, where, who = bridge.place_by_target(scene, key, run_folder, label, target_folders)
             meta = entry.get("metadata") or {}
             attributes = {"method": method, "class": label, "target": who, "seconds": entry.get("seconds"),
                           "params": (run.get("parameters") or {}).get("methods", {}).get(method, {}),

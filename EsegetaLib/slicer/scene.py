@@ -323,6 +323,20 @@ def _json_ready(value):
     return str(value)
 
 
+def place_by_target(scene, key: str, folder: int, label: str, target_folders: Dict[str, int]):
+    """Where a result keyed "<method>" or, with several targets, "<target>/<method>" goes.
+
+    Returns (method, subject-hierarchy folder item, target name shown). Several targets get a
+    folder each under `folder`, created once and remembered in `target_folders`.
+    """
+    target, several, method = key.rpartition("/")
+    if not several:
+        return method, folder, label
+    if target not in target_folders:
+        target_folders[target] = scene.GetSubjectHierarchyNode().CreateFolderItem(folder, target)
+    return method, target_folders[target], target
+
+
 def add_run_folder(scene, name: str, parameters: Mapping[str, Any], input_node=None) -> int:
     """A subject-hierarchy folder for one run, with the run's parameters as item attributes
     (`Esegeta.parameters` holds them all as JSON; each top-level key also as `Esegeta.<key>`).
@@ -772,14 +786,9 @@ def build_review_scene(image, explanation, metrics_rows: Sequence[Mapping[str, A
         segmentation = add_segmentation(scene, explanation.segmentation, reference,
                                         f"{volume_name} - segmentation", names, folder=folder)
     maps = {}
-    target_folders: Dict[str, int] = {}  # several targets: results "<target>/<method>", a folder each
+    target_folders: Dict[str, int] = {}
     for key, result in explanation.results.items():
-        target, several, method = key.rpartition("/")
-        where, who = folder, label
-        if several:
-            if target not in target_folders:
-                target_folders[target] = scene.GetSubjectHierarchyNode().CreateFolderItem(folder, target)
-            where, who = target_folders[target], target
+        method, where, who = place_by_target(scene, key, folder, label, target_folders)
         attrs = {"method": method, "class": label, "target": who, "seconds": result.seconds,
                  "params": result.params, "diagnostics": result.diagnostics}
         maps[key] = add_map(scene, result.map, reference, map_node_name(volume_name, method, who),

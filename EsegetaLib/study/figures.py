@@ -22,6 +22,15 @@ import numpy as np
 from .aggregate import DIRECTIONS, SHARES, metric_columns
 
 
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def _pyplot():
     import matplotlib
 
@@ -82,11 +91,7 @@ def distributions(folder: Path, done, metrics: List[str]) -> Path:
                 ax.set_title(f"model: {model}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Metric distributions over volumes", fontsize=10)
-    fig.tight_layout()
-    path = folder / "distributions.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "distributions.png")
 
 
 def summary_figure(folder: Path, done, metrics: List[str], at_most: int = 4) -> Path:
@@ -119,11 +124,7 @@ def summary_figure(folder: Path, done, metrics: List[str], at_most: int = 4) -> 
     axes[0][0].legend(title="model", fontsize=8, title_fontsize=8, loc="best")
     n_volumes = done["volume"].nunique()
     fig.suptitle(f"{len(models)} models x {len(methods)} methods x {n_volumes} volumes", fontsize=10)
-    fig.tight_layout()
-    path = folder / "summary.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "summary.png", dpi=120)
 
 
 def relevance_shares_figure(folder: Path, done) -> Path:
@@ -150,11 +151,7 @@ def relevance_shares_figure(folder: Path, done) -> Path:
     axes[0][0].set_ylabel("share of |attribution| (mean over volumes)", fontsize=8)
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle("Where the relevance goes", fontsize=10)
-    fig.tight_layout()
-    path = folder / "relevance_shares.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "relevance_shares.png")
 
 
 def rank_table(done, metrics: List[str]):
@@ -267,9 +264,5 @@ def gallery(folder: Path, out: Path, done, spec, n_cases: int):
             if c == 0:
                 ax.set_ylabel(f"{volume}\n{model}\nk={k}", fontsize=8)
     fig.suptitle("The same slice across methods", fontsize=10)
-    fig.tight_layout()
     np.savez_compressed(folder / "gallery.npz", **{k.replace("/", "|"): v for k, v in arrays.items()})
-    path = folder / "gallery.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "gallery.png")
