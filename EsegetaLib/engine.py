@@ -671,10 +671,23 @@ class ExplainSession:
                 out = {}
                 why = (f"one target at a time: {spec.name} is not a sum of per-example gradients of a "
                        "weighted score, so its targets cannot share one backward pass")
-                for k, t in enumerate(self.targets):
-                    result = self.attribute(spec, resolved, target=k)
-                    result.diagnostics["multi_target"] = why
-                    out[t.name] = result
+                # each target's share of the stage's progress: its own work (work.py), so that the
+                # bar moves at one pace across targets of different sizes
+                from .work import per_target, single_target_work
+
+                shares = np.cumsum([0.0] + [max(u, 1e-9) for u, _ in per_target(
+                    self, lambda s: single_target_work(spec, resolved, s))])
+                shares /= shares[-1]
+                span = self.progress_span
+                try:
+                    for k, t in enumerate(self.targets):
+                        a, b = (span[0] + (span[1] - span[0]) * float(f) for f in shares[k:k + 2])
+                        self.progress_span = (a, b)
+                        result = self.attribute(spec, resolved, target=k)
+                        result.diagnostics["multi_target"] = why
+                        out[t.name] = result
+                finally:
+                    self.progress_span = span
                 return out
             return self._attribute_batched(spec, resolved)
         finally:

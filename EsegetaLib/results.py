@@ -57,6 +57,28 @@ class MethodResult:
 TARGET_SEPARATOR = "/"
 
 
+def target_label(target: Dict[str, Any]) -> str:
+    """A run's target record (run.json "target") -> a short label: its class name, the class names
+    joined ("artery_a, artery_b") when the run explains several classes, else "class N"."""
+    name, index = target.get("class_name"), target.get("class_index", 1)
+    if isinstance(name, (list, tuple)):
+        return ", ".join(str(n) for n in name)
+    if name:
+        return str(name)
+    if isinstance(index, (list, tuple)):
+        return "classes " + ", ".join(str(i) for i in index)
+    return f"class {index}"
+
+
+def target_segment_names(target: Dict[str, Any]) -> Dict[int, str]:
+    """{class index: name} of the class(es) a run's target record explains (segment names)."""
+    index, name = target.get("class_index", 1), target.get("class_name")
+    if isinstance(index, (list, tuple)):
+        names = list(name) if isinstance(name, (list, tuple)) else []
+        return {int(i): str(names[n]) if n < len(names) else f"class {i}" for n, i in enumerate(index)}
+    return {int(index): target_label(target)}
+
+
 @dataclass
 class Explanation:
     """`results` is keyed by method name; with several targets by "<target>/<method>" (one map per

@@ -624,8 +624,8 @@ def _run_engine(prepared: PreparedRun, plan, stages: Sequence[str], cancel):
     t0 = time.perf_counter()
     session = ExplainSession(image.array, network, prepared.target, prepared.options, spacing=image.spacing,
                              progress=plan.stage("segmentation"), cancel=cancel)
-    method_units = plan_methods(plan, session, requests, stages)
-    _plan_metrics(plan, prepared, session, [method_units[s] for s in stages])
+    plan_methods(plan, session, requests, stages)
+    _plan_metrics(plan, prepared, session, requests)
     results, peaks = {}, {}
     several = len(session.targets) > 1
     for stage, (spec, params) in zip(stages, requests):
@@ -683,9 +683,21 @@ class _ClockOnly:
         yield self
 
 
+def explained_classes(prepared: PreparedRun, session) -> Tuple[Union[int, List[int]], Union[str, List[str]]]:
+    """(class index, class name) the run explains; lists, in target order, when it explains several
+    classes (--classes): each class once, named by the model card (else "class N")."""
+    t = prepared.target
+    if t.classes is None:
+        return t.class_index, prepared.class_name
+    indices = list(dict.fromkeys(int(x.class_index) for x in session.targets))
+    card = [str(n) for n in (t.class_names or [])]
+    return indices, [card[i] if i < len(card) else f"class {i}" for i in indices]
+
+
 def _target_record(prepared: PreparedRun, session) -> Dict[str, Any]:
     t = prepared.target
-    record = {"class_index": t.class_index, "class_name": prepared.class_name, "region": prepared.request.region,
+    class_index, class_name = explained_classes(prepared, session)
+    record = {"class_index": class_index, "class_name": class_name, "region": prepared.request.region,
               "score": t.score, "activation": t.activation, "reduction": t.reduction, "head": t.head,
               "region_voxels": int(session.regions_union.sum())}
     if t.point is not None:
@@ -739,10 +751,16 @@ BASIC_COLUMNS = ("method", "attribution_s", "attribution_peak_mb", "device")
 
 
 def basic_rows(explanation, peaks: Dict[str, Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
-    """Runtime, peak memory and device per method (and the IG convergence delta where there is one)."""
+    """Runtime, peak memory and device per method (and the IG convergence delta where there is one);
+    with several targets each row also names its `target`."""
+    from .results import TARGET_SEPARATOR
+
     rows = []
+    several = getattr(explanation, "multi_target", False)
     for name, result in explanation.results.items():
         row = {"method": name, "attribution_s": float(result.seconds), "device": device}
+        if several:  # "<target>/<method>": the target's own column, as with metrics
+            row["target"] = name.partition(TARGET_SEPARATOR)[0]
         row.update(peaks.get(name, {}))
         diagnostics = result.diagnostics or {}
         for key in ("convergence_delta", "relative_convergence_delta"):  # completeness of path methods
@@ -786,20 +804,32 @@ def add_randomisation_checks(explanation, rows: List[Dict[str, Any]]) -> None:
         row.update(trust_columns(result))
 
 
-def _plan_metrics(plan, prepared: PreparedRun, session, method_units: Sequence[float]) -> None:
-    """The metrics stage's work: per method (outer) and metric (inner, the order metrics.evaluate
-    reports in), the window forwards each metric reruns."""
+def _plan_metrics(plan, prepared: PreparedRun, session, requests) -> None:
+    """The metrics stage's work: per target (outer, each with its own region and windows), method
+    and metric (inner, the order metrics.evaluate reports in), the window forwards each metric
+    reruns. `requests`: the run's (spec, params)."""
     if prepared.metrics == "none":
         plan.set("metrics", 0.0)
         return
     from .metrics.evaluate import METRIC_PARAMS, parse_metrics
-    from .work import BACKWARD, BACKWARD_FORWARDS, metric_work
+    from .work import BACKWARD, BACKWARD_FORWARDS, metric_work, per_target, single_target_work
 
-    items = []
-    for units in method_units:
-        for name in parse_metrics(prepared.metrics):
-            amount, kind = metric_work(name, METRIC_PARAMS.get(name, {}), session, units / BACKWARD_FORWARDS)
-            items.append(amount * (BACKWARD_FORWARDS if kind == BACKWARD else 1.0))
+    names = parse_metrics(prepared.metrics)
+
+    def target_items(s) -> List[float]:
+        items = []
+        for spec, params in requests:
+            try:
+                units, kind = single_target_work(spec, spec.resolve_params(params), s)
+            except Exception:  # noqa: BLE001 - an estimate only: the catalogue's cost
+                units, kind = max(len(s.active), 1) * max(float(spec.cost), 1.0), BACKWARD
+            units *= BACKWARD_FORWARDS if kind == BACKWARD else 1.0
+            for name in names:
+                amount, kind = metric_work(name, METRIC_PARAMS.get(name, {}), s, units / BACKWARD_FORWARDS)
+                items.append(amount * (BACKWARD_FORWARDS if kind == BACKWARD else 1.0))
+        return items
+
+    items = [item for items in per_target(session, target_items) for item in items]
     plan.set("metrics", sum(items), items=items)
 
 
@@ -904,7 +934,8 @@ def _scene(prepared: PreparedRun, explanation, folder: Path, rows, note, warn) -
     try:
         written = review.write_review(folder, prepared.image, explanation, rows,
                                      {"esegeta_run": "see run.json beside esegeta.mrb"},
-                                     volume_name=volume_name, class_name=prepared.class_name,
+                                     volume_name=volume_name,
+                                     class_name=None if prepared.target.classes is not None else prepared.class_name,
                                      segment_names=names)
     except (KeyboardInterrupt, EsegetaCancelled):
         raise
@@ -937,7 +968,8 @@ def _run_json(prepared: PreparedRun, explanation, command, argv, started, timing
         "methods": {name: next(r.params for key, r in explanation.results.items()
                                if key.rpartition("/")[2] == name) for name, _ in prepared.methods},
         "methods_given": {name: params for name, params in prepared.methods},
-        "class_index": prepared.target.class_index, "class_name": prepared.class_name,
+        "class_index": explanation.target.get("class_index", prepared.target.class_index),
+        "class_name": explanation.target.get("class_name", prepared.class_name),
         "region": request.region, "classes": request.classes, "boundary_mm": request.boundary_mm,
         "device": request.device, "precision": request.precision,
         "patch_size": request.patch_size, "overlap": request.overlap, "batch_size": request.batch_size,

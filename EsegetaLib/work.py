@@ -10,6 +10,9 @@ the run has measured both. Per stage:
   box, FeatureAblation one per feature, ShapleyValueSampling samples x features, Lime/KernelShap
   samples, RISE masks) x the windows each evaluation reruns (forward only);
 - metrics: deletion/insertion steps and infidelity samples x the region's windows (forward only).
+Several targets (`--classes`, `--region components`) count each target's windows and passes:
+K single-target runs, or for the methods that batch targets one forward per window and one backward
+row per target (`method_work`); their metrics run target by target.
 
 The plan measures seconds per unit as the run goes (pooled over the stages done, the current
 stage's own pace once it has moved), so time left = the units left x what such a unit has cost
@@ -130,11 +133,63 @@ def perturbation_work(spec, params: Dict[str, Any], session) -> Tuple[int, float
     return evaluations, whole + evaluations * whole
 
 
-def method_work(spec, params: Dict[str, Any], session) -> Tuple[float, str]:
-    """(units, kind) of one method on this session."""
+def single_target_work(spec, params: Dict[str, Any], session) -> Tuple[float, str]:
+    """(units, kind) of one method for the session's current target alone."""
     if spec.patching == "global":
         return perturbation_work(spec, params, session)[1], FORWARD
     return max(len(session.active), 1) * passes_per_window(spec, params), BACKWARD
+
+
+def per_target(session, measure: Callable[[Any], Any]) -> List[Any]:
+    """`measure(session)` with the session switched to each of its targets in turn (then restored):
+    one value per target; a session with one target (or none resolved) gives one value."""
+    targets = getattr(session, "targets", None) or []
+    if len(targets) <= 1:
+        return [measure(session)]
+    saved = session.current_target
+    try:
+        values = []
+        for k in range(len(targets)):
+            session.select_target(k)
+            values.append(measure(session))
+        return values
+    finally:
+        session.select_target(saved)
+
+
+def method_work(spec, params: Dict[str, Any], session) -> Tuple[float, str]:
+    """(units, kind) of one method on this session, every target counted.
+
+    K targets cost K single-target runs, except for the methods that batch targets
+    (`multitarget.batches_targets`), counted as the engine runs them: per group of
+    `options.target_batch` targets, the windows in any of the group's regions in chunks of the
+    session's batch size; per chunk one forward per window and, per window, as many backward rows
+    as the most targets any window of the chunk has (the rows' cotangents are backpropagated
+    together, zero rows included). A forward is 1 / BACKWARD_FORWARDS of a forward+backward unit,
+    a backward the rest."""
+    targets = getattr(session, "targets", None) or []
+    if len(targets) <= 1:
+        return single_target_work(spec, params, session)
+    from .multitarget import batches_targets
+
+    if not batches_targets(spec, params):
+        units = sum(u for u, _ in per_target(session, lambda s: single_target_work(spec, params, s)))
+        return units, (FORWARD if spec.patching == "global" else BACKWARD)
+    passes = passes_per_window(spec, params)
+    active = per_target(session, lambda s: frozenset(s.active))
+    size = max(1, int(getattr(session.options, "target_batch", 8) or 8))
+    batch = max(1, int(getattr(session, "batch_size", 1) or 1))
+    forward_share = 1.0 / BACKWARD_FORWARDS
+    forwards = backwards = 0
+    for a in range(0, len(active), size):
+        group = active[a:a + size]
+        windows = sorted(frozenset().union(*group))
+        for c in range(0, len(windows), batch):
+            chunk = windows[c:c + batch]
+            forwards += len(chunk)
+            backwards += len(chunk) * max(sum(i in g for g in group) for i in chunk)
+    units = passes * (forwards * forward_share + backwards * (1.0 - forward_share))
+    return max(units, passes), BACKWARD
 
 
 def metric_work(metric: str, params: Dict[str, Any], session, method_units: float) -> Tuple[float, str]:

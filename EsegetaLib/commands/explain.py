@@ -160,6 +160,11 @@ def run_request(args, request, out: Path, command: str) -> Path:
         label = f"class {prepared.target.class_index}"
         if prepared.class_name != label:
             label += f" ({prepared.class_name})"
+        classes = prepared.target.classes
+        if classes is not None:  # --classes: every class named, not the default one
+            names = prepared.target.class_names or []
+            label = "every class" if classes == "all" else "classes " + ", ".join(
+                f"{c} ({names[c]})" if c < len(names) else str(c) for c in classes)
         progress.note(f"explaining {label}, region {request.region}, on {prepared.device}: {methods}")
         folder = execute(prepared, out, overwrite=args.overwrite, progress=progress, note=progress.note,
                          warn=progress.warn,

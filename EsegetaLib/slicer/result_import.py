@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ..errors import EsegetaError
+from ..results import target_label, target_segment_names
 
 RESULT_FILE = "run.json"
 
@@ -116,7 +117,7 @@ def import_result(scene, volume_node, folder, *, class_name: Optional[str] = Non
     run = result["run"]
     folder = Path(folder)
     target = run.get("target") or {}
-    label = class_name or target.get("class_name") or f"class {target.get('class_index', 1)}"
+    label = class_name or target_label(target)
     volume_name = _node_name(volume_node)
     with SceneChanges(scene):
         colors.ensure_color_tables(scene)
@@ -129,7 +130,9 @@ def import_result(scene, volume_node, folder, *, class_name: Optional[str] = Non
             labels = read_image(folder / run["segmentation"]).array[0].astype(np.uint8)  # uint8: 1/4 of a map
             if np.any(labels):
                 names = dict(segment_names or {})
-                names.setdefault(int(target.get("class_index", 1)), label)
+                explained = target_segment_names(target)
+                for index, name in explained.items():  # a name given by the caller names a single class
+                    names.setdefault(index, label if class_name and len(explained) == 1 else name)
                 segmentation = bridge.add_segmentation(scene, labels, volume_node, f"{volume_name} - segmentation",
                                                        names, folder=run_folder)
             del labels

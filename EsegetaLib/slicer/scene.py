@@ -738,10 +738,9 @@ def read_review(path, scene=None):
 def _class_name(explanation, class_name: Optional[str]) -> str:
     if class_name:
         return class_name
-    target = getattr(explanation, "target", {}) or {}
-    if target.get("class_name"):
-        return str(target["class_name"])
-    return f"class {target.get('class_index', 1)}"
+    from ..results import target_label
+
+    return target_label(getattr(explanation, "target", {}) or {})
 
 
 def _is_signed(result) -> bool:
@@ -780,9 +779,13 @@ def build_review_scene(image, explanation, metrics_rows: Sequence[Mapping[str, A
         _put_in_folder(node, folder)
     segmentation = None
     if include_segmentation and explanation.segmentation is not None and np.any(explanation.segmentation):
+        from ..results import target_segment_names
+
         names = dict(segment_names or {})
         target = getattr(explanation, "target", {}) or {}
-        names.setdefault(int(target.get("class_index", 1)), label)
+        explained = target_segment_names(target)
+        for index, name in explained.items():  # a name given by the caller names a single class
+            names.setdefault(index, label if class_name and len(explained) == 1 else name)
         segmentation = add_segmentation(scene, explanation.segmentation, reference,
                                         f"{volume_name} - segmentation", names, folder=folder)
     maps = {}

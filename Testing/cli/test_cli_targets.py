@@ -84,3 +84,18 @@ def test_classes_all_names_targets_by_class(capsys, tubes_file, tmp_path):
                      "--quiet")
     assert code == 0, cap.err
     assert sorted(p.name for p in (out / "attributions").iterdir()) == ["background", "vessel"]
+    # the run names every class it explains, and the table says which target each row is (#15)
+    run = json.loads((out / "run.json").read_text())
+    assert run["target"]["class_index"] == [0, 1] and run["target"]["class_name"] == ["background", "vessel"]
+    assert [t["name"] for t in run["target"]["targets"]] == ["background", "vessel"]
+    assert run["parameters"]["class_index"] == [0, 1]
+    import csv
+
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["target"], r["method"]) for r in rows) == [("background", "background/Saliency"),
+                                                                ("vessel", "vessel/Saliency")]
+    from EsegetaLib.results import target_label, target_segment_names
+
+    assert target_label(run["target"]) == "background, vessel"
+    assert target_segment_names(run["target"]) == {0: "background", 1: "vessel"}
