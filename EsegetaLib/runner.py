@@ -74,6 +74,14 @@ class ExplainRequest:
     # test-time augmentation: "flips" | "noise:N[:F]" -> stability/<method>_mean, _cv and the prediction's
     # entropy (stability.py); None: off
     stability: Optional[str] = None
+    # A method refused on this model (it cannot run here, or its map misses its guarantee, e.g.
+    # DeepLift's summation to delta): "fail" stops the run (esegeta explain: the user chose the method);
+    # "record" goes on with the others and records the refusal (PreparedRun.refused, run.json
+    # "refused"), as a study does per case.
+    on_refusal: str = "fail"
+
+
+ON_REFUSAL = ("fail", "record")
 
 
 @dataclass
@@ -91,6 +99,12 @@ class PreparedRun:
     warnings: List[str] = field(default_factory=list)
     reference_mask: Optional[np.ndarray] = None  # bool (I, J, K) from request.reference_mask
     stability: Any = None  # stability.StabilitySpec from request.stability
+    refused: Dict[str, str] = field(default_factory=dict)  # method -> why it was refused (on_refusal="record")
+
+    @property
+    def methods_run(self) -> MethodList:
+        """The methods not refused (so far: a method may also be refused while it runs)."""
+        return [(name, params) for name, params in self.methods if name not in self.refused]
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -393,10 +407,25 @@ def prepare(request: ExplainRequest) -> PreparedRun:
     from .methods.base import check_network_support, get_method
 
     specs = [get_method(name) for name, _ in methods]
-    check_network_support(specs, model.network)
-    refusals = {s.name: model.refusal(s) for s in specs if hasattr(model, "refusal") and model.refusal(s)}
-    if refusals:
-        raise EsegetaError(f"{', '.join(refusals)} {next(iter(refusals.values()))}.")
+    refused: Dict[str, str] = {}
+    if request.on_refusal not in ON_REFUSAL:
+        raise EsegetaError(f"on_refusal must be one of {', '.join(ON_REFUSAL)}; got {request.on_refusal!r}.")
+    if request.on_refusal == "record":  # each method on its own: the others still run
+        for spec in specs:
+            try:
+                check_network_support([spec], model.network)
+            except EsegetaError as exc:
+                refused[spec.name] = str(exc)
+        refused.update({s.name: f"{s.name} {model.refusal(s)}." for s in specs
+                        if s.name not in refused and hasattr(model, "refusal") and model.refusal(s)})
+        if len(refused) == len(specs):
+            raise EsegetaError("every method was refused on this model: "
+                               + " ".join(refused.values()))
+    else:
+        check_network_support(specs, model.network)
+        refusals = {s.name: model.refusal(s) for s in specs if hasattr(model, "refusal") and model.refusal(s)}
+        if refusals:
+            raise EsegetaError(f"{', '.join(refusals)} {next(iter(refusals.values()))}.")
     in_channels = getattr(card, "in_channels", None)  # None: not known before the first forward
     if in_channels is not None and in_channels > image.channels:
         raise EsegetaError(f"The model expects {in_channels} input channels but '{volume_path}' has "
@@ -454,7 +483,8 @@ def prepare(request: ExplainRequest) -> PreparedRun:
                             seed=int(request.seed))
     return PreparedRun(request=request, image=image, model=model, target=target, options=options,
                        methods=methods, metrics=metrics, inputs=inputs, class_name=class_name,
-                       device=device, warnings=warnings, reference_mask=reference, stability=stability)
+                       device=device, warnings=warnings, reference_mask=reference, stability=stability,
+                       refused=refused)
 
 
 def _load_model(path, inputs: List[Tuple[str, Path]], fold=None, activation: Optional[str] = None,
@@ -555,6 +585,8 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
         timings["total_seconds"] = time.perf_counter() - t0
         if stability is not None:
             record["stability"] = stability.summary(explanation.region)
+        if prepared.refused:  # on_refusal="record": the methods that gave no map, and why
+            record["refused"] = dict(prepared.refused)
         record["outputs"] = provenance.output_records(folder)
         provenance.write_json(folder / "run.json", record)
         plan.finish("done")
@@ -574,7 +606,7 @@ def _stability(prepared: PreparedRun, session, explanation, plan, stages: Sequen
     plan.set("stability", runs * per_run)
     result = run_stability(session, lambda array: prepared.model.network_for(array, spacing=image.spacing,
                                                                              affine=image.ijk_to_ras),
-                           prepared.methods, prepared.stability, progress=plan.stage("stability"))
+                           prepared.methods_run, prepared.stability, progress=plan.stage("stability"))
     for name, method_result in explanation.results.items():
         add_stability_check(method_result, result, name, explanation.region)
     return result
@@ -607,7 +639,7 @@ def _check_cancel(cancel) -> None:
 def _method_specs(prepared: PreparedRun):
     from .methods import get_method
 
-    return [(get_method(name), params) for name, params in prepared.methods]
+    return [(get_method(name), params) for name, params in prepared.methods_run]
 
 
 def _run_engine(prepared: PreparedRun, plan, stages: Sequence[str], cancel):
@@ -632,17 +664,25 @@ def _run_engine(prepared: PreparedRun, plan, stages: Sequence[str], cancel):
         session.check_cancel()
         session.progress = plan.stage(stage)
         meter = _meter(session.device)
-        with meter.measure():
-            if several:  # one map per target: "<target>/<method>" (a folder per target)
-                by_target = session.attribute_targets(spec, params)
-            else:
-                results[spec.name] = session.attribute(spec, params)
+        try:
+            with meter.measure():
+                if several:  # one map per target: "<target>/<method>" (a folder per target)
+                    by_target = session.attribute_targets(spec, params)
+                else:
+                    results[spec.name] = session.attribute(spec, params)
+        except EsegetaError as exc:  # refused on this model (its guarantee missed, no rule for a layer...)
+            if prepared.request.on_refusal != "record":
+                raise
+            prepared.refused[spec.name] = str(exc)
+            continue
         if several:
             for target_name, result in by_target.items():
                 results[f"{target_name}{TARGET_SEPARATOR}{spec.name}"] = result
                 peaks[f"{target_name}{TARGET_SEPARATOR}{spec.name}"] = {"attribution_peak_mb": meter.peak_mb}
         else:
             peaks[spec.name] = {"attribution_peak_mb": meter.peak_mb}
+    if not results:
+        raise EsegetaError("every method was refused on this model: " + " ".join(prepared.refused.values()))
     session.progress = None  # metrics report their own progress; their reruns would jump the bar back
     engine = {"device": str(session.device), "precision": session.precision,
               "precision_requested": prepared.options.precision, "precision_reason": session.precision_reason,
@@ -966,7 +1006,7 @@ def _run_json(prepared: PreparedRun, explanation, command, argv, started, timing
         "volume": str(Path(request.volume).resolve()),
         "model": "bundled default model" if is_bundled_model(request.model) else str(Path(request.model).resolve()),
         "methods": {name: next(r.params for key, r in explanation.results.items()
-                               if key.rpartition("/")[2] == name) for name, _ in prepared.methods},
+                               if key.rpartition("/")[2] == name) for name, _ in prepared.methods_run},
         "methods_given": {name: params for name, params in prepared.methods},
         "class_index": explanation.target.get("class_index", prepared.target.class_index),
         "class_name": explanation.target.get("class_name", prepared.class_name),

@@ -25,6 +25,12 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 ExplainFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+class RerunRefused(EsegetaError):
+    """A metric that reruns the method (sensitivity on perturbed inputs, randomisation on a
+    randomised network) met a refusal of that rerun (e.g. DeepLift missing summation to delta on the
+    randomised copy): the metric is not computed for that map and its `<metric>_note` says why."""
+
+
 @dataclass
 class MetricContext:
     inputs: torch.Tensor  # (C, *S) on the metrics' device

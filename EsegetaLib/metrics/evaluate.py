@@ -12,7 +12,7 @@ import torch
 
 from ..errors import EsegetaError
 from .complexity import complexity, sparseness
-from .context import ExplainFn, Meter, MetricContext, ScoreFn, intensity_spread, resolve_baseline
+from .context import ExplainFn, Meter, MetricContext, RerunRefused, ScoreFn, intensity_spread, resolve_baseline
 from .deletion import deletion_insertion
 from .groundtruth import pointing_game, relevance_shares, topology_deletion, voxel_average_precision
 from .infidelity import infidelity
@@ -177,10 +177,15 @@ def evaluate_maps(inputs, attributions: Mapping[str, Any], score_fn: ScoreFn, *,
                     "needs the model's segmentation of perturbed volumes (run through a session)")
                 continue
             meter = Meter(dev)
-            with meter.measure():
-                values = _run_metric(name, attribution, ctx, p[name], explain_fns.get(method),
-                                     make_explain_fns.get(method), network, mask_t,
-                                     explain_many_fns.get(method))
+            try:
+                with meter.measure():
+                    values = _run_metric(name, attribution, ctx, p[name], explain_fns.get(method),
+                                         make_explain_fns.get(method), network, mask_t,
+                                         explain_many_fns.get(method))
+            except RerunRefused as exc:  # not computed for this map: say why, keep the other metrics
+                row[f"{name}_note"] = str(exc)
+                report.settings.setdefault("not_run", {})[f"{method}/{name}"] = str(exc)
+                continue
             curve = values.pop("curve", None)
             stages = values.pop("stages", None)
             if curve is not None:
@@ -258,8 +263,11 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
                                    cancel=cancel)
 
             def explain_fn(xp: torch.Tensor) -> torch.Tensor:
-                out = other.attribute((result.metadata or {}).get("name", result.name), result.params,
-                                      inputs=xp.detach().cpu())
+                try:
+                    out = other.attribute((result.metadata or {}).get("name", result.name), result.params,
+                                          inputs=xp.detach().cpu())
+                except EsegetaError as exc:  # the method refuses its map on this network copy
+                    raise RerunRefused(f"{result.name} was refused on the randomised network: {exc}") from None
                 return torch.from_numpy(out.attribution)
             return explain_fn
         return make

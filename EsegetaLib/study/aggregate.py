@@ -1,6 +1,11 @@
 """Collect every case's tables into the study's: `study.csv`/`study.parquet` (one row per volume x
 model x method) and `summary.csv` (per model x method x metric: n, mean, median, quartiles, IQR).
 
+Row status: "done" (the method's map and metrics), "refused" (the method was refused on that
+model and volume; `error` says why; the case's other methods are "done"), "failed" or "pending"
+(the whole case).  summary.csv gives each refused model x method one row with metric "refused",
+n = the volumes it was refused on and the reason in `note`.
+
 Everything is read back from the case folders on disk, not from the driver's memory, so a resumed
 study, or one whose cases ran on other machines, aggregates the same way.
 """
@@ -45,7 +50,20 @@ def _case_rows(out: Path, task: Dict[str, Any], methods: List[str]) -> List[Dict
         merged.update({k: v for k, v in row.items()})
         merged["device"] = row.get("device") or state.get("device")
         rows.append(merged)
+    refused = state.get("refused") or {}
+    rows += [dict(base, method=method, status="refused", error=reason, device=None)
+             for method, reason in refused.items()]
+    order = {method: n for n, method in enumerate(methods)}  # study order (several targets: "<target>/<m>")
+    rows.sort(key=lambda r: order.get(str(r["method"]).rpartition("/")[2], len(order)))
     return rows
+
+
+def case_table(frame):
+    """One row per case (volume x model) with the case's status: done (refused methods included),
+    failed or pending."""
+    cases = frame.drop_duplicates(["volume", "model"]).copy()
+    cases["status"] = cases["status"].replace("refused", "done")
+    return cases
 
 
 def study_table(out: Path, tasks: List[Dict[str, Any]], methods: List[str]):
@@ -86,8 +104,17 @@ def summary_table(frame):
             q1, median, q3 = np.percentile(values, [25, 50, 75])
             rows.append({"model": model, "method": method, "metric": column, "n": int(values.size),
                          "mean": float(values.mean()), "median": float(median), "q1": float(q1),
-                         "q3": float(q3), "iqr": float(q3 - q1)})
-    return pd.DataFrame(rows, columns=["model", "method", "metric", "n", "mean", "median", "q1", "q3", "iqr"])
+                         "q3": float(q3), "iqr": float(q3 - q1), "note": ""})
+    refused = frame[frame["status"] == "refused"]
+    for (model, method), group in refused.groupby(["model", "method"], sort=False):
+        reasons = list(dict.fromkeys(str(e) for e in group["error"]))
+        rows.append({"model": model, "method": method, "metric": "refused", "n": int(len(group)),
+                     "mean": np.nan, "median": np.nan, "q1": np.nan, "q3": np.nan, "iqr": np.nan,
+                     "note": " | ".join(reasons)})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+SUMMARY_COLUMNS = ["model", "method", "metric", "n", "mean", "median", "q1", "q3", "iqr", "note"]
 
 
 def write_tables(out: Path, frame, summary) -> Dict[str, Path]:

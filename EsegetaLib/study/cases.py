@@ -4,7 +4,9 @@ A case folder `cases/<volume>/<model>/` is written by `runner.execute`, which bu
 sibling and renames it into place, so it is never half-written.  `case.json` (the completion
 marker) is written after that, last, by an atomic rename; a case counts as finished only when
 its marker says `done` with the same fingerprint (the same inputs and settings).  A failed case
-leaves no folder, only `cases/<volume>/<model>.failed.json` with its error; `--resume` redoes it.
+leaves no folder, only `cases/<volume>/<model>.failed.json` with its error; `--resume` redoes it.  A method refused on the case's model (it cannot run there, or its
+map misses its guarantee) does not fail the case: the others run, and the marker's `refused` names
+each refused method with the reason (study.csv: status "refused").
 
 `run_case` takes and returns plain dicts so that it runs unchanged in this process or in a Ray
 worker on another machine (which then needs the same paths, e.g. a shared file system).
@@ -125,7 +127,7 @@ def _request(task: Dict[str, Any]):
                           reference_mask=task.get("reference_path"), activation=task.get("activation"),
                           fold=task.get("fold"), metric_params=task.get("metric_params") or {},
                           classes=task.get("classes"), boundary_mm=task.get("boundary_mm"),
-                          stability=task.get("stability"))
+                          stability=task.get("stability"), on_refusal="record")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -175,7 +177,7 @@ def run_case(task: Dict[str, Any]) -> Dict[str, Any]:
     run = json.loads((folder / "run.json").read_text())
     record.update({"status": "done", "attempts": attempts, "errors": errors,
                    "seconds": time.time() - started, "device": run.get("engine", {}).get("device"),
-                   "warnings": prepared.warnings, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                   "warnings": prepared.warnings, "refused": dict(prepared.refused), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     write_json_atomic(folder / MARKER, record)  # last: the case is finished from now on
     if failed.exists():
         failed.unlink()

@@ -129,7 +129,7 @@ def _progress_bar(total: int, initial: int, quiet: bool):
 def aggregate(spec: StudySpec, out: Path, tasks: List[Dict[str, Any]], record: Dict[str, Any]) -> StudyOutcome:
     """Tables, figures, report and the final study.json, from what is on disk."""
     from ..provenance import utc_now
-    from .aggregate import study_table, summary_table, write_tables
+    from .aggregate import case_table, study_table, summary_table, write_tables
     from .figures import write_figures
     from .report import write_report
 
@@ -137,10 +137,14 @@ def aggregate(spec: StudySpec, out: Path, tasks: List[Dict[str, Any]], record: D
     summary = summary_table(frame)
     tables = write_tables(out, frame, summary)
     figures = write_figures(out, frame, spec, int(spec.engine["gallery_cases"]))
-    cases = frame.drop_duplicates(["volume", "model"])
+    cases = case_table(frame)
     counts = {k: int(v) for k, v in cases["status"].value_counts().items()}
     failed = [{"volume": r.volume, "model": r.model, "error": r.error, "attempts": r.attempts}
               for r in cases[cases["status"] == "failed"].itertuples()]
+    refused = frame[frame["status"] == "refused"]
+    if len(refused):  # methods refused on a model (their cases are done)
+        record["refused"] = [{"volume": r.volume, "model": r.model, "method": r.method, "reason": r.error}
+                             for r in refused.itertuples()]
     record.update({"finished": utc_now(), "status": "complete" if counts.get("done", 0) == len(tasks) else "incomplete",
                    "counts": counts, "failed": failed,
                    "outputs": {k: Path(v).relative_to(out).as_posix() for k, v in {**tables, **figures}.items()}})

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .aggregate import DIRECTIONS
+from .aggregate import DIRECTIONS, case_table
 
 
 def _cell(value: Any) -> str:
@@ -24,7 +24,7 @@ def _table(header: List[str], rows: List[List[Any]]) -> str:
 
 
 def write_report(out: Path, spec, frame, summary, figures: Dict[str, Path], study_record: Dict[str, Any]) -> Path:
-    cases = frame.drop_duplicates(["volume", "model"])
+    cases = case_table(frame)
     counts = cases["status"].value_counts().to_dict()
     lines = [f"# Study: {spec.name}", ""]
     if spec.description:
@@ -49,17 +49,29 @@ def write_report(out: Path, spec, frame, summary, figures: Dict[str, Path], stud
         lines += ["## Failed cases", "",
                   _table(["volume", "model", "attempts", "error"],
                          [[r.volume, r.model, r.attempts, r.error] for r in failed.itertuples()]), ""]
+    refused = frame[frame["status"] == "refused"]
+    if len(refused):
+        lines += ["## Refused methods", "",
+                  "Refused on that model and volume (no map; the case's other methods ran):", "",
+                  _table(["volume", "model", "method", "reason"],
+                         [[r.volume, r.model, r.method, r.error] for r in refused.itertuples()]), ""]
     if len(summary):
-        lines += ["## Summary", "", "Median [IQR] over volumes; n = finished volumes. Arrows: which way is better.", ""]
-        metrics = list(dict.fromkeys(summary["metric"]))
+        lines += ["## Summary", "", "Median [IQR] over volumes; n = finished volumes (+ refused ones). "
+                  "Arrows: which way is better.", ""]
+        metrics = [m for m in dict.fromkeys(summary["metric"]) if m != "refused"]
         header = ["model", "method", "n"] + [m + {1: " ↑", -1: " ↓"}.get(DIRECTIONS.get(m, 0), "") for m in metrics]
         rows = []
         for (model, method), group in summary.groupby(["model", "method"], sort=False):
             by_metric = {r.metric: r for r in group.itertuples()}
-            row = [model, method, int(group["n"].max())]
+            done = group[group["metric"] != "refused"]
+            n = str(int(done["n"].max())) if len(done) else "0"
+            if "refused" in by_metric:
+                n += f" (+{int(by_metric['refused'].n)} refused)"
+            row = [model, method, n]
             for metric in metrics:
                 r = by_metric.get(metric)
-                row.append(f"{_cell(r.median)} [{_cell(r.iqr)}]" if r is not None and r.n else "-")
+                row.append(f"{_cell(r.median)} [{_cell(r.iqr)}]" if r is not None and r.n
+                           else "refused" if not len(done) else "-")
             rows.append(row)
         lines += [_table(header, rows), ""]
     titles = {"summary": "Models and methods at a glance", "distributions": "Metric distributions", "ranking": "Method ranking per metric",
