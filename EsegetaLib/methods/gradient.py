@@ -16,7 +16,7 @@ from .base import MethodContext, MethodSpec, ParamSpec
 from .baselines import BASELINE_PARAMS, prepare_baseline_distribution, prepare_baselines
 from .common import baseline_stack, baselines_of, steps_batch
 from .deeplift import TOLERANCE_PARAM, deep_lift, deep_lift_shap, deep_lift_trust
-from .guided import add_rule_check, rectified_gradients
+from .guided import rectified_gradients, rectified_trust
 
 
 def _args(ctx: MethodContext):
@@ -191,12 +191,12 @@ SPECS = [
     ),
     MethodSpec(
         name="GuidedBackprop", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,
-        patching="additive", params=(), attribute=guided_backprop, captum=None, trust=add_rule_check,
+        patching="additive", params=(), attribute=guided_backprop, captum=None, trust=rectified_trust,
         description="guided backpropagation through every rectifier (ReLU, PReLU, LeakyReLU, ELU, GELU, SiLU, functional)",
     ),
     MethodSpec(
         name="Deconvolution", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,
-        patching="additive", params=(), attribute=deconvolution, captum=None, trust=add_rule_check,
+        patching="additive", params=(), attribute=deconvolution, captum=None, trust=rectified_trust,
         description="deconvnet rule (relu of the backward signal) through every rectifier",
     ),
     MethodSpec(

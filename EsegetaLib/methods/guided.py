@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -91,6 +92,7 @@ class RectifierRules(TorchDispatchMode):
         self.rule = rule
         self.seen = 0
         self.changed = 0
+        self.zeroed = 0  # calls where the rule turned a non-zero backward signal into zeros everywhere
         self.by_kind: Dict[str, int] = {}
         self.composed: Dict[str, int] = {}
         self._roots = WeakTensorKeyDictionary()  # tensor -> the tensor an elementwise chain started from
@@ -142,13 +144,15 @@ class RectifierRules(TorchDispatchMode):
             new = torch.clamp(args[0], min=0).to(grad_in.dtype)
         if not torch.equal(new, grad_in):
             self.changed += 1
+            if not bool(new.any()):
+                self.zeroed += 1
         if isinstance(result, (tuple, list)):
             return type(result)([new, *result[1:]])
         return new
 
     def diagnostics(self) -> Dict[str, Any]:
         """Counts that add up over windows (the engine sums numeric diagnostics)."""
-        return {"rule_calls_changed": self.changed, "rule_calls_seen": self.seen}
+        return {"rule_calls_changed": self.changed, "rule_calls_seen": self.seen, "rule_calls_zeroed": self.zeroed}
 
 
 def is_torchscript(network: torch.nn.Module) -> bool:
@@ -203,4 +207,26 @@ def add_rule_check(result) -> None:
     if changed == 0:
         detail += "; none changed, so the map equals the plain gradient"
     result.add_check("rectifier_rule", status, changed / seen, detail)
+
+
+def rectified_trust(result) -> None:
+    """MethodSpec.trust of GuidedBackprop and Deconvolution: the "rectifier_rule" check, and the
+    refusal of a map that is zero at every voxel.  Both rules pass back only positive signals at
+    each rectifier; when every signal reaching a rectifier is <= 0 (e.g. at the rectifier nearest
+    the output of a model that reads the class out through negative weights only, as the trained
+    SegResNet of the ground-truth zoo does) the rule zeroes it and nothing reaches the input.  A map
+    of zeros would say the volume holds no evidence, which the model's plain gradient contradicts."""
+    add_rule_check(result)
+    if bool(np.any(result.attribution)):
+        return
+    diag = getattr(result, "diagnostics", {}) or {}
+    zeroed, seen = int(diag.get("rule_calls_zeroed", 0) or 0), int(diag.get("rule_calls_seen", 0) or 0)
+    if zeroed:
+        why = (f"the rule removed the whole backward signal at {zeroed} of {seen} rectifier calls: every "
+               "gradient reaching that rectifier was <= 0 (this model reads the class out through negative "
+               "weights there), and the rule passes back positive signals only")
+    else:
+        why = "the target's gradient is zero at every voxel"
+    raise EsegetaError(f"{result.name}'s map is zero at every voxel: {why}; use Saliency, InputXGradient or "
+                       "IntegratedGradients on this model.")
 

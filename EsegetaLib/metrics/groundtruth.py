@@ -29,7 +29,7 @@ from scipy import ndimage
 from ..errors import EsegetaError
 from .context import MetricContext, attribution_tensor, batch_ranges
 from .deletion import deletion_domain, domain_features, feature_ranks
-from .localisation import RELEVANCE, _mask
+from .localisation import RELEVANCE, _mask, undefined_note
 
 SegmentFn = Callable[[torch.Tensor], np.ndarray]  # (N, C, *S) perturbed volumes -> (N, *S) bool masks
 
@@ -47,7 +47,7 @@ def voxel_average_precision(attribution, ctx: MetricContext, mask=None, relevanc
 
     m = _mask(ctx, mask)
     if not bool(m.any()) or bool(m.all()):
-        return {"vxap": float("nan")}
+        return {"vxap": float("nan"), "vxap_note": f"the reference mask is {'empty' if not bool(m.any()) else 'full'}"}
     scores = _ranked_values(attribution, ctx, relevance)
     return {"vxap": float(average_precision_score(m.flatten().cpu().numpy(), scores.flatten().cpu().numpy()))}
 
@@ -61,7 +61,7 @@ def pointing_game(attribution, ctx: MetricContext, mask=None, relevance: str = "
         m = distance <= tolerance_mm
     scores = _ranked_values(attribution, ctx, relevance)
     if not bool(torch.isfinite(scores).all()) or float(scores.max()) == float(scores.min()):
-        return {"pointing_game": float("nan")}  # a flat map points nowhere
+        return {"pointing_game": float("nan"), "pointing_game_note": "the map is flat or not finite: it points nowhere"}
     index = np.unravel_index(int(torch.argmax(scores.flatten())), tuple(scores.shape))
     return {"pointing_game": float(bool(m[index]))}
 
@@ -126,7 +126,8 @@ def relevance_shares(attribution, ctx: MetricContext, segmentation=None, mask=No
     total = float(a.sum())
     if total == 0.0:
         return {"share_segmentation": float("nan"), "share_boundary": float("nan"),
-                "share_reference": float("nan"), "share_elsewhere": float("nan")}
+                "share_reference": float("nan"), "share_elsewhere": float("nan"),
+                "relevance_shares_note": "the map is zero at every voxel"}
     seg = np.zeros(a.shape, bool) if segmentation is None else np.asarray(segmentation, bool)
     inside = ndimage.distance_transform_edt(seg, sampling=spacing)
     outside = ndimage.distance_transform_edt(~seg, sampling=spacing)

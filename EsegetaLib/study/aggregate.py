@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -74,10 +74,11 @@ def study_table(out: Path, tasks: List[Dict[str, Any]], methods: List[str]):
     frame = pd.DataFrame(rows)
     metric_cols = [c for c in frame.columns if c not in ID_COLUMNS + CASE_COLUMNS
                    and not c.endswith("_s") and not c.endswith("_peak_mb")]
+    numeric = [c for c in metric_cols if not c.endswith("_note")]  # <metric>_note: why it is NaN
     timing_cols = sorted(c for c in frame.columns if c not in ID_COLUMNS + CASE_COLUMNS + metric_cols)
     ordered = ID_COLUMNS + metric_cols + [c for c in CASE_COLUMNS if c in frame.columns] + timing_cols
     frame = frame[ordered]
-    for column in metric_cols + ["attribution_s", "case_seconds"]:
+    for column in numeric + ["attribution_s", "case_seconds"]:
         if column in frame.columns:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
@@ -86,6 +87,16 @@ def study_table(out: Path, tasks: List[Dict[str, Any]], methods: List[str]):
 def metric_columns(frame) -> List[str]:
     """The evaluation metrics present (not timings, standard errors or bookkeeping)."""
     return [c for c in frame.columns if c in DIRECTIONS and frame[c].notna().any()]
+
+
+def note_column(metric: str, columns) -> Optional[str]:
+    """The column saying why `metric` is NaN where it is (metrics write `<metric>_note`; the
+    relevance shares and the randomisation columns share one note per metric)."""
+    for name in (f"{metric}_note", "relevance_shares_note" if metric.startswith("share_") else "",
+                 f"{metric.split('_')[0]}_note"):
+        if name and name in columns:
+            return name
+    return None
 
 
 def summary_table(frame):
@@ -97,14 +108,20 @@ def summary_table(frame):
     for column in metric_columns(frame) + ["attribution_s"]:
         if column not in done.columns:
             continue
+        notes = note_column(column, done.columns)
         for (model, method), group in done.groupby(["model", "method"], sort=False):
             values = group[column].dropna().to_numpy(dtype=float)
+            note = "" if notes is None else " | ".join(dict.fromkeys(
+                str(v) for v in group.loc[group[column].isna(), notes].dropna() if str(v)))
             if not values.size:  # a metric that does not apply (IG's convergence delta for Saliency)
+                if note:  # or one that could not be computed: say why
+                    rows.append({"model": model, "method": method, "metric": column, "n": 0, "mean": np.nan,
+                                 "median": np.nan, "q1": np.nan, "q3": np.nan, "iqr": np.nan, "note": note})
                 continue
             q1, median, q3 = np.percentile(values, [25, 50, 75])
             rows.append({"model": model, "method": method, "metric": column, "n": int(values.size),
                          "mean": float(values.mean()), "median": float(median), "q1": float(q1),
-                         "q3": float(q3), "iqr": float(q3 - q1), "note": ""})
+                         "q3": float(q3), "iqr": float(q3 - q1), "note": note})
     refused = frame[frame["status"] == "refused"]
     for (model, method), group in refused.groupby(["model", "method"], sort=False):
         reasons = list(dict.fromkeys(str(e) for e in group["error"]))

@@ -131,3 +131,23 @@ def test_domain_ranks_put_outside_voxels_last():
     domain = torch.tensor([[[True, True], [True, False]]])
     ranks = feature_ranks(values, 1, domain)
     assert ranks.flatten().tolist() == [0, 2, 1, 3]
+
+
+def test_an_undefined_metric_says_why():
+    """NaN never comes alone: a map without positive relevance, a zero map or an empty mask gives a
+    `<metric>_note` with the reason (what the study's summary.csv shows)."""
+    from EsegetaLib.metrics.localisation import relevance_mass, relevance_rank
+
+    ctx = context(np.ones((3, 3, 3)))
+    mask = np.zeros((3, 3, 3), bool)
+    mask[1, 1, 1] = True
+    negative = -np.arange(27, dtype=float).reshape(3, 3, 3)  # max 0 at one voxel, the rest below
+    out = relevance_mass(negative, ctx, mask=mask)
+    assert np.isnan(out["relevance_mass"]) and "no positive relevance (maximum 0)" in out["relevance_mass_note"]
+    assert relevance_mass(negative, ctx, mask=mask, relevance="absolute")["relevance_mass"] == pytest.approx(
+        13 / negative.__abs__().sum())
+    assert relevance_mass(np.zeros((3, 3, 3)), ctx, mask=mask)["relevance_mass_note"] == "the map is zero at every voxel"
+    assert relevance_rank(negative, ctx, mask=np.zeros((3, 3, 3), bool))["relevance_rank_note"] == "the reference mask is empty"
+    assert "flat" in pointing_game(np.zeros((3, 3, 3)), ctx, mask=mask)["pointing_game_note"]
+    shares = relevance_shares(np.zeros((3, 3, 3)), ctx, segmentation=mask, mask=mask)
+    assert np.isnan(shares["share_reference"]) and shares["relevance_shares_note"] == "the map is zero at every voxel"
