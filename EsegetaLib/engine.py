@@ -425,7 +425,12 @@ class ExplainSession:
             return probabilities(logits.to(torch.float32 if self.dtype == torch.float32 else self.dtype),
                                  self.target.activation)
 
-        self._report(0.0, f"Segmenting: {n} window{'s' if n != 1 else ''} of {self.grid.patch}")
+        model_window = getattr(self.network, "window_text", None)
+        if model_window:  # a model that resamples: its own window, not the engine's one whole-volume pass
+            self._report(0.0, f"Segmenting: the model's window {model_window}; one pass over the whole "
+                              f"{'x'.join(map(str, self.grid.patch))} input volume")
+        else:
+            self._report(0.0, f"Segmenting: {n} window{'s' if n != 1 else ''} of {self.grid.patch}")
         report = lambda done, total: self._report(done / total, f"Segmenting: window {done}/{total}")
         for chunk, probs in self.run_batches(list(range(n)), work, report):
             if not _all_finite(probs):

@@ -118,7 +118,8 @@ def write_image(path, array: np.ndarray, reference: Image, dtype=None, compress:
     """Write `array` (I,J,K) or (C,I,J,K) on `reference`'s grid, in the format of `path`'s extension.
 
     A NIfTI written from a NIfTI reference keeps the reference's header fields (both forms, codes,
-    units); every other combination writes `reference.ijk_to_ras`. `dtype=None` keeps the array's
+    units); an NRRD written from an NRRD reference is in the reference's space (RAS, LAS or LPS);
+    every other combination writes `reference.ijk_to_ras` (NRRD in LPS). `dtype=None` keeps the array's
     type (float64 becomes float32, bool becomes uint8). Returns the path. The file appears whole or
     not at all. `compress=False` writes NRRD raw (exchange files between processes: gzip level 9
     costs ~13 s per 100 MB for a file read back once); NIfTI compression follows the extension.
@@ -142,7 +143,9 @@ def write_image(path, array: np.ndarray, reference: Image, dtype=None, compress:
         carried = nifti.carried_header(reference.header if reference.format == "nifti" else None, affine)
         writer = lambda target: nifti.write(target, array, affine, carried)  # noqa: E731
     elif fmt == "nrrd":
-        writer = lambda target: nrrd.write(target, array, affine, compress=compress)  # noqa: E731
+        # in the input's space (RAS/LAS/LPS) when the input is an NRRD, else LPS
+        space = nrrd.output_space(reference.header if reference.format == "nrrd" else None)
+        writer = lambda target: nrrd.write(target, array, affine, compress=compress, space=space)  # noqa: E731
     else:
         writer = lambda target: metaimage.write(target, array, affine)  # noqa: E731
     # Detached formats (.nhdr, .mhd) write two files: build both in a private temporary folder

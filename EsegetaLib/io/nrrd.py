@@ -115,20 +115,36 @@ def read(path) -> Tuple[np.ndarray, np.ndarray, Dict]:
     return data, affine, header
 
 
-def write(path, array: np.ndarray, affine: np.ndarray, compress: bool = True) -> None:
-    """Write `array` (C,I,J,K) in LPS space (Slicer's own convention), gzip (raw with
-    `compress=False`), channels first."""
+def output_space(header) -> str:
+    """The `space` an output of an NRRD input is written in: the input's own anatomical space (RAS,
+    LAS or LPS, long names), so outputs read like their input in any NRRD reader; inputs whose space
+    ITK takes verbatim as LPS numbers (scanner-xyz, 3D-right-handed, ...) or that have none, and
+    non-NRRD inputs (header None), are written in LPS (Slicer's own convention)."""
+    if not header:
+        return "left-posterior-superior"
+    space = _space(header)
+    return space if space in _TO_LPS else "left-posterior-superior"
+
+
+def write(path, array: np.ndarray, affine: np.ndarray, compress: bool = True,
+          space: str = "left-posterior-superior") -> None:
+    """Write `array` (C,I,J,K) with IJK->RAS `affine` in `space` (right-anterior-superior,
+    left-anterior-superior or left-posterior-superior; default LPS, Slicer's own convention), gzip
+    (raw with `compress=False`), channels first."""
     import nrrd
 
+    if space not in _TO_LPS:
+        raise EsegetaError(f"cannot write NRRD in space '{space}'; use one of {', '.join(_TO_LPS)}")
     lps = np.linalg.inv(LPS_TO_RAS) @ affine
-    header = {"space": "left-posterior-superior", "space origin": lps[:3, 3],
-              "encoding": "gzip" if compress else "raw"}
+    flips = np.asarray(_TO_LPS[space])  # space coordinates = flips * LPS coordinates (flips are +-1)
+    columns, origin = flips[:, None] * lps[:3, :3], flips * lps[:3, 3]
+    header = {"space": space, "space origin": origin, "encoding": "gzip" if compress else "raw"}
     if array.shape[0] == 1:
         data = array[0]
-        header["space directions"] = lps[:3, :3].T  # one row per axis
+        header["space directions"] = columns.T  # one row per axis
         header["kinds"] = ["domain"] * 3
     else:
         data = array  # channel first = fastest axis, as Slicer stores vector volumes
-        header["space directions"] = np.vstack([np.full(3, np.nan), lps[:3, :3].T])
+        header["space directions"] = np.vstack([np.full(3, np.nan), columns.T])
         header["kinds"] = ["vector"] + ["domain"] * 3
     nrrd.write(path, data, header, detached_header=path.lower().endswith(".nhdr"), index_order="F")

@@ -285,6 +285,21 @@ class _Affine(torch.nn.Module):
         return y if self.mask is None else torch.where(self.mask, y, x)
 
 
+def _window_text(roi_size, model_affine: np.ndarray, input_affine: np.ndarray, model_shape) -> str:
+    """The bundle's window on its own grid (after Orientationd/Spacingd: `model_affine`) and on the
+    input's (`input_affine`): each model axis is matched to the input axis it runs along."""
+    from .resampling import model_window_text
+
+    model_columns, input_columns = model_affine[:3, :3], input_affine[:3, :3]
+    model_spacing = np.linalg.norm(model_columns, axis=0)
+    input_spacing = np.linalg.norm(input_columns, axis=0)
+    cosines = np.abs((model_columns / model_spacing).T @ (input_columns / input_spacing))  # (model, input)
+    axes = [int(np.argmax(row)) for row in cosines]
+    patch = list(roi_size) if roi_size else list(model_shape)  # no sliding window: the whole grid
+    return model_window_text(patch, [float(v) for v in model_spacing], model_shape, [float(v) for v in input_spacing],
+                             input_axes=axes if sorted(axes) == [0, 1, 2] else None)
+
+
 class BundleFunction(torch.nn.Module):
     """(B, C, I, J, K) on the input grid -> (B, n_classes, I, J, K): the bundle's inference (module
     docstring). Built from the unperturbed `array` with `affine` (RAS, as MONAI's loaders give it)."""
@@ -334,6 +349,8 @@ class BundleFunction(torch.nn.Module):
                        "overlap": getattr(self.inferer, "overlap", None),
                        "resampled_back": [type(m).__name__ for m in inverse],
                        "back_resampled": "probabilities (then log)" if self.probabilities_inverted else "logits"}
+        self.window_text = _window_text(self.record["roi_size"], np.asarray(current.affine, dtype=float),
+                                        np.asarray(affine, dtype=float), list(current.shape[1:]))
 
     @staticmethod
     def _orientation(transform, key, current):

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import EsegetaError
 from .base import LoadedModel, ModelCard, ModelDescription, first_line, load_tensors
-from .resampling import SeparableResample, axis_matrices
+from .resampling import SeparableResample, axis_matrices, model_window_text
 
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 READERS_SITK_ORDER = ("SimpleITKIO", "NibabelIO", "SimpleITKWithOverwriteIO")  # arrays in (K, J, I) order
@@ -343,6 +343,8 @@ class NnUNetFunction(torch.nn.Module):
             "tile_step_size": model.tile_step_size, "mirroring": self.mirror_axes, "folds": list(model.folds),
             "normalization": self.norm_record,
         }
+        self.window_text = model_window_text(patch, target, new_shape, spacing_ijk, input_axes=self.order,
+                                             n_windows=len(self.windows))
 
     def _data_resampler(self, cm, cropped: np.ndarray, shape_in, shape_out, spacing, target) -> SeparableResample:
         """nnU-Net's data resampling as matrices. Its default (`resample_data_or_seg_to_shape`) calls

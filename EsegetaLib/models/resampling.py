@@ -87,6 +87,28 @@ class SeparableResample(torch.nn.Module):
         return [int(s) if self.identity[a] else int(getattr(self, f"m{a}").shape[0]) for a, s in enumerate(shape)]
 
 
+def _dims(values, digits: int = 3) -> str:
+    return "x".join(f"{float(v):.{digits}g}" if not float(v).is_integer() else str(int(v)) for v in values)
+
+
+def model_window_text(patch: Sequence[int], model_spacing: Sequence[float], model_shape: Sequence[int],
+                      input_spacing: Sequence[float], input_axes: Optional[Sequence[int]] = None,
+                      n_windows: Optional[int] = None) -> str:
+    """The window a resampling model runs on its own grid, and what it covers on the input grid.
+
+    patch, model_spacing (mm), model_shape: on the model's grid, in the model's axis order;
+    input_spacing (mm): the input's, along I, J, K; input_axes[a]: the input axis that model axis a
+    runs along (default: the same). Returns e.g. "16x16x16 voxels at 0.8x0.8x0.8 mm on the model's
+    16x16x8 grid (1 window), = 32x32x32 input voxels (I x J x K at 0.4x0.4x0.4 mm)"."""
+    axes = list(range(len(patch))) if input_axes is None else [int(a) for a in input_axes]
+    on_input = [0.0] * len(patch)
+    for a, (p, m) in enumerate(zip(patch, model_spacing)):
+        on_input[axes[a]] = float(p) * float(m) / float(input_spacing[axes[a]])
+    count = "" if n_windows is None else f" ({n_windows} window{'s' if n_windows != 1 else ''})"
+    return (f"{_dims(patch)} voxels at {_dims(model_spacing)} mm on the model's {_dims(model_shape)} grid{count}, "
+            f"= {_dims([round(v, 1) for v in on_input])} input voxels (I x J x K at {_dims(input_spacing)} mm)")
+
+
 class ResampledNetwork(torch.nn.Module):
     """A model card's network on its own grid, explained on the volume's: (B, C, I, J, K) ->
     trilinear resampling to the card's spacing (`torch.nn.functional.interpolate`, align_corners
@@ -114,6 +136,8 @@ class ResampledNetwork(torch.nn.Module):
                        "resampling": "trilinear (torch.nn.functional.interpolate, align_corners=False), in and out",
                        "sliding_window": {"roi_size": self.roi, "overlap": 0.25, "blend": "gaussian",
                                           "implementation": "monai.inferers.sliding_window_inference"}}
+        # what `explain` reports as the window: the model's, not the engine's one whole-volume pass
+        self.window_text = model_window_text(self.roi, model_spacing, self.model_shape, spacing)
 
     def _predict(self, x):
         from ..targets import select_head

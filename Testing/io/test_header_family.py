@@ -190,3 +190,35 @@ def test_real_volumes_read_as_itk_reads_them(tmp_path, name):
         reader.ReadImageInformation()
         assert_same_grid(itk, (np.asarray(reader.GetOrigin()), np.asarray(reader.GetSpacing()),
                                np.asarray(reader.GetDirection()).reshape(3, 3)), "map for " + name)
+
+
+NRRD_GOOD = [v for v in GOOD if v.fmt == "nrrd"]
+_LONG = {"ras": "right-anterior-superior", "las": "left-anterior-superior", "lps": "left-posterior-superior"}
+
+
+@pytest.mark.parametrize("variant", NRRD_GOOD, ids=[v.name for v in NRRD_GOOD])
+def test_nrrd_outputs_are_written_in_the_inputs_space(tmp_path, variant):
+    """An NRRD output is in its input's space (RAS/LAS/LPS as read, long names), with the input's own
+    numbers for directions and origin; ITK reads it on the input's grid, value for value (above).
+    Spaces ITK takes verbatim as LPS (scanner-xyz, ...) and files without one are written in LPS."""
+    import nrrd
+
+    path = variant.make(tmp_path)
+    image = read_image(path)
+    _, header_in = nrrd.read(str(path))
+    space_in = str(header_in.get("space", "")).strip().lower()
+    space_in = _LONG.get(space_in, space_in)
+    anatomical = space_in in _LONG.values()
+    values = np.random.default_rng(2).normal(size=image.spatial_shape).astype(np.float32)
+    out = write_image(tmp_path / "map.nrrd", values, image)
+    _, header_out = nrrd.read(out)
+    assert header_out["space"] == (space_in if anatomical else "left-posterior-superior")
+    itk_in, itk_out = sitk.ReadImage(str(path)), sitk.ReadImage(out)
+    assert_same_grid(itk_grid(itk_out), itk_grid(itk_in), "output vs input, both read by ITK")
+    np.testing.assert_array_equal(itk_cijk(itk_out)[0], values)
+    if anatomical and "space directions" in header_in:
+        rows = np.asarray(header_in["space directions"], dtype=float)
+        domain = [a for a in range(rows.shape[0]) if np.all(np.isfinite(rows[a]))]
+        np.testing.assert_allclose(header_out["space directions"], rows[domain], atol=1e-9, rtol=1e-12)
+        origin = np.asarray(header_in.get("space origin", np.zeros(3)), dtype=float)
+        np.testing.assert_allclose(header_out["space origin"], origin, atol=1e-9, rtol=1e-12)

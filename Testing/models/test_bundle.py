@@ -179,3 +179,16 @@ def test_bad_bundles_get_one_line(bundle_and_volume, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "network cannot be built from 'network_def'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_explain_prints_the_bundles_window_and_its_input_grid_equivalent(bundle_and_volume, tmp_path, capsys):
+    """The window reported is the bundle's (its inferer's roi at Spacingd's pixdim), with what it
+    covers in the input's voxels, not the engine's one pass over the whole volume."""
+    bundle, volume = bundle_and_volume
+    code = main(["explain", str(volume), "--model", str(bundle), "--out", str(tmp_path / "run"), "--methods",
+                 "Saliency", "--metrics", "none", "--no-scene", "--device", "cpu", "--region", "whole"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    # 16^3 at 1.5 x 1.5 x 2 mm = 30 x 26.7 x 12.8 voxels of 0.8 x 0.9 x 2.5 mm
+    assert "Segmenting: the model's window 16x16x16 voxels at 1.5x1.5x2 mm on the model's " in err, err
+    assert "= 30x26.7x12.8 input voxels (I x J x K at 0.8x0.9x2.5 mm); one pass over the whole 30x28x12 input" in err

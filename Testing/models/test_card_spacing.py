@@ -90,3 +90,14 @@ def test_the_bundled_model_on_its_own_spacing_is_not_resampled():
     model = load_default_model()
     image = read_image(resource_path("sample_tof.nii.gz"))
     assert not model.resamples(image.spacing) and "whole_volume" not in model.engine_hints(image.spacing)
+
+
+def test_the_window_reported_is_the_models(card_at_double_spacing):
+    """The card's patch (16^3, cut to its 16x16x8 grid) at 0.8 mm covers 32x32x16 voxels of 0.4 mm."""
+    from EsegetaLib.io import read_image
+
+    _, card, volume = card_at_double_spacing
+    image = read_image(volume)
+    function = load_model(card).network_for(image.array, image.spacing, image.ijk_to_ras)
+    assert function.window_text == ("16x16x8 voxels at 0.8x0.8x0.8 mm on the model's 16x16x8 grid, "
+                                    "= 32x32x16 input voxels (I x J x K at 0.4x0.4x0.4 mm)")

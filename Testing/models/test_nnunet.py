@@ -318,3 +318,16 @@ def test_transposed_ct_resenc_folder_equals_nnunet_predictor(tmp_path, capsys):
     assert score >= 0.99
     run = json.loads((out / "run.json").read_text())
     assert run["engine"]["model_preprocessing"]["axis_order"] == ["I", "K", "J"]
+
+
+def test_the_printed_window_is_the_models_with_its_input_grid_equivalent(tmp_path):
+    """A transposed plan (nnU-Net axes = input I, K, J): the window is nnU-Net's patch at its
+    spacing, and on the input grid each nnU-Net axis lands on the input axis it runs along."""
+    folder = make_nnunet_folder(tmp_path / "nn", plans_dict=plans(transpose=(2, 0, 1)), seed=3)
+    array = tube_volume(shape=(14, 30, 34))
+    function = load_model(folder).network_for(array, (2.6, 0.9, 0.8))
+    assert function.record["axis_order"] == ["I", "K", "J"]
+    # patch (16, 32, 32) at (2, 1, 1) mm along I, K, J; on the input: 16*2/2.6, 32*1/0.9, 32*1/0.8
+    assert function.window_text.startswith("16x32x32 voxels at 2x1x1 mm on the model's "
+                                           f"{'x'.join(map(str, function.record['resampled_to']['shape']))} grid (")
+    assert function.window_text.endswith("= 12.3x35.6x40 input voxels (I x J x K at 2.6x0.9x0.8 mm)")
