@@ -875,35 +875,41 @@ class ExplainSession:
             attribution = spec.finalize(attribution, params)
         return attribution, diag
 
-    def _window_scores(self, x_pad: torch.Tensor) -> Dict[int, float]:
-        """F of each active window on a padded (1, C, *padded) volume (no grad)."""
-        values: Dict[int, float] = {}
+    def _window_scores(self, *volumes: torch.Tensor) -> List[Dict[int, float]]:
+        """F of each active window on padded (1, C, *padded) volumes (no grad), in full precision
+        (the reference of completeness checks, even when the run uses autocast); the volumes' windows
+        share batches."""
+        values: List[Dict[int, float]] = [{} for _ in volumes]
 
         def work(chunk):
-            with torch.no_grad():
-                return self.scorer(self._window_batch(x_pad, chunk), self.window_weights(chunk))
+            xb = torch.cat([self._window_batch(volumes[v], [i]) for v, i in chunk])
+            with torch.no_grad(), self.scorer.full_precision():
+                return self.scorer(xb, self.window_weights([i for _, i in chunk]))
 
-        for chunk, out in self.run_batches(list(self.active), work):
-            values.update(zip(chunk, out.double().cpu().tolist()))
+        items = [(v, i) for v in range(len(volumes)) for i in self.active]
+        for chunk, out in self.run_batches(items, work):
+            for (v, i), value in zip(chunk, out.double().cpu().tolist()):
+                values[v][i] = value
         return values
 
     def _path_budgets(self, spec: MethodSpec, params: Dict[str, Any], prepared: Dict[str, torch.Tensor],
-                      x_pad: torch.Tensor) -> Optional[Dict[int, float]]:
-        """Absolute completeness error allowed per window for an adaptive path method, so that all
-        windows together stay within tolerance x |F(x) - F(baseline)| of the whole volume: half of the
-        allowance shared equally, half in proportion to each window's |F_w(x) - F_w(b)|. `x_pad`: the
-        explained input, padded (1, C, *padded) (a perturbed copy has its own allowances)."""
+                      x_pad: torch.Tensor) -> Optional[Dict[int, Tuple[float, float, float]]]:
+        """Per window (absolute completeness error allowed, F_w(b), F_w(x)) for an adaptive path
+        method: the allowances keep all windows together within tolerance x |F(x) - F(baseline)| of
+        the whole volume (half shared equally, half in proportion to each window's |F_w(x) - F_w(b)|);
+        F_w are full-precision scores, handed to the method as its path ends (IG needs no forward of
+        its own for them). `x_pad`: the explained input, padded (1, C, *padded) (a perturbed copy has
+        its own allowances)."""
         if spec.patching != "additive" or not params.get("adaptive") or "tolerance" not in params or \
                 "baselines" not in prepared or not self.active:
             return None
-        on_x = self._window_scores(x_pad)
-        on_b = self._window_scores(prepared["baselines"])
+        on_x, on_b = self._window_scores(x_pad, prepared["baselines"])
         change = {i: on_x[i] - on_b[i] for i in self.active}
         total = abs(sum(change.values()))
         spread = sum(abs(v) for v in change.values()) or 1.0
         allowed = float(params["tolerance"]) * total
         n = len(self.active)
-        return {i: allowed * (0.5 * abs(change[i]) / spread + 0.5 / n) for i in self.active}
+        return {i: (allowed * (0.5 * abs(change[i]) / spread + 0.5 / n), on_b[i], on_x[i]) for i in self.active}
 
     def _layer(self, spec: MethodSpec, params: Dict[str, Any]):
         """(module, name) of a layer method's layer, probed on the first window in the region: the
@@ -938,7 +944,8 @@ class ExplainSession:
 
     def _windows_pass(self, spec, params, x_pad, prepared, layer, generator, blended=False,
                       report_base: Tuple[float, float] = (0.0, 1.0),
-                      budgets: Union[None, Dict[int, float], List[Dict[int, float]]] = None) -> Tuple[torch.Tensor, Dict]:
+                      budgets: Union[None, Dict[int, Tuple[float, float, float]],
+                                     List[Dict[int, Tuple[float, float, float]]]] = None) -> Tuple[torch.Tensor, Dict]:
         """Sum (or blend) per-window maps of `spec` into padded accumulators (S, C, *padded), one per
         input copy in `x_pad` (S, C, *padded): S > 1 batches noise samples (or perturbed copies)
         together. `prepared` (and an adaptive path method's per-window `budgets`): one dict shared by
@@ -956,8 +963,9 @@ class ExplainSession:
             inputs = torch.stack([x_pad[(s, slice(None)) + self.windows[i]] for s, i in chunk])
             sliced = self._prepared_for(prepared, chunk)
             if budgets is not None:
-                sliced["delta_budget"] = torch.tensor(
-                    [(budgets[s] if isinstance(budgets, list) else budgets)[i] for s, i in chunk], dtype=torch.float64)
+                rows = torch.tensor([(budgets[s] if isinstance(budgets, list) else budgets)[i] for s, i in chunk],
+                                    dtype=torch.float64)
+                sliced["delta_budget"], sliced["path_ends"] = rows[:, 0], rows[:, 1:]
             ctx = MethodContext(
                 forward=self.scorer, network=self.network, inputs=inputs.to(self.device, self.dtype),
                 params=params, stats=self.stats, forward_args=(self.window_weights(windows),),

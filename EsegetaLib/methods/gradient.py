@@ -93,7 +93,7 @@ def integrated_gradients(ctx: MethodContext):
             ctx.forward, ctx.inputs, baselines, ctx.forward_args or (), tolerance=ctx.params["tolerance"],
             initial_steps=steps, max_steps=ctx.params["max_steps"],
             batch=steps_batch(ctx, ctx.inputs.shape[0], ctx.params["max_steps"]),
-            budgets=ctx.prepared.get("delta_budget"))
+            budgets=ctx.prepared.get("delta_budget"), ends=ctx.prepared.get("path_ends"))
     from captum.attr import IntegratedGradients
     attr = IntegratedGradients(ctx.forward).attribute(
         ctx.inputs, baselines=baselines, additional_forward_args=_args(ctx), n_steps=steps,
