@@ -13,6 +13,9 @@ idea of KWC, J. Med. Imaging 2023, and of SE3D's synthetic tasks, carried to ves
 - **contrast**: every tube lies in its own shell of local background; a tube is a vessel only when it
   is brighter than its shell. Absolute intensities of tubes, shells and tissue overlap, so only the
   tube-versus-shell contrast decides. Ground-truth relevance: the labelled tubes and their shells.
+  The same volume with every shell moved to the other side of its tube's level (`contrast_flipped`,
+  tubes untouched, same noise) swaps which tubes are vessels (`flipped_labels`), so "does the model
+  follow the contrast?" can be measured.
 
 Everything is determined by the seed (NumPy's PCG64), sizes are in millimetres, and the rendering
 (partial-volume tubes, texture, bias field, Rician noise) is the bundled sample's
@@ -33,7 +36,8 @@ from .sample import _grow_tree, _render_tubes, _smooth_noise, oblique_affine
 
 DESIGNS = ("shortcut", "contrast")
 FILES = {"image": "image.nii.gz", "labels": "labels.nii.gz", "relevance": "relevance.nii.gz",
-         "without_cue": "image_without_cue.nii.gz", "record": "case.json"}
+         "without_cue": "image_without_cue.nii.gz", "contrast_flipped": "image_contrast_flipped.nii.gz",
+         "flipped_labels": "labels_contrast_flipped.nii.gz", "record": "case.json"}
 
 
 @dataclass
@@ -47,6 +51,8 @@ class GroundTruthCase:
     ijk_to_ras: np.ndarray
     without_cue: Optional[np.ndarray] = None  # shortcut only: the same volume with no marker
     record: Dict[str, Any] = field(default_factory=dict)  # what was planted where (voxel indices)
+    contrast_flipped: Optional[np.ndarray] = None  # contrast only: every shell on the other side of its tube
+    flipped_labels: Optional[np.ndarray] = None  # contrast only: the labels of `contrast_flipped`
 
 
 MIN_SIZE = 16
@@ -175,6 +181,7 @@ def contrast_case(seed: int, shape: Sequence[int] = (48, 48, 48), spacing: Seque
     separates labelled from unlabelled tubes."""
     shape, spacing, rng, tubes = _start(shape, spacing, seed, n_tubes, (0.7, 1.2))
     clean = _texture(shape, rng, 0.6, 0.08)
+    flipped = clean.copy()  # the counterfactual: each shell as far on the other side of its tube
     owner = np.full(shape, -1, np.int32)  # which tube (core or shell) a voxel shows; later tubes on top
     core = np.zeros(shape, bool)
     signs = []
@@ -183,11 +190,14 @@ def contrast_case(seed: int, shape: Sequence[int] = (48, 48, 48), spacing: Seque
         shell_occ = _occupancy(shape, spacing, points, radii, extra_mm=shell_mm)
         tube_level = float(rng.uniform(0.45, 0.75))
         sign = 1.0 if rng.random() < 0.5 else -1.0
-        shell_level = tube_level - sign * float(rng.uniform(0.15, 0.3))
+        contrast = float(rng.uniform(0.15, 0.3))
+        shell_level = tube_level - sign * contrast
         signs.append(sign)
         # Soft edges: shell over tissue, then tube over shell (partial-volume fractions).
         clean = clean * (1 - shell_occ) + shell_level * shell_occ
         clean = clean * (1 - tube_occ) + tube_level * tube_occ
+        flipped = flipped * (1 - shell_occ) + (tube_level + sign * contrast) * shell_occ
+        flipped = flipped * (1 - tube_occ) + tube_level * tube_occ
         owner[shell_occ >= 0.5] = t
         core[shell_occ >= 0.5] = False
         core[tube_occ >= 0.5] = True
@@ -197,12 +207,18 @@ def contrast_case(seed: int, shape: Sequence[int] = (48, 48, 48), spacing: Seque
     labelled_owner[owned] = bright[owner[owned]]
     labels = (core & labelled_owner).astype(np.uint8)
     relevance = labelled_owner.astype(np.uint8)  # the labelled tubes and their shells
+    flipped_labels = (core & owned & ~labelled_owner).astype(np.uint8)
+    state = rng.bit_generator.state  # the same noise draws for both versions
     image = _acquire(clean, rng, noise, bias, scale)
+    rng.bit_generator.state = state
+    image_flipped = _acquire(flipped, rng, noise, bias, scale)
     affine = oblique_affine(shape, spacing, rng, max_angle_deg=10.0)
     record = {"design": "contrast", "seed": int(seed), "shape": list(shape), "spacing": spacing.tolist(),
               "shell_mm": shell_mm, "tubes": len(tubes), "tube_brighter_than_shell": [bool(b) for b in bright],
-              "labelled_voxels": int(labels.sum()), "relevance_voxels": int(relevance.sum())}
-    return GroundTruthCase("contrast", int(seed), image, labels, relevance, affine, None, record)
+              "labelled_voxels": int(labels.sum()), "relevance_voxels": int(relevance.sum()),
+              "flipped_labelled_voxels": int(flipped_labels.sum())}
+    return GroundTruthCase("contrast", int(seed), image, labels, relevance, affine, None, record,
+                           contrast_flipped=image_flipped, flipped_labels=flipped_labels)
 
 
 def make_case(design: str, seed: int, **kwargs) -> GroundTruthCase:
@@ -215,7 +231,7 @@ def make_case(design: str, seed: int, **kwargs) -> GroundTruthCase:
 
 def write_case(case: GroundTruthCase, folder) -> Dict[str, str]:
     """Write a case as NIfTI files (image, labels, relevance and, for shortcut, the image without its
-    cue) plus `case.json`, all on the case's grid. Returns {kind: path}. Bytes depend only on the case
+    cue; for contrast, the contrast-flipped image and its labels) plus `case.json`, all on the case's grid. Returns {kind: path}. Bytes depend only on the case
     (gzip headers carry no time stamp)."""
     from .io import Image, write_image
 
@@ -227,6 +243,10 @@ def write_case(case: GroundTruthCase, folder) -> Dict[str, str]:
                "relevance": write_image(folder / FILES["relevance"], case.relevance, reference, dtype=np.uint8)}
     if case.without_cue is not None:
         written["without_cue"] = write_image(folder / FILES["without_cue"], case.without_cue, reference)
+    if case.contrast_flipped is not None:
+        written["contrast_flipped"] = write_image(folder / FILES["contrast_flipped"], case.contrast_flipped, reference)
+        written["flipped_labels"] = write_image(folder / FILES["flipped_labels"], case.flipped_labels, reference,
+                                                dtype=np.uint8)
     record_path = folder / FILES["record"]
     record_path.write_text(json.dumps(case.record, indent=1, sort_keys=True) + "\n")
     written["record"] = str(record_path)

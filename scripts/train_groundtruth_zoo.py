@@ -7,9 +7,13 @@ DynUNet with deep supervision (the paper's "UNet MSS" analogue; the deep-supervi
 in training and dropped by MONAI in eval), SegResNet (GroupNorm) and AttentionUnet. Each is trained
 with Dice + cross-entropy for a fixed time budget on generated volumes (seeds 0-23), then scored on
 held-out seeds 100-103: Dice, and for the shortcut design the share of predicted vessel voxels that
-disappear when the markers are removed (the proof that the model uses the cue).
+disappear when the markers are removed (the proof that the model uses the cue); for the contrast
+design the same volumes with every shell moved to the other side of its tube's level: the share of
+predicted vessel that disappears and the Dice against the flipped labels (the formerly darker
+tubes), which a model that reads the tube-versus-shell contrast follows.
 
     python scripts/train_groundtruth_zoo.py --design shortcut --seconds 240 --out examples/groundtruth/zoo
+    python scripts/train_groundtruth_zoo.py --design contrast --models DynUNet --seconds 600
     python scripts/train_groundtruth_zoo.py --models UNet --seconds 10 --out /tmp/zoo   # smoke test
 
 Writes `<out>/<design>_<model>.json|.pt` (trained) and `<out>/<design>_<model>_random.json|.pt`
@@ -111,7 +115,7 @@ def train(name: str, design: str, seconds: float, seed: int):
 
 
 def evaluate(net, design: str) -> dict:
-    scores, lost = {}, {}
+    scores, lost, flip_lost, flip_dice = {}, {}, {}, {}
     for s in HELDOUT_SEEDS:
         case = make_case(design, s)
         pred = predict(net, case.image)
@@ -119,11 +123,24 @@ def evaluate(net, design: str) -> dict:
         if case.without_cue is not None:  # how much of the predicted vessel vanishes without markers
             plain = predict(net, case.without_cue)
             lost[f"seed{s}"] = round(1.0 - plain.sum() / max(1, pred.sum()), 4)
-    out = {"dice_heldout": scores, "dice_heldout_mean": round(float(np.mean(list(scores.values()))), 4)}
+        if case.contrast_flipped is not None:  # shells flipped: the vessels the model still finds
+            flipped = predict(net, case.contrast_flipped)
+            flip_lost[f"seed{s}"] = round(1.0 - (flipped & pred).sum() / max(1, pred.sum()), 4)
+            flip_dice[f"seed{s}"] = round(dice(flipped, case.flipped_labels.astype(bool)), 4)
+    out = {"dice_heldout": scores, "dice_heldout_mean": _mean(scores)}
     if lost:
         out["predicted_lost_without_cue"] = lost
-        out["predicted_lost_without_cue_mean"] = round(float(np.mean(list(lost.values()))), 4)
+        out["predicted_lost_without_cue_mean"] = _mean(lost)
+    if flip_lost:
+        out["predicted_lost_contrast_flipped"] = flip_lost
+        out["predicted_lost_contrast_flipped_mean"] = _mean(flip_lost)
+        out["dice_flipped_labels"] = flip_dice
+        out["dice_flipped_labels_mean"] = _mean(flip_dice)
     return out
+
+
+def _mean(values: dict) -> float:
+    return round(float(np.mean(list(values.values()))), 4)
 
 
 def save(net, name: str, design: str, out: Path, metrics: dict, training: dict, random: bool) -> Path:

@@ -67,9 +67,17 @@ def test_contrast_labels_are_tubes_brighter_than_their_shell():
             tube, ring = labels & (components == k), shell & (components == k)
             if tube.sum() > 20 and ring.sum() > 20:
                 assert np.median(case.image[tube]) > np.median(case.image[ring])
+                # The counterfactual: the shell moved to the other side, the tube not relabelled.
+                assert np.median(case.contrast_flipped[tube]) < np.median(case.contrast_flipped[ring])
                 checked += 1
         assert checked >= 1
         assert any(case.record["tube_brighter_than_shell"]) or not labels.any()
+        # Flipping swaps which tube cores are vessel; away from every tube and shell nothing changes
+        # (the same noise draws).
+        flipped = case.flipped_labels.astype(bool)
+        assert flipped.any() and not (flipped & labels).any() and not (flipped & relevance).any()
+        away = ~ndimage.binary_dilation(relevance | flipped, iterations=8)  # shells: 3 voxels + edges
+        np.testing.assert_array_equal(case.contrast_flipped[away], case.image[away])
 
 
 def test_unknown_design_and_tiny_volume_are_refused():
