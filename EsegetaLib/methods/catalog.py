@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from .base import _REGISTRY, register
-from . import cam, excitation, gradient, layer_methods, noise, perturbation, rise, scorecam
+from . import cam, excitation, gradient, layer_methods, lrp, noise, perturbation, rise, scorecam
 
 ORDER = (gradient.SPECS + noise.SPECS + cam.SPECS + layer_methods.SPECS + perturbation.SPECS + rise.SPECS
-         + scorecam.SPECS + excitation.SPECS)
+         + scorecam.SPECS + excitation.SPECS + lrp.SPECS)
 
 # Layer methods hook modules: they need an eager network.  Guided backprop, deconvolution and
 # DeepLift apply their rules at the dispatcher (methods/guided.py, methods/rescale.py): any format.
+# LRP hooks its rule layers (methods/lrp_rules.py): eager too.
 for _spec in ORDER:
-    _spec.requires_eager = _spec.needs_layer
+    _spec.requires_eager = _spec.needs_layer or _spec.name == "LRP"
     if _spec.name not in _REGISTRY:
         register(_spec)

@@ -239,6 +239,7 @@ PLAIN_TOOLTIPS = {
     "ScoreCAM": "Shows the image through each deep-layer pattern and weights it by the result. Slow.",
     "ExcitationBackprop": "Where the evidence for the result flows from, top-down (ReLU networks only). Fast.",
     "ContrastiveExcitationBackprop": "Evidence for this class rather than the others (ReLU networks only). Fast.",
+    "LRP": "Shares the result out among the voxels, layer by layer (relevance propagation). Fast.",
 }
 
 # Ordered presets shown first in the panel; "Custom" is the full list in families.

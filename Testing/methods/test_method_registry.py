@@ -12,7 +12,7 @@ REQUIRED = [
     "GradCAM++", "LayerActivation", "LayerConductance", "InternalInfluence", "LayerGradientXActivation",
     "LayerDeepLift", "LayerIntegratedGradients", "LayerGradientShap", "Occlusion", "FeatureAblation",
     "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM", "ExcitationBackprop",
-    "ContrastiveExcitationBackprop",
+    "ContrastiveExcitationBackprop", "LRP",
 ]
 
 
@@ -35,7 +35,7 @@ def test_every_required_method_is_registered_with_metadata():
 def test_patching_modes_follow_the_maths():
     assert {m.name for m in all_methods() if m.patching == "additive"} == {
         "Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop", "Deconvolution", "DeepLift",
-        "DeepLiftShap", "GradientShap", "ExcitationBackprop", "ContrastiveExcitationBackprop"}
+        "DeepLiftShap", "GradientShap", "ExcitationBackprop", "ContrastiveExcitationBackprop", "LRP"}
     assert {m.name for m in all_methods() if m.patching == "noise_tunnel"} == {"SmoothGrad", "SmoothGradSquared", "VarGrad"}
     assert {m.name for m in all_methods() if m.patching == "global"} == {
         "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM"}

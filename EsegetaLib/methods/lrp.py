@@ -1,0 +1,224 @@
+"""Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019) for 3D segmentation
+networks: the method, its refusals and its conservation check.  The rules are in `lrp_rules.py`.
+
+Top-level relevance: the target's weights (window blending x region, as in every score) times the
+class logit at each voxel, R_out = w * z_c, so the explained quantity is the weighted logit sum
+sum(w * z_c) (the target's logit score; with a probability score LRP still explains the logit, as is
+standard).  The map R_x = x * c_x has the input's shape, one value per input channel and voxel.  The
+backward pass is linear in the top-level weights, so the map of the patched model is the sum of the
+windows' maps ("additive", exact).
+
+Before the relevance pass, the network is refused with the layer's name when it has no rule for it:
+leaf modules without a rule (checked before the forward pass: attention blocks' sigmoid, softmax,
+GELU/ELU/SiLU/Tanh activations, unknown modules), TorchScript models and exported programs (no modules
+to hook: use a model card with the network's class), and, watched op by op during the forward pass
+(`_OpWatch`, a `TorchDispatchMode`), any op on an input-dependent tensor outside the rule layers
+whose gradient is not its LRP rule: non-homogeneous activations called functionally, softmax,
+products of two activations (attention and gating), division by an activation, convolutions, matrix
+products and normalisations called functionally.
+
+Trust check "conservation": the input's total relevance against the explained score, relative to
+sum |w * z_c|; pass within `CONSERVATION_TOLERANCE`, warn beyond.  Its detail says how much the
+layers' biases, the stabiliser / rule and the normalisation offsets absorbed, and what is left
+unaccounted (constants added outside layers; ~0 for the networks the rules cover).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ..errors import EsegetaError
+from .base import MethodContext, MethodSpec, ParamSpec
+from .layers import inplace_disabled
+from .lrp_rules import NORM_RULES, RULES, assign_composite, check_modules, lrp_rules
+from .rescale import LINEAR, _name, _tensors
+
+CONSERVATION_TOLERANCE = 0.01
+
+# ops whose gradient is the LRP rule only inside a hooked module (where the hook replaces it)
+MODULE_ONLY = frozenset({
+    "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "addmm", "mm", "bmm", "matmul", "linear", "baddbmm", "addbmm", "einsum",
+    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional", "native_group_norm", "native_layer_norm", "cudnn_batch_norm",
+    "miopen_batch_norm",
+})
+_CONDITIONAL = frozenset({"mul", "mul_", "div", "div_", "masked_fill", "masked_fill_", "where"})
+# positively homogeneous activations (relevance passes unchanged through the gradient) and routing
+HOMOGENEOUS = frozenset({"relu", "relu_", "leaky_relu", "leaky_relu_", "_prelu_kernel", "prelu"})
+ROUTING = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
+                     "max_pool3d_with_indices", "adaptive_max_pool2d", "adaptive_max_pool3d",
+                     "upsample_bicubic2d"})
+ALLOWED = (LINEAR - MODULE_ONLY - _CONDITIONAL) | HOMOGENEOUS | ROUTING
+
+
+class _OpWatch(TorchDispatchMode):
+    """Follows which tensors depend on the input during the forward pass and records the first op on
+    such a tensor that has no LRP rule outside a hooked module (`found`, with the module it ran in)."""
+
+    def __init__(self, x: torch.Tensor, state: Dict[str, Any], stack: List[str]):
+        super().__init__()
+        self.tainted = WeakTensorKeyDictionary()
+        self.tainted[x] = True
+        self.state, self.stack = state, stack
+        self.found: Optional[str] = None
+
+    def _why(self, name: str, args, kwargs) -> Optional[str]:
+        """None when the op has an LRP rule; else what it is."""
+        if name in ALLOWED:
+            return None
+        tainted = [bool(isinstance(a, torch.Tensor) and a in self.tainted) for a in args]
+        if name in ("mul", "mul_"):
+            return None if sum(tainted) <= 1 else "a product of two activations (attention or gating)"
+        if name in ("div", "div_"):
+            return "a division by an activation" if len(tainted) > 1 and tainted[1] else None
+        if name in ("masked_fill", "masked_fill_", "where"):
+            return None
+        if name in ("threshold", "threshold_"):
+            return None if all(float(v) == 0.0 for v in args[1:3]) else "a threshold with a non-zero level"
+        if name in ("clamp", "clamp_", "clamp_min", "clamp_min_"):
+            lo = args[1] if len(args) > 1 else kwargs.get("min")
+            hi = args[2] if len(args) > 2 else kwargs.get("max")
+            if hi is None and lo is not None and not isinstance(lo, torch.Tensor) and float(lo) == 0.0:
+                return None  # clamp(min=0) is ReLU
+            return "a clamp (not positively homogeneous)"
+        if name in MODULE_ONLY:
+            if sum(tainted) >= 2:
+                return f"a product of two activations ({name}: attention)"
+            return f"{name} called outside a module (no layer to attach the rule to)"
+        if "softmax" in name:
+            return "a softmax inside the network"
+        return name
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ins = _tensors(list(args) + list(kwargs.values()))
+        if not any(t in self.tainted for t in ins):
+            return out
+        outs = [t for t in _tensors(out if isinstance(out, (tuple, list)) else [out]) if t.is_floating_point()]
+        for t in outs:
+            self.tainted[t] = True
+        if self.state.get("depth", 0) > 0 or self.found is not None or not outs:
+            return out
+        why = self._why(_name(func), args, kwargs)
+        if why is not None:
+            where = self.stack[-1] if self.stack else "the network's forward"
+            self.found = f"{why} in {where}"
+        return out
+
+
+def _module_stack(network: torch.nn.Module, stack: List[str]):
+    """Hooks that keep `stack` = the names of the modules now running (for refusal messages)."""
+    handles = []
+    for name, module in network.named_modules():
+        label = f"'{name}' ({type(module).__name__})" if name else f"the network's forward ({type(module).__name__})"
+
+        def push(m, args, label=label):
+            stack.append(label)
+
+        def pop(m, args, output):
+            if stack:
+                stack.pop()
+        handles.append(module.register_forward_pre_hook(push))
+        handles.append(module.register_forward_hook(pop))
+    return handles
+
+
+def _logits(ctx: MethodContext, x: torch.Tensor) -> torch.Tensor:
+    forward = ctx.forward
+    return forward.logits(x) if hasattr(forward, "logits") else ctx.network(x)
+
+
+def check_params(params: Dict[str, Any]) -> None:
+    if params.get("rule") == "alpha_beta" and abs(float(params["alpha"]) - float(params["beta"]) - 1.0) > 1e-9:
+        raise EsegetaError(f"LRP alpha-beta needs alpha - beta = 1 (so that relevance is conserved); got "
+                           f"alpha={params['alpha']}, beta={params['beta']}.")
+
+
+def lrp(ctx: MethodContext):
+    """(B, C, *S) relevance R_x = x * c_x of the weighted class logits; diagnostics for conservation."""
+    params = ctx.params
+    check_params(params)
+    network = ctx.network
+    check_modules(network)
+    rule = params.get("rule", "epsilon")
+    options = {k: params[k] for k in ("epsilon", "gamma", "alpha", "beta", "norm_rule") if k in params}
+    options.setdefault("norm_rule", "centred")
+    state: Dict[str, Any] = {}
+    stack: List[str] = []
+    handles = _module_stack(network, stack)
+    try:
+        # in-place activations would overwrite the inputs the rules keep: run out of place
+        with torch.enable_grad(), inplace_disabled(network), lrp_rules(network, rule, options, state):
+            x = ctx.inputs.detach().requires_grad_(True)
+            watch = _OpWatch(x, state, stack)
+            with watch:
+                logits = _logits(ctx, x)
+            if watch.found:
+                raise EsegetaError(f"LRP has no rule for {watch.found}; use IntegratedGradients or DeepLift on "
+                                   "this network.")
+            if rule == "composite":
+                assign_composite(state["layers"])
+            weights = ctx.forward_args[0] if ctx.forward_args else torch.ones_like(logits[:, :1])
+            class_index = int(getattr(ctx.forward, "class_index", 1))
+            top = torch.zeros_like(logits)
+            top[:, class_index] = weights[:, 0].to(logits.dtype)
+            c_x = torch.autograd.grad(logits, x, top)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    relevance = (x.detach() * c_x).detach()
+    out_relevance = (top * logits.detach()).double()
+    absorbed = state.get("absorbed", {})
+    diag = {"lrp_explained": out_relevance.sum(), "lrp_output_abs": out_relevance.abs().sum(),
+            "lrp_relevance": relevance.double().sum(), "lrp_absorbed_bias": float(absorbed.get("bias", 0.0)),
+            "lrp_absorbed_rule": float(absorbed.get("rule", 0.0)),
+            "lrp_absorbed_norm": float(absorbed.get("norm", 0.0)), "lrp_rule_layers": len(state.get("layers", []))}
+    return relevance.to(ctx.inputs.dtype), diag
+
+
+def add_conservation_check(result) -> None:
+    """Trust check "conservation": total input relevance vs the explained score sum(w * z_c)."""
+    d = result.diagnostics
+    explained, total, scale = d.get("lrp_explained"), d.get("lrp_relevance"), d.get("lrp_output_abs")
+    if not all(isinstance(v, (int, float)) for v in (explained, total, scale)) or not scale:
+        return
+    value = abs(explained - total) / scale
+    bias, rule, norm = (float(d.get(k, 0.0)) for k in ("lrp_absorbed_bias", "lrp_absorbed_rule", "lrp_absorbed_norm"))
+    rest = explained - total - bias - rule - norm
+    def pct(v):
+        return f"{100 * v / scale:+.3g} %"
+    detail = (f"input relevance {total:.6g} vs explained score {explained:.6g} (sum of weight x class logit): "
+              f"{100 * value:.3g} % not conserved (tolerance {CONSERVATION_TOLERANCE:.0%}); absorbed by biases "
+              f"{pct(bias)}, by the stabiliser/rule {pct(rule)}, by normalisation offsets {pct(norm)}, "
+              f"unaccounted {pct(rest)} (percentages of sum |weight x logit| = {scale:.6g})")
+    result.add_check("conservation", "pass" if value <= CONSERVATION_TOLERANCE else "warn", value, detail)
+
+
+SPECS = [
+    MethodSpec(
+        name="LRP", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=2.0,
+        patching="additive", captum="LRP (own rules; Captum 0.9 has none for Conv3d)",
+        params=(
+            ParamSpec("rule", "choice", "epsilon", choices=RULES,
+                      help="epsilon; gamma (positive contributions favoured); alpha_beta; composite = epsilon on "
+                           "the logit layer, gamma on the other convolutions"),
+            ParamSpec("epsilon", "float", 1e-6, minimum=0.0, maximum=1e6,
+                      help="stabiliser added to every denominator with its sign (activation units); larger values "
+                           "absorb weak, contradictory relevance"),
+            ParamSpec("gamma", "float", 0.25, minimum=0.0, maximum=1e3, help="gamma rule: weight of the positive parts"),
+            ParamSpec("alpha", "float", 2.0, minimum=1.0, maximum=1e3, help="alpha-beta rule: positive share (alpha - beta = 1)"),
+            ParamSpec("beta", "float", 1.0, minimum=0.0, maximum=1e3, help="alpha-beta rule: negative share"),
+            ParamSpec("norm_rule", "choice", "centred", choices=NORM_RULES,
+                      help="InstanceNorm/GroupNorm/LayerNorm: centred = the affine map x -> k (x - mean(x)) + bias with "
+                           "the standard deviation held fixed (only the bias absorbs relevance); affine = k x + o with "
+                           "mean and standard deviation held fixed (the offset -k mean absorbs relevance too)"),
+        ),
+        attribute=lrp, trust=add_conservation_check, requires_eager=True,
+        description="layer-wise relevance propagation (epsilon / gamma / alpha-beta rules) of the weighted class logits",
+    ),
+]

@@ -1,0 +1,91 @@
+"""LRP on a BatchNorm/ReLU 3D UNet with concatenation skips: conservation of the epsilon rule, equal to
+zennit (float64) for the epsilon, gamma, alpha-beta and composite rules, the patched run equal to the
+sum of zennit's per-window maps, and the relevance accounting (biases) on a network with biases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from EsegetaLib.engine import ExplainSession
+from EsegetaLib.options import EngineOptions, Target
+from lrp_nets import make_batchnorm_unet, zennit_lrp
+from method_helpers import structured_volume
+
+OPTIONS = EngineOptions(device="cpu", precision="fp32", divisor=4)
+RULE_PARAMS = {"epsilon": {}, "gamma": {"gamma": 0.25}, "alpha_beta": {"alpha": 2.0, "beta": 1.0}, "composite": {}}
+
+
+def _lrp(net, x, rule, options=OPTIONS, **params):
+    session = ExplainSession(x[0].numpy(), net, Target(class_index=1, region="whole"), options)
+    return session, session.attribute("LRP", {"rule": rule, "epsilon": 1e-9, **params})
+
+
+def _top(shape):
+    top = torch.zeros(shape, dtype=torch.float64)
+    top[:, 1] = 1.0
+    return top
+
+
+def test_epsilon_conserves_relevance_on_a_bias_free_unet():
+    net = make_batchnorm_unet(bias=False)
+    x = structured_volume(16).double()
+    _, result = _lrp(net, x, "epsilon")
+    with torch.no_grad():
+        explained = float(net(x)[:, 1].sum())
+    check = {c.name: c for c in result.checks}["conservation"]
+    relative = abs(result.attribution.sum() - explained) / result.diagnostics["lrp_output_abs"]
+    print(f"\nLRP-epsilon (1e-9) on the bias-free BatchNorm/ReLU UNet: relevance {result.attribution.sum():.6f} vs "
+          f"score {explained:.6f}: {relative:.2e} not conserved")
+    assert relative <= 0.01 and check.status == "pass" and check.value == pytest.approx(relative, abs=1e-12)
+    assert abs(result.diagnostics["lrp_absorbed_bias"]) < 1e-9 * abs(explained)
+    assert result.attribution.min() < 0 < result.attribution.max()
+
+
+def test_biases_absorb_relevance_and_the_check_says_so():
+    """With biases LRP-epsilon does not conserve the score: the relevance the biases keep is counted
+    (input relevance + bias share + stabiliser share = score), and the check warns."""
+    net = make_batchnorm_unet(bias=True)
+    x = structured_volume(16).double()
+    _, result = _lrp(net, x, "epsilon")
+    d = result.diagnostics
+    with torch.no_grad():
+        explained = float(net(x)[:, 1].sum())
+    assert d["lrp_explained"] == pytest.approx(explained, rel=1e-12)
+    accounted = result.attribution.sum() + d["lrp_absorbed_bias"] + d["lrp_absorbed_rule"] + d["lrp_absorbed_norm"]
+    assert accounted == pytest.approx(explained, rel=1e-9)
+    check = {c.name: c for c in result.checks}["conservation"]
+    print(f"\nLRP-epsilon on the UNet with biases: {check.detail}")
+    assert check.value > 0.01 and check.status == "warn" and "absorbed by biases" in check.detail
+
+
+@pytest.mark.parametrize("rule", list(RULE_PARAMS))
+@pytest.mark.parametrize("bias", [False, True], ids=["bias_free", "biases"])
+def test_equals_zennit(rule, bias):
+    net = make_batchnorm_unet(bias=bias)
+    x = structured_volume(16).double()
+    _, result = _lrp(net, x, rule, **RULE_PARAMS[rule])
+    reference = zennit_lrp(net, x, _top((1, 2, 16, 16, 16)), rule, epsilon=1e-9, **RULE_PARAMS[rule])[0].numpy()
+    scale = np.abs(reference).max()
+    difference = np.abs(result.attribution - reference).max() / scale
+    print(f"\nLRP {rule} ({'biases' if bias else 'bias-free'}) vs zennit: max |difference| / max |R| = {difference:.2e}")
+    assert scale > 0 and difference < 1e-9
+
+
+def test_patched_run_equals_the_sum_of_window_references():
+    """Several overlapping windows: the engine's map equals the sum over windows of zennit's relevance
+    with each window's blending weights as the top-level weights (the patched model's LRP)."""
+    net = make_batchnorm_unet(bias=True)
+    x = structured_volume(24).double()
+    options = EngineOptions(device="cpu", precision="fp32", divisor=4, patch_size=16, overlap=0.5)
+    session, result = _lrp(net, x, "gamma", options=options, gamma=0.25)
+    assert len(session.windows) > 1
+    total = torch.zeros((1, 24, 24, 24), dtype=torch.float64)
+    for i, w in enumerate(session.windows):
+        top = torch.zeros((1, 2) + tuple(session.grid.patch), dtype=torch.float64)
+        top[:, 1] = session.window_weights([i])[0, 0]
+        total[(slice(None),) + w] += zennit_lrp(net, x[(slice(None), slice(None)) + w], top, "gamma", epsilon=1e-9)[0]
+    scale = float(total.abs().max())
+    difference = float(np.abs(result.attribution - total.numpy()).max()) / scale
+    print(f"\nLRP gamma over {len(session.windows)} windows vs the sum of zennit's window maps: {difference:.2e}")
+    assert difference < 1e-9
