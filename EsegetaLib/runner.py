@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import difflib
+import json
 import re
 import threading
 import time
@@ -787,6 +788,7 @@ def write_images(folder: Path, image, explanation, compress: bool = True) -> Dic
 
 
 # ---------------------------------------------------------------------------------- metrics
+TARGET_PLOTS = "deletion_insertion"  # several targets: deletion_insertion/<target>.png
 BASIC_COLUMNS = ("method", "attribution_s", "attribution_peak_mb", "device")
 
 
@@ -914,6 +916,7 @@ def _metrics_per_target(prepared: PreparedRun, explanation, session, rows, folde
     extra = {row["method"]: row for row in rows}
     groups = explanation.by_target()
     out: List[Dict[str, Any]] = []
+    curves: Dict[str, Dict[str, Any]] = {}
     saved = session.current_target
     try:
         for n, (target, results) in enumerate(groups.items()):
@@ -929,10 +932,28 @@ def _metrics_per_target(prepared: PreparedRun, explanation, session, rows, folde
                 for k, value in extra.get(key, {}).items():
                     row.setdefault(k, value)
                 out.append(row)
+            if any(report.curves.values()):
+                curves[target] = report.curves
     finally:
         session.select_target(saved)
     write_metrics_tables(folder, out)
+    write_target_curves(folder, curves)
     return out
+
+
+def write_target_curves(folder: Path, curves: Dict[str, Dict[str, Any]]) -> None:
+    """Several targets' deletion/insertion curves: curves.json keyed by target ({target: {method:
+    {"deletion": ..., "insertion": ...}}}) and one figure per target, deletion_insertion/<target>.png
+    (each target's curves are of its own score, so they are not drawn on one axis)."""
+    if not curves:
+        return
+    from .metrics.report import MetricsReport, clean_json
+
+    with open(folder / "curves.json", "w") as handle:
+        json.dump(clean_json(curves), handle)
+    (folder / TARGET_PLOTS).mkdir(exist_ok=True)
+    for target, by_method in curves.items():
+        MetricsReport(curves=by_method).plot(folder / TARGET_PLOTS / f"{target}.png", title=target)
 
 
 def write_metrics_tables(folder: Path, rows: List[Dict[str, Any]]) -> None:

@@ -227,6 +227,8 @@ def how_to_open(folder: Path) -> str:
         lines.append(f"Pictures: {folder / 'previews'}")
     if (folder / "deletion_insertion.png").is_file():
         lines.append(f"Metrics: {folder / 'metrics.csv'} (curves: {folder / 'deletion_insertion.png'})")
+    elif (folder / "deletion_insertion").is_dir():  # several targets: a figure each
+        lines.append(f"Metrics: {folder / 'metrics.csv'} (curves per target: {folder / 'deletion_insertion'})")
     else:
         lines.append(f"Metrics: {folder / 'metrics.csv'}")
     return "\n".join(lines)

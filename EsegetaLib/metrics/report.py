@@ -20,12 +20,12 @@ COLUMN_ORDER = [
 ]
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
     """JSON-safe: NaN/inf become null, numpy scalars become Python numbers."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -62,18 +62,19 @@ class MetricsReport:
             writer = csv.writer(fh)
             writer.writerow(cols)
             for row in self.rows:
-                writer.writerow(["" if _clean(row.get(c)) is None else row.get(c) for c in cols])
+                writer.writerow(["" if clean_json(row.get(c)) is None else row.get(c) for c in cols])
         with open(paths["json"], "w") as fh:
-            json.dump(_clean({"columns": cols, "rows": self.rows, "settings": self.settings,
+            json.dump(clean_json({"columns": cols, "rows": self.rows, "settings": self.settings,
                               "randomisation_stages": self.stages}), fh, indent=2)
         with open(paths["curves"], "w") as fh:
-            json.dump(_clean(self.curves), fh)
+            json.dump(clean_json(self.curves), fh)
         if any(self.curves.values()):
             paths["png"] = self.plot(out / "deletion_insertion.png")
         return paths
 
-    def plot(self, path) -> Path:
-        """Deletion (left) and insertion (right) curves of every method, normalised scores."""
+    def plot(self, path, title: str = "") -> Path:
+        """Deletion (left) and insertion (right) curves of every method, normalised scores; `title`
+        (e.g. the target's name) heads the figure."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -93,6 +94,8 @@ class MetricsReport:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         axes[0].set_ylabel("normalised score (F - F(baseline)) / (F(x) - F(baseline))")
+        if title:
+            fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

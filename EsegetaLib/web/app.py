@@ -243,7 +243,7 @@ class EsegetaViewer(TrameApp):
         state.show_details = False
         state.show_curves = False
         state.view_marks = self._view_marks()
-        state.plot_src = self._plot_src()
+        state.plot_src = self._plot_src(state.target)
         state.parameters = self._parameters()
         self._publish_layer(layer)
         state.change("method")(self._on_method)
@@ -270,6 +270,7 @@ class EsegetaViewer(TrameApp):
         methods = self.methods_of(target)
         if not methods:
             return
+        self.state.plot_src = self._plot_src(target)
         self.state.methods = methods
         if self.state.method not in methods:
             self.state.method = methods[0]  # the method watcher shows it
@@ -300,9 +301,11 @@ class EsegetaViewer(TrameApp):
                                                    name=f"{plane_name(right, up)} ({node.GetLayoutLabel() or node.GetName()})")
         return marks
 
-    def _plot_src(self) -> str:
-        """The plot inline (one file, no static route to configure)."""
-        path = self.result.plot_path
+    def _plot_src(self, target: str = "") -> str:
+        """The plot inline (one file, no static route to configure): with several targets, the
+        chosen target's curves."""
+        path = self.result.plot_paths.get(target) if target else None
+        path = path or self.result.plot_path
         if path is None:
             return ""
         return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")

@@ -1,7 +1,8 @@
 """What `esegeta view` shows, found and checked before any server starts.
 
 A result directory written by `esegeta explain` holds plain files (`run.json`, `segmentation.<ext>`,
-`attributions/<Method>.<ext>`, `metrics.csv|json`, `deletion_insertion.png`, `esegeta.mrb`). The
+`attributions/<Method>.<ext>`, `metrics.csv|json`, `deletion_insertion.png` (several targets:
+`attributions/<target>/<Method>.<ext>`, `deletion_insertion/<target>.png`), `esegeta.mrb`). The
 viewer reads the plain files (they are the source of truth and survive without the `.mrb`); a bare
 `.mrb` is shown through the scene bridge. Every problem a user can fix becomes one `EsegetaError`
 line here, so nothing half-starts. This module needs no MRML: it only looks at files.
@@ -20,6 +21,7 @@ from ..errors import EsegetaError
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 INPUT_ROLES = ("input", "volume", "image")
 PLOT_NAME = "deletion_insertion.png"
+TARGET_PLOTS = "deletion_insertion"  # a folder of one figure per target (runner.TARGET_PLOTS)
 MRB_NAME = "esegeta.mrb"
 
 
@@ -35,6 +37,7 @@ class ViewerResult:
     metrics_columns: List[str] = field(default_factory=list)
     metrics_rows: List[List[str]] = field(default_factory=list)
     plot_path: Optional[Path] = None
+    plot_paths: Dict[str, Path] = field(default_factory=dict)  # several targets: target -> its curves' figure
     run: Dict[str, Any] = field(default_factory=dict)  # run.json as read
     mrb_path: Optional[Path] = None  # set when the user named a .mrb (no plain files)
 
@@ -91,6 +94,9 @@ def _load_directory(folder: Path) -> ViewerResult:
     result.metrics_columns, result.metrics_rows = read_metrics(folder)
     plot = folder / PLOT_NAME
     result.plot_path = plot if plot.is_file() else None
+    plots = folder / TARGET_PLOTS  # several targets: deletion_insertion/<target>.png
+    if plots.is_dir():
+        result.plot_paths = {p.stem: p for p in sorted(plots.glob("*.png")) if p.is_file()}
     for path in [result.input_path, result.segmentation_path, *attributions.values()]:
         if path is not None:
             check_header(path)

@@ -99,3 +99,36 @@ def test_classes_all_names_targets_by_class(capsys, tubes_file, tmp_path):
 
     assert target_label(run["target"]) == "background, vessel"
     assert target_segment_names(run["target"]) == {0: "background", 1: "vessel"}
+
+
+def test_each_targets_curves_and_figure(capsys, tubes_file, tmp_path):
+    """--region components with deletion/insertion: curves.json keyed by target, each target's
+    curves those of a single run explaining that component alone (--region component:I,J,K), and
+    a figure per target read back as an image."""
+    import matplotlib.image
+
+    out, single = tmp_path / "r", tmp_path / "one"
+    argv = ["--methods", "Saliency,InputXGradient", "--metrics", "deletion,insertion", "--no-scene",
+            "--device", "cpu", "--precision", "fp32", "--quiet"]
+    code, cap = _run(capsys, "explain", tubes_file, "--region", "components", "--out", out, *argv)
+    assert code == 0, cap.err
+    curves = json.loads((out / "curves.json").read_text())
+    assert sorted(curves) == ["component_1", "component_2"]
+    for target, by_method in curves.items():
+        assert sorted(by_method) == ["InputXGradient", "Saliency"]
+        for curve in (c for m in by_method.values() for c in (m["deletion"], m["insertion"])):
+            assert len(curve["fraction"]) == len(curve["normalised"]) > 2
+        picture = matplotlib.image.imread(out / "deletion_insertion" / f"{target}.png")
+        assert picture.ndim == 3 and picture.shape[0] > 100 and picture.std() > 0
+    clicked = next(t for t in curves
+                   if read_image(out / "attributions" / t / "region.nii.gz").array[0][16, 9, 16] == 1)
+    code, cap = _run(capsys, "explain", tubes_file, "--region", "component:16,9,16", "--out", single, *argv)
+    assert code == 0, cap.err
+    alone = json.loads((single / "curves.json").read_text())
+    for method in ("Saliency", "InputXGradient"):
+        for mode in ("deletion", "insertion"):
+            np.testing.assert_allclose(curves[clicked][method][mode]["normalised"], alone[method][mode]["normalised"],
+                                       rtol=1e-5, atol=1e-6)
+    other = next(t for t in curves if t != clicked)
+    assert not np.allclose(curves[other]["Saliency"]["deletion"]["normalised"],
+                           alone["Saliency"]["deletion"]["normalised"])

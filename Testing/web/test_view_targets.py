@@ -21,7 +21,7 @@ def result_folder(tmp_path_factory):
     array = vessel_tubes((32, 32, 32), ((16, 9), (16, 23)), 2.5)[None]
     write_image(volume, array, Image(array=array, ijk_to_ras=np.diag([0.4, 0.4, 0.4, 1.0]), format="nifti"))
     request = runner.ExplainRequest(volume=volume, methods="Saliency,InputXGradient", region="components",
-                                    device="cpu", metrics="none", precision="fp32")
+                                    device="cpu", metrics="deletion,insertion", precision="fp32")
     return runner.execute(runner.prepare(request), folder / "result")
 
 
@@ -72,3 +72,28 @@ def test_target_menu_switches_the_methods_and_the_map(result_folder):
     state.target = "component_2"
     viewer._on_target("component_2")
     assert state.method == "InputXGradient" and viewer.current is viewer.scene.maps["component_2/InputXGradient"]
+
+
+def test_the_curves_shown_are_the_chosen_targets(result_folder):
+    """The page's deletion/insertion figure follows the Target menu: each target's own figure."""
+    import base64
+    import os
+
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    from trame.app import get_server
+
+    from EsegetaLib.web.app import EsegetaViewer
+    from EsegetaLib.web.result import load_result
+
+    result = load_result(result_folder)
+    assert sorted(result.plot_paths) == ["component_1", "component_2"]
+    viewer = EsegetaViewer(result, get_server("targets_curves", client_type="vue3"))
+
+    def shown():
+        return base64.b64decode(viewer.state.plot_src.split(",", 1)[1])
+
+    assert shown() == (result_folder / "deletion_insertion" / "component_1.png").read_bytes()
+    viewer.state.target = "component_2"
+    viewer._on_target("component_2")
+    assert shown() == (result_folder / "deletion_insertion" / "component_2.png").read_bytes()
+    assert shown() != (result_folder / "deletion_insertion" / "component_1.png").read_bytes()
