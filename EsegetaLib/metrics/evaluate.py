@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import gc
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -302,5 +301,4 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
     report.settings["windows"] = len(session.windows)
     report.settings["precision"] = session.precision
     report.settings["precision_requested"] = session.options.precision
-    gc.collect()
     return report
