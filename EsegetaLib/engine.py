@@ -31,8 +31,9 @@ from .errors import EsegetaCancelled, EsegetaError, is_cancelled
 from .methods.base import MethodContext, MethodSpec, VolumeStats, get_method
 from .options import EngineOptions, Target
 from .results import MethodResult
-from .trust import (COMPLETENESS_TOLERANCE, DETERMINISM_TOLERANCE, add_completeness_check,
-                    add_determinism_check, add_layer_check, require_determinism)
+from .trust import (COMPLETENESS_TOLERANCE, DETERMINISM_TOLERANCE, add_baseline_check, add_completeness_check,
+                    add_determinism_check, add_layer_check, baseline_candidates, refuse_incomplete,
+                    require_determinism)
 from .multitarget import VJP_MODES, MultiTargetScore, TargetRows, batches_targets
 from .targets import ResolvedTarget, TargetScore, check_class, check_target, labels_from, probabilities, resolve_targets
 from .windows import WindowGrid, choose_patch, fit_patch
@@ -475,13 +476,53 @@ class ExplainSession:
         resolved = spec.resolve_params(params)
         x = self.volume if inputs is None else self._as_input(inputs)
         started = time.perf_counter()
-        result = self._attribute(spec, resolved, x)
-        if self.amp_dtype is not None:
-            result = self._precision_guard(spec, resolved, x, result)
+        result = self._attribute_checked(spec, resolved, x)
+        result = self._complete_or_refuse(spec, resolved, x, result)
         if spec.trust is not None:  # the method's own checks (may refuse), on the final map
             spec.trust(result)
         result.seconds = time.perf_counter() - started
         return result
+
+    def _attribute_checked(self, spec: MethodSpec, resolved: Dict[str, Any], x: torch.Tensor) -> MethodResult:
+        """`_attribute` with the precision guard (autocast: the "precision" check, fp32 rerun)."""
+        result = self._attribute(spec, resolved, x)
+        if self.amp_dtype is not None:
+            result = self._precision_guard(spec, resolved, x, result)
+        return result
+
+    def _complete_or_refuse(self, spec: MethodSpec, params: Dict[str, Any], x: torch.Tensor,
+                            result: MethodResult) -> MethodResult:
+        """Adaptive path methods (params with `allow_incomplete`): a map that misses the completeness
+        tolerance at max_steps is recomputed from the next baseline in trust.BASELINE_FALLBACK (unless
+        `baseline_fallback` is off); the first that meets it is returned with a "baseline" check saying
+        which was used; when none does, the method is refused (EsegetaError), or with
+        `allow_incomplete` the requested baseline's map is returned with its completeness warning.
+        `adaptive=False` (a fixed rule chosen knowingly) keeps today's warning."""
+        if "allow_incomplete" not in params or not params.get("adaptive", False):
+            return result
+        requested = params.get("baseline", "blur")
+        status, value = completeness_status(result)
+        tried, best = [(requested, value)], result
+        if status is None:  # no completeness defined for this map (e.g. a layer that is not a cut)
+            return result
+        if status != "pass":
+            seconds = result.seconds
+            for baseline in baseline_candidates(requested, bool(params.get("baseline_fallback", True)))[1:]:
+                rerun = self._attribute_checked(spec, dict(params, baseline=baseline), x)
+                seconds += rerun.seconds
+                status, value = completeness_status(rerun)
+                tried.append((baseline, value))
+                if status == "pass":
+                    best = rerun
+                    break
+            best.seconds = seconds
+            if status != "pass":
+                if not params.get("allow_incomplete", False):
+                    refuse_incomplete(spec.name, tried, float(params.get("tolerance", COMPLETENESS_TOLERANCE)),
+                                      int(params.get("max_steps", 0)))
+                best = result  # the requested baseline's map, with its completeness warning
+        add_baseline_check(best, requested, best.params.get("baseline", requested), tried)
+        return best
 
     def _as_input(self, inputs) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(as_volume(inputs, "The input"))).to(self.dtype)
@@ -734,9 +775,10 @@ class ExplainSession:
                 result = MethodResult(name=spec.name, attribution=attribution.numpy(), params=params,
                                       seconds=seconds / len(group), diagnostics=diag, metadata=spec.metadata())
                 self._trust_report(result, params)
+                self.select_target(k)  # the guards' reruns are of this target
                 if self.amp_dtype is not None:
-                    self.select_target(k)  # the guard's fp32 rerun is of this target
                     result = self._precision_guard(spec, params, self.volume, result)
+                result = self._complete_or_refuse(spec, params, self.volume, result)
                 out[self.targets[k].name] = result
         self._report(1.0, f"{spec.name}: done ({len(self.targets)} targets)")
         return out

@@ -53,6 +53,17 @@ def add_completeness_check(result: MethodResult, diagnostics: Dict[str, Any],
                            tolerance: Optional[float] = None) -> None:
     """'completeness' from the diagnostics' relative convergence delta (path methods, DeepLift):
     pass when |sum(attr) - (F(x) - F(b))| / |F(x) - F(b)| <= tolerance (default 1 %), warn above."""
+    undefined = diagnostics.get("completeness_undefined")
+    if undefined:  # a path method whose sum has no reference here (InternalInfluence; conductance off a cut)
+        share = diagnostics.get("layer_bypass_share_max")
+        detail = str(undefined)
+        if diagnostics.get("steps_final_max") is not None:
+            change = diagnostics.get("refinement_change_max")
+            detail += (f"; {diagnostics['steps_final_max']} steps" + (
+                f", the map changed {change:.2%} at the last doubling" if change is not None else " (fixed)") +
+                (": not converged within tolerance, raise max_steps" if diagnostics.get("refinement_unconverged") else ""))
+        result.add_check("completeness", "not_run", share if share else None, detail)
+        return
     value = diagnostics.get("relative_convergence_delta")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
@@ -62,12 +73,13 @@ def add_completeness_check(result: MethodResult, diagnostics: Dict[str, Any],
     if steps is not None:
         detail += f", {steps:.0f} steps per window on average (max {diagnostics.get('steps_used_max', steps):.0f})"
     if diagnostics.get("step_cap_hit"):
-        detail += f"; the step cap was reached in {diagnostics['step_cap_hit']} window(s): raise max_steps"
+        detail += f"; the step cap was reached in {diagnostics['step_cap_hit']} window(s)" + (
+            "" if value <= tolerance else ": raise max_steps")
     variation, change = diagnostics.get("path_variation"), diagnostics.get("score_change")
     if isinstance(variation, (int, float)) and isinstance(change, (int, float)) and \
             variation > ILL_CONDITIONED * max(abs(change), 1e-30):
         detail += (f"; the score moves {variation:.3g} along the path but only {change:.3g} from baseline to "
-                   "input, so the relative error is ill-conditioned: try another baseline ('mean' or 'min')")
+                   "input, so the relative error is ill-conditioned: try another baseline ('constant_low' or 'mean')")
     if value <= tolerance:
         result.add_check("completeness", "pass", value, detail)
     else:
@@ -92,3 +104,53 @@ def add_layer_check(result: MethodResult, diagnostics: Dict[str, Any]) -> None:
                          "layer (a per-channel normalisation follows it): choose another layer")
     else:
         result.add_check("layer_gradient", "pass", norm, detail)
+
+
+# --- path methods: baseline fallback and refusal ---------------------------------------------------
+# The order in which an adaptive path method tries baselines when the requested one cannot meet the
+# completeness tolerance (#11): the blurred input first (the default); a constant volume at the 1st
+# percentile next (DESIGN.md section 3: 0.5-2 % at fixed steps on InstanceNorm nets, and 0.1 % where
+# the blur's path swung 400x its score change on a random DynUNet point target); the volume's mean;
+# Gaussian noise with the volume's own mean and spread last.  zero and user baselines are never
+# substituted in (zero fails on normalising networks; a user baseline is not ours to choose).
+BASELINE_FALLBACK = ("blur", "constant_low", "mean", "noise")
+PATH_GUARD_PARAMS = ("allow_incomplete", "baseline_fallback")
+
+
+def baseline_candidates(requested: str, fallback: bool = True):
+    """Baselines to try in order: the requested one, then (fallback on, requested not 'user') the
+    rest of BASELINE_FALLBACK."""
+    if not fallback or requested == "user":
+        return [requested]
+    return [requested] + [b for b in BASELINE_FALLBACK if b != requested]
+
+
+def _tried_text(tried) -> str:
+    return ", ".join(f"{b} {100 * v:.3g} %" if v is not None else f"{b} n/a" for b, v in tried)
+
+
+def add_baseline_check(result: MethodResult, requested: str, used: str, tried) -> None:
+    """'baseline' of an adaptive path method: which baseline the map integrates from, and the
+    completeness error of every baseline tried (`tried`: [(baseline, relative error)])."""
+    result.diagnostics["baseline_used"] = used
+    result.diagnostics["baselines_tried"] = [[b, v] for b, v in tried]
+    if used == requested and len(tried) == 1:
+        result.add_check("baseline", "pass", None, f"integrated from the {used} baseline as requested")
+        return
+    value = dict(tried).get(used)
+    result.add_check(
+        "baseline", "pass", value,
+        f"the {requested} baseline could not meet the completeness tolerance; baselines tried in the order "
+        f"{', '.join(BASELINE_FALLBACK)}: {_tried_text(tried)}; this map integrates from the {used} baseline "
+        "(a different reference input: read the map as 'why this output rather than that of the "
+        f"{used} volume')")
+
+
+def refuse_incomplete(name: str, tried, tolerance: float, max_steps: int) -> None:
+    """EsegetaError (one line) for an adaptive path method that met its tolerance with no baseline."""
+    best = min((v for _, v in tried if v is not None), default=None)
+    raise EsegetaError(
+        f"{name} cannot meet completeness within {100 * tolerance:.3g} % on this model and target at "
+        f"max_steps={max_steps} (baselines tried: {_tried_text(tried)}); explain a larger region (e.g. "
+        "--region predicted or a bigger point radius), give another baseline, raise max_steps, or set "
+        f"allow_incomplete=true to get the map with a warning" + (f" (best {100 * best:.3g} %)." if best is not None else "."))

@@ -45,6 +45,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .base import ParamSpec
+
 NODES = 5  # Gauss-Lobatto nodes per sub-interval, both ends included (exact for polynomials of degree 7)
 NEW_PER_INTERVAL = NODES - 1  # gradient evaluations an interval adds next to a neighbour (its end is shared)
 NEW_PER_SPLIT = 6  # halving reuses the ends and the midpoint: two new midpoints and four new inner nodes
@@ -54,6 +56,15 @@ NEW_PER_SPLIT = 6  # halving reuses the ends and the midpoint: two new midpoints
 # the bound on every interval's error costs 400-512 steps where the signed error is met at 16-64; the
 # slack keeps a lucky cancellation between a few large interval errors from stopping the refinement.
 LOCAL_SLACK = 4.0
+# What an adaptive path method does when its tolerance is not met at max_steps (the engine's
+# `_complete_or_refuse`, policy and wording in trust.py): try the next baseline, then refuse.
+GUARD_PARAMS = (
+    ParamSpec("baseline_fallback", "bool", True,
+              help="when the completeness tolerance is not met, try the next baseline in the order blur, "
+                   "constant_low, mean, noise (the result says which was used)"),
+    ParamSpec("allow_incomplete", "bool", False,
+              help="return a map that misses the completeness tolerance with a warning instead of refusing it"),
+)
 SPLIT_FRACTION = 0.5  # each round halves the intervals whose |delta_i| is at least this fraction of the worst
 
 _INNER = math.sqrt(3.0 / 7.0)
@@ -90,7 +101,8 @@ def adaptive_integrated_gradients(
         forward: Callable, inputs: torch.Tensor, baselines: torch.Tensor, forward_args: Sequence = (),
         tolerance: float = 0.01, initial_steps: int = 16, max_steps: int = 512,
         batch: int = 16, budgets: Optional[torch.Tensor] = None,
-        ends: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        ends: Optional[torch.Tensor] = None,
+        integrand: Optional[Callable] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Adaptive IG for a batch of examples.
 
     forward:   (P, C, *S) [+ args sliced to P] -> (P,) scores (the engine's windowed score)
@@ -100,9 +112,14 @@ def adaptive_integrated_gradients(
                scores them for the budgets); None: taken here (in full precision where `forward`
                has `full_precision` and runs under autocast, else from the gradient evaluations)
     batch:     points per forward pass.
-    Returns (attributions (B, C, *S), diagnostics) with Captum's additive `convergence_delta`,
-    `score_change`, and gradient evaluations (`steps_total`, `steps_max`, `path_examples`,
-    `step_cap_hit`; each evaluation is one forward+backward pass of one point)."""
+    integrand: another path integral with the same completeness reference: integrand(points (P, C, *S),
+               directions (P, C, *S) = x - b, *args) -> (F (P,), (P, *T) whose element sum is
+               dF(x(a))/da); the attribution is its integral over [0, 1] (LayerConductance on a layer
+               every path crosses).  None: IG's (x - b) * dF/dx.
+    Returns (attributions (B, C, *S), or (B, *T) with `integrand`, diagnostics) with Captum's
+    additive `convergence_delta`, `score_change`, and gradient evaluations (`steps_total`,
+    `steps_max`, `path_examples`, `step_cap_hit`; each evaluation is one forward+backward pass of one
+    point)."""
     n_examples = inputs.shape[0]
     diff = (inputs - baselines).detach()
     k0 = max(1, int(round(int(initial_steps) / float(NEW_PER_INTERVAL))))
@@ -130,10 +147,17 @@ def adaptive_integrated_gradients(
         node adds weight x dF/dx to `inner[id]`, an end or midpoint (id None) is kept."""
         for i in range(0, len(requests), batch):
             part = requests[i:i + batch]
-            with torch.enable_grad():
-                x = points([(e, al) for e, al, _, _ in part]).requires_grad_(True)
-                s = forward(x, *args_for([e for e, _, _, _ in part]))
-                grad = torch.autograd.grad(s.sum(), x)[0].detach()
+            examples = [e for e, _, _, _ in part]
+            if integrand is not None:
+                idx = torch.as_tensor(examples, device=inputs.device)
+                s, grad = integrand(points([(e, al) for e, al, _, _ in part]), diff.index_select(0, idx),
+                                    *args_for(examples))
+                grad = grad.detach()
+            else:
+                with torch.enable_grad():
+                    x = points([(e, al) for e, al, _, _ in part]).requires_grad_(True)
+                    s = forward(x, *args_for(examples))
+                    grad = torch.autograd.grad(s.sum(), x)[0].detach()
             values = s.detach().double().cpu().tolist()
             for k, (e, al, rid, weight) in enumerate(part):
                 if rid is None:
@@ -161,7 +185,8 @@ def adaptive_integrated_gradients(
             (ga, fa), (gm, _), (gc, fc) = kept[e][a], kept[e][m], kept[e][c]
             integral = inner[rid] + (LOBATTO_W[0] * half) * (ga + gc) + (LOBATTO_W[2] * half) * gm
             interval = _Interval(a, c, f_at(e, a, fa), f_at(e, c, fc), integral)
-            interval.attr_sum = float((diff[e] * interval.integral).double().sum())
+            scaled = interval.integral if integrand is not None else diff[e] * interval.integral
+            interval.attr_sum = float(scaled.double().sum())
             done.append((e, interval))
         return done, len(requests)
 
@@ -226,7 +251,8 @@ def adaptive_integrated_gradients(
         for e, interval in built:
             intervals[e].append(interval)
 
-    attributions = torch.stack([diff[e] * sum(i.integral for i in intervals[e]) for e in range(n_examples)])
+    attributions = torch.stack([(1.0 if integrand is not None else diff[e]) * sum(i.integral for i in intervals[e])
+                                for e in range(n_examples)])
     change = sum(f1[e] - f0[e] for e in range(n_examples))
     delta = sum(i.delta for e in range(n_examples) for i in intervals[e])
     # sum over intervals of |F(c) - F(a)|: how much the score moves along the path; when it dwarfs

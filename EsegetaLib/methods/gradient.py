@@ -12,6 +12,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
+from .adaptive import GUARD_PARAMS
 from .base import MethodContext, MethodSpec, ParamSpec
 from .baselines import BASELINE_PARAMS, prepare_baseline_distribution, prepare_baselines
 from .common import baseline_stack, baselines_of, steps_batch
@@ -184,10 +185,11 @@ SPECS = [
                 ParamSpec("integration", "choice", "gausslegendre",
                           choices=("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"),
                           help="quadrature rule when adaptive is off (adaptive uses Gauss-Legendre on sub-intervals)"),
-                ) + BASELINE_PARAMS,
+                ) + GUARD_PARAMS + BASELINE_PARAMS,
         attribute=integrated_gradients, prepare=prepare_baselines, captum="IntegratedGradients",
         description="path integral of gradients from a baseline, adaptive until the completeness error is "
-                    "within tolerance (default 1 %); reports the steps used and the relative convergence delta",
+                    "within tolerance (default 1 %), else the next baseline, else refused; reports the steps "
+                    "used, the baseline and the relative convergence delta",
     ),
     MethodSpec(
         name="GuidedBackprop", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=1.0,

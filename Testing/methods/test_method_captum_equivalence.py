@@ -109,8 +109,9 @@ def test_gradcam_and_layer_methods(setup):
     }
     for name, direct in cases.items():
         params = {"n_steps": 6} if name in ("LayerConductance", "InternalInfluence", "LayerIntegratedGradients") else {}
-        if name == "LayerIntegratedGradients":
-            params["adaptive"] = False  # Captum's fixed rule (adaptive: Testing/methods/test_adaptive_ig.py)
+        if name in ("LayerConductance", "InternalInfluence", "LayerIntegratedGradients"):
+            # Captum's fixed rule (adaptive: Testing/methods/test_adaptive_ig.py, test_layer_path_completeness.py)
+            params["adaptive"] = False
         spec, ctx, _, _ = _ctx(name, setup, params)
         theirs = direct(ctx.prepared.get("baselines"))
         _close(run_method(spec, ctx)[0], _upsample_share(theirs.sum(dim=1, keepdim=True), x))
