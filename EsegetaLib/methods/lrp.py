@@ -9,13 +9,14 @@ backward pass is linear in the top-level weights, so the map of the patched mode
 windows' maps ("additive", exact).
 
 Before the relevance pass, the network is refused with the layer's name when it has no rule for it:
-leaf modules without a rule (checked before the forward pass: attention blocks' sigmoid, softmax,
-GELU/ELU/SiLU/Tanh activations, unknown modules), TorchScript models and exported programs (no modules
-to hook: use a model card with the network's class), and, watched op by op during the forward pass
-(`_OpWatch`, a `TorchDispatchMode`), any op on an input-dependent tensor outside the rule layers
-whose gradient is not its LRP rule: non-homogeneous activations called functionally, softmax,
-products of two activations (attention and gating), division by an activation, convolutions, matrix
-products and normalisations called functionally.
+modules of a type without a rule (checked before the forward pass: sigmoid gates, tanh, softmax,
+bounded activations, attention and recurrent modules; `lrp_rules.NO_RULE_MODULES`), TorchScript
+models and exported programs (no modules to hook: use a model card with the network's class), and,
+watched op by op during the forward pass (`_OpWatch`, a `TorchDispatchMode`), any op on an
+input-dependent tensor outside the rule layers whose gradient is not its LRP rule, in any module
+(unknown modules included): non-homogeneous activations called functionally, softmax, products of
+two activations (attention and gating), division by an activation, convolutions, matrix products
+and normalisations called functionally.
 
 Trust check "conservation": the input's total relevance against the explained score, relative to
 sum |w * z_c|; pass within `CONSERVATION_TOLERANCE`, warn beyond.  Its detail says how much the
@@ -155,6 +156,7 @@ def lrp(ctx: MethodContext):
         # in-place activations would overwrite the inputs the rules keep: run out of place
         with torch.enable_grad(), inplace_disabled(network), lrp_rules(network, rule, options, state):
             x = ctx.inputs.detach().requires_grad_(True)
+            state["input"] = x
             watch = _OpWatch(x, state, stack)
             with watch:
                 logits = _logits(ctx, x)
@@ -172,6 +174,8 @@ def lrp(ctx: MethodContext):
         for handle in handles:
             handle.remove()
     relevance = (x.detach() * c_x).detach()
+    if state.get("input_relevance") is not None:  # passed through the model's intensity normalisation
+        relevance = relevance + state["input_relevance"].to(relevance.dtype)
     out_relevance = (top * logits.detach()).double()
     absorbed = state.get("absorbed", {})
     diag = {"lrp_explained": out_relevance.sum(), "lrp_output_abs": out_relevance.abs().sum(),

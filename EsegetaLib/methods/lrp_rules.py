@@ -14,6 +14,9 @@ tensor a (R: the relevance of a's units), and the input's relevance is x * c_x. 
   other rectifier-like activation modules with f(0) = 0 (GELU, ELU, CELU, SELU, SiLU, Mish,
   Hardswish) pass it unchanged by a hook (c_z = c_a f(z) / z, f'(0) at z = 0);
 - max pooling routes each output's relevance to its winner (the gradient's routing);
+- the model's own intensity normalisation of the input (`models.base.IntensityNormalization`, an
+  elementwise per-channel affine map, optionally clipped) passes relevance unchanged to each voxel,
+  so the map is the relevance of the image the network reads, voxel by voxel (its offset keeps none);
 - convolutions (ConvNd, ConvTransposeNd) and Linear get the chosen rule in their backward (forward
   hooks and `_RuleFunction`), with z = W a + b the module's output and s() the stabiliser
   s(z) = z + eps * sign(z) (sign(0) = +1), a+ = max(a, 0), a- = min(a, 0), W+ / W- the parts of W:
@@ -223,6 +226,32 @@ class _ActivationPass(torch.autograd.Function):
         return c_a * ratio, None, None
 
 
+class _InputPass(torch.autograd.Function):
+    """Output y of an elementwise map of the network's input x (the model's intensity normalisation);
+    backward: its relevance R_y = y * c_y passed unchanged to the input voxels, stored in
+    state["input_relevance"] (c_x = R_y / x would be undefined where x = 0)."""
+
+    @staticmethod
+    def forward(ctx, x, y, state):
+        ctx.save_for_backward(y)
+        ctx.state = state
+        return y.detach().clone()
+
+    @staticmethod
+    def backward(ctx, c_y):
+        (y,) = ctx.saved_tensors
+        relevance = (y * c_y).detach()
+        held = ctx.state.get("input_relevance")
+        ctx.state["input_relevance"] = relevance if held is None else held + relevance
+        return torch.zeros_like(c_y), None, None
+
+
+def _input_maps():
+    """Elementwise input maps whose relevance passes unchanged (EsegetaLib's intensity normalisation)."""
+    from ..models.base import IntensityNormalization
+    return (IntensityNormalization,)
+
+
 def _slope_at_zero(module: nn.Module) -> float:
     with torch.no_grad():
         d = torch.tensor([1e-6, -1e-6], dtype=torch.float64)
@@ -304,27 +333,23 @@ def check_modules(network: nn.Module) -> None:
            for m in network.modules()):
         raise EsegetaError("LRP cannot run on an exported program (.pt2): its layers are graph ops, not modules; "
                            "give a model card with the network's class (or the eager nn.Module).")
-    bad = []
-    for name, m in network.named_modules():
-        if len(list(m.children())) or isinstance(m, RULE_MODULES + NORM_MODULES + PASS_MODULES):
-            continue
-        if type(m) is nn.Module or type(m).__module__.startswith("torch.nn.modules.container"):
-            continue
-        bad.append(f"'{name}' ({type(m).__name__})")
+    bad = [f"'{name}' ({type(m).__name__})" for name, m in network.named_modules() if isinstance(m, NO_RULE_MODULES)]
     if bad:
         raise EsegetaError(
             f"LRP has no rule for layer {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}: it has rules "
-            "for convolutions, Linear, BatchNorm/InstanceNorm/GroupNorm/LayerNorm, ReLU/LeakyReLU/PReLU, pooling, "
-            "upsampling, concatenation and residual additions; use IntegratedGradients or DeepLift on this network.")
+            "for convolutions, Linear, BatchNorm/InstanceNorm/GroupNorm/LayerNorm, ReLU/LeakyReLU/PReLU and other "
+            "rectifiers, pooling, upsampling, concatenation and residual additions; use IntegratedGradients or "
+            "DeepLift on this network.")
 
 
-# Leaf modules that need no hook: their ops get LRP-0 or pass relevance from the plain gradient (the
-# op watch in methods/lrp.py checks what they actually do).
-PASS_MODULES = ACTIVATION_MODULES + (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-                nn.modules.dropout._DropoutNd, nn.Identity, nn.Flatten, nn.Unflatten, nn.Upsample,
-                nn.modules.padding._ConstantPadNd, nn.modules.padding._ReplicationPadNd,
-                nn.modules.padding._ReflectionPadNd, nn.PixelShuffle, nn.PixelUnshuffle)
+# Modules LRP has no rule for (gates, bounded or non-zero-at-zero activations, softmax, attention,
+# recurrence): refused before the forward pass.  Other modules need no rule of their own: the op watch
+# (methods/lrp.py) checks every op they run outside the hooked modules.
+NO_RULE_MODULES = (nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, nn.Hardsigmoid,
+                   nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+                   nn.LogSigmoid, nn.Threshold, nn.RReLU, nn.GLU, nn.MultiheadAttention, nn.modules.rnn.RNNBase,
+                   nn.modules.rnn.RNNCellBase, nn.Embedding, nn.Bilinear, nn.LocalResponseNorm,
+                   nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 @contextlib.contextmanager
@@ -381,9 +406,23 @@ def lrp_rules(network: nn.Module, rule: str, options: Dict[str, Any], state: Dic
             return output
         return _ActivationPass.apply(z, output, slopes[module])
 
+    def input_hook(module, args, output):
+        leave()
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or not x.requires_grad:
+            return output
+        if x is not state.get("input") or output.shape != x.shape:
+            raise EsegetaError(f"LRP: the elementwise input map '{names[module]}' ({type(module).__name__}) is "
+                               "applied to something other than the network's input; no rule for it there.")
+        return _InputPass.apply(x, output, state)
+
     slopes = {}
+    input_maps = _input_maps()
     for module in network.modules():
-        if isinstance(module, ACTIVATION_MODULES):
+        if isinstance(module, input_maps):
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(input_hook))
+        elif isinstance(module, ACTIVATION_MODULES):
             slopes[module] = _slope_at_zero(module)
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(activation_hook))

@@ -89,3 +89,19 @@ def test_patched_run_equals_the_sum_of_window_references():
     difference = float(np.abs(result.attribution - total.numpy()).max()) / scale
     print(f"\nLRP gamma over {len(session.windows)} windows vs the sum of zennit's window maps: {difference:.2e}")
     assert difference < 1e-9
+
+
+def test_the_models_intensity_normalisation_passes_relevance_voxel_by_voxel():
+    """A model loaded with its intensity normalisation (models.base.NormalizedNetwork): the map is the
+    relevance of the normalised image the network reads, voxel by voxel (the offset keeps none), so the
+    bias-free network still conserves the score."""
+    from EsegetaLib.models.base import IntensityNormalization, NormalizedNetwork
+
+    net = make_batchnorm_unet(bias=False)
+    x = structured_volume(16).double()
+    wrapped = NormalizedNetwork(IntensityNormalization([0.75], [1.5]), net).double()  # exact in float32
+    _, result = _lrp(wrapped, x, "epsilon")
+    _, bare = _lrp(net, (x - 0.75) * 1.5, "epsilon")
+    np.testing.assert_allclose(result.attribution, bare.attribution, rtol=1e-9,
+                               atol=1e-12 * np.abs(bare.attribution).max())
+    assert {c.name: c for c in result.checks}["conservation"].value < 1e-6  # the stabiliser 1e-9 keeps ~1e-8

@@ -156,10 +156,10 @@ def test_monai_networks_run_with_every_unit_of_relevance_accounted(name):
     ("AttentionUnet", lambda: monai_nets.AttentionUnet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), 16,
      r"'.*attention.*' \(Sigmoid\)"),
     ("UNETR", lambda: monai_nets.UNETR(1, 2, (32, 32, 32), feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2),
-     32, r"'vit\.blocks\.0\.attn\..*'"),
+     32, r".*'vit\.blocks\.0\.attn.*'"),
 ])
 def test_attention_networks_are_refused_naming_the_layer(name, factory, n, layer):
     torch.manual_seed(0)
-    with pytest.raises(EsegetaError, match=r"LRP has no rule for layer " + layer) as error:
+    with pytest.raises(EsegetaError, match=r"LRP has no rule for .*" + layer) as error:
         _explain(factory(), n=n)
     assert "\n" not in str(error.value)

@@ -67,10 +67,26 @@ def test_module_without_a_rule_is_refused_before_the_forward():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 1))
     _refused(net, r"no rule for layer '1' \(Tanh\)")
-    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), _Unknown(), nn.Conv3d(4, 2, 1))
-    _refused(net, r"no rule for layer '1' \(_Unknown\)")
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Softmax(dim=1))
     _refused(net, r"no rule for layer '1' \(Softmax\)")
+
+
+def test_unknown_modules_are_checked_op_by_op():
+    """A module type without a rule of its own is refused only for an op that has no rule, naming
+    the op and the module; one of linear ops runs (LRP-0 from the gradient)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), _Unknown(), nn.Conv3d(4, 2, 1))
+    _refused(net, r"no rule for abs in '1' \(_Unknown\)")
+
+    class Halve(nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:, :2], 0.5 * x[:, 2:]], 1)
+
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1, bias=False), Halve(), nn.Conv3d(4, 2, 1, bias=False))
+    result = _session(net).attribute("LRP", {"epsilon": 1e-12})
+    with torch.no_grad():
+        score = float(net(structured_volume(8).double())[:, 1].sum())
+    assert result.attribution.sum() == pytest.approx(score, rel=1e-9)
 
 
 @pytest.mark.parametrize("op, pattern", [
