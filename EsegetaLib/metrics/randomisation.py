@@ -181,7 +181,8 @@ def parameter_randomisation(attribution, ctx: MetricContext, network: torch.nn.M
     layers = randomisable_layers(network)
     if not layers:
         return {"randomisation_spearman": float("nan"), "randomisation_ssim": float("nan"),
-                "randomisation_pass": None, "stages": []}
+                "randomisation_pass": None, "stages": [],
+                "randomisation_note": "the network has no parameters that could be redrawn"}
     n = len(layers)
     if max_stages is None or max_stages >= n:
         chosen = set(range(n))
@@ -199,5 +200,12 @@ def parameter_randomisation(attribution, ctx: MetricContext, network: torch.nn.M
     last = stages[-1]
     rho = last["spearman_signed"]
     passed = None if rho != rho else bool(abs(rho) < threshold)
-    return {"randomisation_spearman": last["spearman"], "randomisation_spearman_signed": last["spearman_signed"],
-            "randomisation_ssim": last["ssim"], "randomisation_pass": passed, "stages": stages}
+    out = {"randomisation_spearman": last["spearman"], "randomisation_spearman_signed": last["spearman_signed"],
+           "randomisation_ssim": last["ssim"], "randomisation_pass": passed, "stages": stages}
+    if passed is None:  # a rank correlation with a constant map is undefined: say which map
+        where = "the compared voxels" if mask is not None else "the volume"
+        flat = [name for name, t in (("the original map", a), ("the fully randomised network's map", e))
+                if bool((t if mask is None else t[mask]).unique().numel() <= 1)]
+        out["randomisation_note"] = (f"{' and '.join(flat) or 'a map'} is constant over {where} "
+                                     f"(e.g. a rectified CAM that is zero there), so the rank correlation is undefined")
+    return out

@@ -247,3 +247,15 @@ def test_randomisation_matches_quantus_mprt(small_case):
     # Leaving out parameter-free modules (non-affine InstanceNorm) skips only stages that change nothing.
     assert set(ref_by_layer) >= set(names)
     assert torch.equal(torch.as_tensor(attr), explain(score_net)(small_case["x"]))  # original untouched
+
+
+def test_randomisation_of_a_map_that_goes_flat_says_why(small_case):
+    """A map whose randomised counterpart is constant (a rectified CAM that is zero there) has no
+    rank correlation: pass is None and randomisation_note names the constant map."""
+    score_net = small_case["net"]
+    ctx = make_ctx(small_case, seed=42)
+    attr = helpers.captum_explain_fn(helpers.RegionScore(score_net, small_case["mask"]).double(), "Saliency")(
+        small_case["x"])
+    out = parameter_randomisation(attr, ctx, score_net, lambda net: (lambda x: torch.zeros_like(x)), max_stages=1)
+    assert out["randomisation_pass"] is None and np.isnan(out["randomisation_spearman_signed"])
+    assert out["randomisation_note"].startswith("the fully randomised network's map is constant over the volume")
