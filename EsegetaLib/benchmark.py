@@ -570,6 +570,13 @@ def _run(args) -> Dict:
                                           int(args.targets), quick=args.quick,
                                           vjp=getattr(args, "targets_vjp", "auto") or "auto")
         _write(args.json_path, report)
+    if getattr(args, "targets_bound", False):
+        from .bench_bound import targets_bound
+
+        report["targets_bound"] = targets_bound(loaded, device, getattr(args, "targets_size", None) or "sample",
+                                                int(args.targets or 8),
+                                                measured=(report.get("targets") or {}).get("rows"))
+        _write(args.json_path, report)
     if getattr(args, "options_study", False):
         from .bench_options import option_study
 

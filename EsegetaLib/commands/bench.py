@@ -57,6 +57,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--targets-vjp", default="auto", choices=("auto", "vmap", "loop"),
                         help="how the K targets' backward runs: vmap (one vectorised backward), loop, or auto "
                              "(vmap on GPUs, loop on CPUs)")
+    parser.add_argument("--targets-bound", action="store_true",
+                        help="also measure the network's forward and backward at K targets against K single "
+                             "passes: the best ratio batching can reach here, beside --targets' measured one")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a shared, loaded CPU")
     extras = parser.add_argument_group("goals of issue #18 (bench_quick.py; instead of the runner comparison)")
