@@ -740,16 +740,22 @@ class ExplainSession:
             self.select_target(saved)
 
     def _attribute_batched(self, spec: MethodSpec, params: Dict[str, Any]) -> Dict[str, MethodResult]:
+        from .work import group_units
+
         size = max(1, int(getattr(self.options, "target_batch", 8) or 8))
         groups = [list(range(a, min(a + size, len(self.targets)))) for a in range(0, len(self.targets), size)]
         out: Dict[str, MethodResult] = {}
         seed = int(self.options.seed)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        # each group's share of the stage's progress: its work (work.group_units), one pace throughout
+        active = [frozenset(self._active_windows(self._weights_pad(t))) for t in self.targets]
+        shares = np.cumsum([0.0] + [max(group_units([active[k] for k in g], self.batch_size), 1e-9) for g in groups])
+        shares /= shares[-1]
         for n, group in enumerate(groups):
             started = time.perf_counter()
             self.counters = {"oom_retries": 0, "fp32_retries": 0}
             span = self.progress_span
-            a, b = span[0] + (span[1] - span[0]) * n / len(groups), span[0] + (span[1] - span[0]) * (n + 1) / len(groups)
+            a, b = (span[0] + (span[1] - span[0]) * float(f) for f in shares[n:n + 2])
             self.progress_span = (a, b)
             try:
                 with torch.random.fork_rng(devices=devices):

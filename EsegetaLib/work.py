@@ -179,17 +179,22 @@ def method_work(spec, params: Dict[str, Any], session) -> Tuple[float, str]:
     active = per_target(session, lambda s: frozenset(s.active))
     size = max(1, int(getattr(session.options, "target_batch", 8) or 8))
     batch = max(1, int(getattr(session, "batch_size", 1) or 1))
-    forward_share = 1.0 / BACKWARD_FORWARDS
-    forwards = backwards = 0
-    for a in range(0, len(active), size):
-        group = active[a:a + size]
-        windows = sorted(frozenset().union(*group))
-        for c in range(0, len(windows), batch):
-            chunk = windows[c:c + batch]
-            forwards += len(chunk)
-            backwards += len(chunk) * max(sum(i in g for g in group) for i in chunk)
-    units = passes * (forwards * forward_share + backwards * (1.0 - forward_share))
+    units = passes * sum(group_units(active[a:a + size], batch) for a in range(0, len(active), size))
     return max(units, passes), BACKWARD
+
+
+def group_units(group: Sequence[frozenset], batch: int) -> float:
+    """Forward+backward units of one batched pass over a group of targets (their active windows):
+    the windows in chunks of `batch`; per chunk one forward per window and, per window, as many
+    backward rows as the most targets any window of the chunk has."""
+    forwards = backwards = 0
+    windows = sorted(frozenset().union(*group))
+    for c in range(0, len(windows), max(1, batch)):
+        chunk = windows[c:c + max(1, batch)]
+        forwards += len(chunk)
+        backwards += len(chunk) * max(sum(i in g for g in group) for i in chunk)
+    forward_share = 1.0 / BACKWARD_FORWARDS
+    return forwards * forward_share + backwards * (1.0 - forward_share)
 
 
 def metric_work(metric: str, params: Dict[str, Any], session, method_units: float) -> Tuple[float, str]:

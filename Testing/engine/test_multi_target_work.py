@@ -14,7 +14,7 @@ from engine_helpers import tube_volume
 from EsegetaLib.engine import ExplainSession
 from EsegetaLib.methods import get_method
 from EsegetaLib.options import EngineOptions, Target
-from EsegetaLib.work import BACKWARD, BACKWARD_FORWARDS, FORWARD, method_work, single_target_work
+from EsegetaLib.work import BACKWARD, BACKWARD_FORWARDS, FORWARD, group_units, method_work, single_target_work
 
 IMAGE, TUBES = tube_volume((16, 16, 16), seed=3)
 
@@ -66,9 +66,19 @@ def test_batched_method_work_counts_the_forwards_and_backwards_it_runs(net, targ
     spec = get_method("Saliency")
     units, kind = method_work(spec, spec.resolve_params(None), session)
     counter = PassCounter(_first_conv(net))
+    fractions = []
+    session.progress = lambda fraction, message="": fractions.append(fraction)
     with counter:
         session.attribute_targets(spec, None)
+    session.progress = None
     assert kind == BACKWARD
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    if target_batch == 3:  # two passes (3 targets, then 1): each its share of the work
+        sets = [frozenset(_active(session, k)) for k in range(4)]
+        first = group_units(sets[:3], session.batch_size)
+        share = first / (first + group_units(sets[3:], session.batch_size))
+        assert 0 < share < 1 and any(f == pytest.approx(share) for f in fractions)
+        assert max(f for f in fractions if f <= share + 1e-9) == pytest.approx(share)
     # a forward+backward unit is one forward and one backward row; a forward alone 1/3 of one
     assert units == pytest.approx(counter.forward / BACKWARD_FORWARDS
                                   + counter.backward * (1 - 1 / BACKWARD_FORWARDS))
