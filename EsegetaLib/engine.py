@@ -565,8 +565,10 @@ class ExplainSession:
         if len(self.targets) > 1:
             diag["target"] = self.targets[self.current_target].name
         self._report(1.0, f"{spec.name}: done")
+        outputs = diag.pop("outputs", None) or {}  # method-specific outputs (MethodResult.outputs)
         result = MethodResult(name=spec.name, attribution=attribution.numpy(), params=resolved,
-                              seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata())
+                              seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata(),
+                              outputs=outputs)
         self._trust_report(result, resolved)
         return result
 
@@ -1134,7 +1136,8 @@ class ExplainSession:
         geometry, activation = None, None
         if layer is not None:  # a perturbation method on a layer (Score-CAM): its blended activation
             geometry = tuple(tuple(g) for g in self._last_layer_probe["layer_geometry"])
-            activation = self.layer_activation(layer, x, geometry)
+            if spec.level != "model":  # a model-level visualisation does not read this volume's layer
+                activation = self.layer_activation(layer, x, geometry)
         forward = PatchedScore(self, x, label=spec.name)
         try:  # how many volumes and window forwards to expect: progress with a total
             from .work import perturbation_work
@@ -1150,7 +1153,8 @@ class ExplainSession:
         ctx = MethodContext(forward=forward, network=self.network, inputs=inputs, params=params,
                             stats=self.stats, forward_args=(), prepared=prepared,
                             layer=layer, region=region, generator=generator,
-                            internal_batch_size=self.batch_size, layer_geometry=geometry)
+                            internal_batch_size=self.batch_size, layer_geometry=geometry,
+                            patch=tuple(int(p) for p in self.grid.patch))
         attribution, more = _split(spec.attribute(ctx))
         diag.update(more)
         diag.update(windows_rerun=forward.windows_rerun, volumes_evaluated=forward.evaluations)

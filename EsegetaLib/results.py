@@ -41,6 +41,14 @@ class MethodResult:
     diagnostics: Dict[str, Any] = field(default_factory=dict)  # e.g. convergence_delta, n_windows
     metadata: Dict[str, Any] = field(default_factory=dict)  # MethodSpec.metadata()
     checks: List[TrustCheck] = field(default_factory=list)  # the trust report of this map
+    # method-specific outputs beyond the map, written by EsegetaLib/method_outputs.py: e.g.
+    # "feature_volume" (C, *window) float32 of a feature visualisation, "rois" (top activating windows)
+    outputs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_level(self) -> bool:
+        """True for a model-level visualisation: `attribution` is no map of this input (all zeros)."""
+        return (self.metadata or {}).get("level") == "model"
 
     def add_check(self, name: str, status: str, value: Optional[float] = None, detail: str = "") -> TrustCheck:
         """Record (or replace) the check called `name`; returns it."""

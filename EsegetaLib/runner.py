@@ -6,6 +6,9 @@ everything a user can get wrong and loads the inputs before any heavy work, rais
 with one line; `execute` runs the engine and writes the outputs atomically (see outputs.py):
 
     DIR/attributions/<Method>.<ext>   float32 map on the input grid (channels summed), input's format
+    DIR/features/, DIR/rois/          method-specific outputs (feature visualisation volumes and their
+                                      projections, top activating windows as ROI lists and Slicer
+                                      markups): EsegetaLib/method_outputs.py
     DIR/segmentation.<ext>            the sliding-window model's labels (uint8)
     DIR/metrics.csv, metrics.json     one row per method: metrics, runtime, device, peak memory
     DIR/run.json                      inputs with SHA-256, every parameter, versions, device, timings
@@ -568,6 +571,9 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
         stability = _stability(prepared, session, explanation, plan, stages) if tta else None
         folder = result.path
         written = write_images(folder, prepared.image, explanation, compress=prepared.request.compress)
+        from .method_outputs import write_method_outputs
+
+        extra_files = write_method_outputs(folder, prepared.image, explanation)
         if stability is not None:
             written.update(write_stability(folder, prepared.image, stability, compress=prepared.request.compress))
         t_engine = time.perf_counter()
@@ -582,7 +588,8 @@ def execute(prepared: PreparedRun, out_dir: Union[str, Path], overwrite: bool = 
         timings = {"engine_seconds": engine_seconds, "total_seconds": None,
                    "metrics_seconds": t_metrics - t_engine, "scene_seconds": time.perf_counter() - t_metrics,
                    "methods": {name: r.seconds for name, r in explanation.results.items()}}
-        record = _run_json(prepared, explanation, command, argv, started, timings, metric_rows, written, scene_record)
+        record = _run_json(prepared, explanation, command, argv, started, timings, metric_rows, written, scene_record,
+                           extra_files)
         timings["total_seconds"] = time.perf_counter() - t0
         if stability is not None:
             record["stability"] = stability.summary(explanation.region)
@@ -605,10 +612,17 @@ def _stability(prepared: PreparedRun, session, explanation, plan, stages: Sequen
     per_run = sum((plan.units.get(s) or 0.0) * (BACKWARD_FORWARDS if plan.kinds.get(s) == BACKWARD else 1.0)
                   for s in ["segmentation"] + list(stages))
     plan.set("stability", runs * per_run)
+    # a model-level visualisation has no map of this input to augment
+    methods = [(name, params) for (name, params), (spec, _) in zip(prepared.methods_run, _method_specs(prepared))
+               if spec.level != "model"]
     result = run_stability(session, lambda array: prepared.model.network_for(array, spacing=image.spacing,
                                                                              affine=image.ijk_to_ras),
-                           prepared.methods_run, prepared.stability, progress=plan.stage("stability"))
+                           methods, prepared.stability, progress=plan.stage("stability"))
     for name, method_result in explanation.results.items():
+        if method_result.model_level:
+            method_result.add_check("stability", "not_run", None, "a model-level visualisation has no map of this "
+                                    "input to rerun under test-time augmentation")
+            continue
         add_stability_check(method_result, result, name, explanation.region)
     return result
 
@@ -770,6 +784,8 @@ def write_images(folder: Path, image, explanation, compress: bool = True) -> Dic
     written = {}
     (folder / "attributions").mkdir()
     for name, result in explanation.results.items():
+        if result.model_level:  # no map of this input (features/: method_outputs.py)
+            continue
         path = folder / "attributions" / f"{name}{ext}"  # "<target>/<method>" with several targets
         path.parent.mkdir(parents=True, exist_ok=True)
         write_image(path, np.asarray(result.map, dtype=np.float32), image, dtype=np.float32, compress=compress)
@@ -992,6 +1008,13 @@ def _scene(prepared: PreparedRun, explanation, folder: Path, rows, note, warn) -
     if getattr(card, "activation", "softmax") == "softmax":
         names.pop(0, None)  # softmax class 0 is the background: no segment for it
     volume_name = Path(str(prepared.request.volume)).name.split(".")[0] or "input"
+    import dataclasses
+
+    # model-level visualisations have no map on the input's grid: not in the review scene
+    explanation = dataclasses.replace(explanation, results={k: r for k, r in explanation.results.items()
+                                                            if not r.model_level})
+    if not explanation.results:
+        return {"written": False, "note": "no map of this input to review (model-level visualisations only)"}
     try:
         written = review.write_review(folder, prepared.image, explanation, rows,
                                      {"esegeta_run": "see run.json beside esegeta.mrb"},
@@ -1017,7 +1040,8 @@ def _scene(prepared: PreparedRun, explanation, folder: Path, rows, note, warn) -
 
 
 # ---------------------------------------------------------------------------------- run.json
-def _run_json(prepared: PreparedRun, explanation, command, argv, started, timings, rows, written, scene_record):
+def _run_json(prepared: PreparedRun, explanation, command, argv, started, timings, rows, written, scene_record,
+              extra_files: Optional[Dict[str, Dict[str, str]]] = None):
     from . import provenance
 
     request = prepared.request
@@ -1047,8 +1071,10 @@ def _run_json(prepared: PreparedRun, explanation, command, argv, started, timing
                         "spacing": list(prepared.image.spacing), "format": prepared.image.format},
         results={name: {"file": written.get(name), "seconds": r.seconds, "diagnostics": r.diagnostics,
                         "checks": [c.as_dict() for c in r.checks],
-                        "metadata": {k: r.metadata.get(k) for k in ("family", "signed", "approximation")
-                                     if k in (r.metadata or {})}}
+                        "metadata": {k: r.metadata.get(k) for k in ("family", "signed", "approximation", "level",
+                                                                    "explains_target")
+                                     if k in (r.metadata or {})},
+                        **({"files": (extra_files or {})[name]} if name in (extra_files or {}) else {})}
                  for name, r in explanation.results.items()},
         segmentation=written.get("segmentation"), warnings=prepared.warnings,
         scene=scene_record,

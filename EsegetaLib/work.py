@@ -100,6 +100,13 @@ def perturbation_work(spec, params: Dict[str, Any], session) -> Tuple[int, float
     box, shape = _box_shape(ctx)
     whole = _windows_touching(session, box)
     name = spec.name
+    if name == "FeatureVisualization":  # one forward+backward of one window per step, no volume scored
+        from .methods.featurevis import auto_steps
+
+        steps = int(params.get("steps") or 0) or auto_steps(session.grid.patch)
+        return 0, 2.0 + steps * BACKWARD_FORWARDS
+    if name == "TopActivatingWindows":  # the layer over every window, then one backward per box
+        return 0, float(len(session.windows)) + int(params.get("k", 5)) * BACKWARD_FORWARDS
     if name == "Occlusion":
         from .methods.perturbation import occlusion_window
 

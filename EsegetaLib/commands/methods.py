@@ -1,5 +1,7 @@
 """`esegeta methods [--json]`: every registered attribution method with its family, whether its
-map is signed, its baseline and its default parameters."""
+map is signed, its baseline and its default parameters.  Methods whose result is not an attribution
+of the target on this input are named below the table: model-level (a visualisation of the model)
+and activation-based (a layer's activation on this input)."""
 from __future__ import annotations
 
 import json
@@ -33,6 +35,19 @@ def _defaults(meta) -> str:
     return ", ".join(f"{p['name']}={_shown(p)}" for p in meta["params"]) or "-"
 
 
+def levels_note(metas) -> str:
+    """Which methods give something other than an attribution of the target on this input."""
+    model = [m["name"] for m in metas if m.get("level") == "model"]
+    activation = [m["name"] for m in metas if m.get("level") != "model" and m.get("explains_target") is False]
+    lines = []
+    if model:
+        lines.append(f"Model-level (a visualisation of the network, not an explanation of this input): {', '.join(model)}.")
+    if activation:
+        lines.append(f"Activation-based (a layer's activation on this input, not an attribution of the target): "
+                     f"{', '.join(activation)}.")
+    return "\n".join(lines)
+
+
 def table(metas) -> str:
     """A plain-text table (fits a terminal; the JSON has everything)."""
     header = ("method", "family", "signed", "baseline", "defaults")
@@ -55,5 +70,8 @@ def run(args) -> int:
         sys.stdout.write("\n")
     else:
         print(table(metas))
+        note = levels_note(metas)
+        if note:
+            print("\n" + note)
         print(f"\n{len(metas)} methods. Parameters: --param METHOD.NAME=VALUE; details: esegeta methods --json")
     return 0

@@ -31,6 +31,11 @@ from ..errors import EsegetaError
 
 FAMILIES = ("gradient", "layer", "perturbation")
 PATCHING = ("additive", "noise_tunnel", "global", "blended")
+# What a result describes: "input" = a map over this input's voxels; "model" = a model-level
+# visualisation (feature visualisation: an optimised volume on the model's window grid), which is not
+# an explanation of this input and has no map on its grid (MethodResult.attribution is all zeros,
+# the visualisation is in MethodResult.outputs; writers, metrics, the scene and stability skip it).
+LEVELS = ("input", "model")
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class MethodContext:
     # per spatial axis (scale, offset): where the layer's unit o sits on the input grid (scale * o +
     # offset, methods/layers.layer_geometry); None: the align_corners=False convention
     layer_geometry: Optional[Tuple[Tuple[float, float], ...]] = None
+    patch: Optional[Tuple[int, ...]] = None  # the model's window (sliding-window patch) size ("global" only)
 
 
 @dataclass
@@ -132,6 +138,10 @@ class MethodSpec:
     # the summed diagnostics, once per result; may raise EsegetaError to refuse a map that misses its
     # guarantee (e.g. DeepLift's summation-to-delta).
     trust: Optional[Callable[[Any], None]] = None
+    level: str = "input"  # LEVELS: "model" for model-level visualisations (see LEVELS)
+    # False for maps that are not attributions of the target's score (activations, visualisations):
+    # metrics that test an attribution of the target are skipped or read as such.
+    explains_target: bool = True
 
     def defaults(self) -> Dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -164,6 +174,8 @@ class MethodSpec:
             "approximation": self.approximation,
             "captum": self.captum,
             "requires_eager": self.requires_eager,
+            "level": self.level,
+            "explains_target": self.explains_target,
             "description": self.description,
             "params": [
                 {
@@ -185,8 +197,8 @@ _REGISTRY: Dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    if spec.family not in FAMILIES or spec.patching not in PATCHING:
-        raise ValueError(f"bad family/patching for {spec.name}")
+    if spec.family not in FAMILIES or spec.patching not in PATCHING or spec.level not in LEVELS:
+        raise ValueError(f"bad family/patching/level for {spec.name}")
     _REGISTRY[spec.name] = spec
     return spec
 

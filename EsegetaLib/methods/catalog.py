@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from .base import _REGISTRY, register
-from . import cam, excitation, gradient, layer_methods, lrp, noise, perturbation, rise, scorecam
+from . import cam, excitation, featurevis, gradient, layer_methods, lrp, noise, perturbation, rise, scorecam, topwindows
 
 ORDER = (gradient.SPECS + noise.SPECS + cam.SPECS + layer_methods.SPECS + perturbation.SPECS + rise.SPECS
-         + scorecam.SPECS + excitation.SPECS + lrp.SPECS)
+         + scorecam.SPECS + excitation.SPECS + lrp.SPECS + featurevis.SPECS + topwindows.SPECS)
 
 # Layer methods hook modules: they need an eager network.  Guided backprop, deconvolution and
 # DeepLift apply their rules at the dispatcher (methods/guided.py, methods/rescale.py): any format.

@@ -220,7 +220,13 @@ def resolve_layer(network: torch.nn.Module, name: Optional[str] = None,
             return name, modules[name]
         hints = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0.3)
         extra = f" Did you mean {', '.join(repr(h) for h in hints)}?" if hints else ""
-        raise EsegetaError(f"the network has no layer '{name}'.{extra} Names are those of network.named_modules().")
+        try:  # the automatic candidates, best first, as examples of names that work
+            suited = layer_candidates(network, example)[:4]
+        except (EsegetaError, RuntimeError, ValueError):
+            suited = []
+        listed = f" Layers that suit: {', '.join(repr(c) for c in suited)}." if suited else ""
+        raise EsegetaError(f"the network has no layer '{name}'.{extra}{listed} Names are those of "
+                           "network.named_modules().")
     chosen = default_layer_name(network, example)
     return chosen, modules[chosen]
 

@@ -209,6 +209,14 @@ def _class_foreground(probs: np.ndarray, target) -> np.ndarray:
     return probs.argmax(axis=0) == c
 
 
+MODEL_LEVEL_SKIP = ("model-level visualisation: no map of this input, so no metric of an attribution of the "
+                    "target applies (skipped)")
+
+
+def _skipped_row(name: str) -> Dict[str, Any]:
+    return {"method": name, "metrics_skipped": MODEL_LEVEL_SKIP}
+
+
 def _result_items(results) -> Dict[str, Any]:
     if hasattr(results, "results") and isinstance(results.results, Mapping):
         results = results.results
@@ -233,6 +241,12 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
     items = _result_items(results)
     if not items:
         raise EsegetaError("no explanation to evaluate; run at least one method first.")
+    # A model-level visualisation (feature visualisation) has no map of this input: every metric here
+    # tests a map of the input against the target's score or region, so none applies to it.
+    skipped = {name: r for name, r in items.items() if (r.metadata or {}).get("level") == "model"}
+    items = {name: r for name, r in items.items() if name not in skipped}
+    if not items:
+        return MetricsReport(rows=[_skipped_row(name) for name in skipped])
     x = session.volume  # host (C, I, J, K) in the network's dtype
     if batch_size is None:
         per_copy = x.numel() * x.element_size()
@@ -298,6 +312,12 @@ def evaluate(session, results, metrics=None, params=None, reference_mask=None, b
         batch_size=batch_size, seed=seed, cancel=cancel, progress=progress,
         attribution_seconds={name: r.seconds for name, r in items.items()},
         segmentation=_class_foreground(session.probabilities, session.target), segment_fn=segment_fn)
+    for row in report.rows:  # activation maps: the metrics read them as if they were attributions
+        result = items.get(row.get("method"))
+        if result is not None and (result.metadata or {}).get("explains_target") is False:
+            row["metrics_note"] = ("activation-based map, not an attribution of the target: the metrics say how "
+                                   "the channel's activation relates to the target's score and region")
+    report.rows.extend(_skipped_row(name) for name in skipped)
     report.settings["windows"] = len(session.windows)
     report.settings["precision"] = session.precision
     report.settings["precision_requested"] = session.options.precision

@@ -138,7 +138,12 @@ def import_result(scene, volume_node, folder, *, class_name: Optional[str] = Non
             del labels
         maps = {}
         target_folders: Dict[str, int] = {}  # several targets: "<target>/<method>", a folder each
+        extras: Dict[str, List[Any]] = {}
         for key, entry in (run.get("results") or {}).items():
+            if entry.get("files"):  # feature visualisation volumes, top activating windows as ROIs
+                extras[key] = _add_method_files(scene, folder, entry["files"], key, run_folder, volume_node)
+            if not entry.get("file"):  # a model-level visualisation: no map on the input's grid (features/)
+                continue
             if between_maps is not None:
                 between_maps(key)
             method, where, who = bridge.place_by_target(scene, key, run_folder, label, target_folders)
@@ -159,4 +164,39 @@ def import_result(scene, volume_node, folder, *, class_name: Optional[str] = Non
     if show_3d and shown is not None:
         rendering = bridge.show_volume_rendering(scene, shown)
     return {"folder": run_folder, "maps": maps, "segmentation": segmentation, "table": table, "shown": shown,
-            "rendering": rendering, "run": run}
+            "rendering": rendering, "run": run, "extras": extras}
+
+
+def _add_method_files(scene, folder: Path, files: Dict[str, str], key: str, run_folder: int, volume_node) -> List[Any]:
+    """Nodes for a result's method-specific files (EsegetaLib/method_outputs.py), read by Slicer's own
+    storage nodes: each `.mrk.json` as a markups ROI, a feature visualisation volume as a volume on
+    its own grid (the model's window, centred on the input; named as model-level), both under the
+    input's parent transform and in the run's folder."""
+    from .slicer_env import slicer_module
+
+    slicer = slicer_module()
+    nodes = []
+    for what, relative in sorted(files.items()):
+        path = folder / relative
+        if relative.endswith(".mrk.json"):
+            node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", Path(relative).name[:-len(".mrk.json")])
+            storage = slicer.vtkMRMLMarkupsROIJsonStorageNode()
+        elif what == "feature_volume":
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{key} (model-level, not this input)")
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetSingleFile(True)
+        else:
+            continue
+        scene.AddNode(storage)
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            raise EsegetaError(f"Slicer could not read {path}; re-run the explanation.")
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        node.CreateDefaultDisplayNodes()
+        node.SetAttribute("Esegeta.method", key)
+        if volume_node.GetTransformNodeID():
+            node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        sh = scene.GetSubjectHierarchyNode()
+        sh.SetItemParent(sh.GetItemByDataNode(node) or sh.CreateItem(sh.GetSceneItemID(), node), run_folder)
+        nodes.append(node)
+    return nodes

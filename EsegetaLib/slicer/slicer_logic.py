@@ -240,6 +240,9 @@ PLAIN_TOOLTIPS = {
     "ExcitationBackprop": "Where the evidence for the result flows from, top-down (ReLU networks only). Fast.",
     "ContrastiveExcitationBackprop": "Evidence for this class rather than the others (ReLU networks only). Fast.",
     "LRP": "Shares the result out among the voxels, layer by layer (relevance propagation). Fast.",
+    "FeatureVisualization": "A made-up volume showing what one deep-layer channel looks for: the network in "
+                            "general, not this image. Moderate.",
+    "TopActivatingWindows": "Boxes where one deep-layer channel fires most on this image, as ROIs. Fast.",
 }
 
 # Ordered presets shown first in the panel; "Custom" is the full list in families.
@@ -356,6 +359,11 @@ def method_tooltip(meta: Dict[str, Any]) -> str:
     lines.append(", ".join(facts))
     if meta.get("approximation"):
         lines.append("Approximation on patches: " + meta["approximation"])
+    if meta.get("level") == "model":
+        lines.append("Model-level: a visualisation of the network, not an explanation of this image (no map; "
+                     "a volume of its own and ROIs are added to the scene).")
+    elif meta.get("explains_target") is False:
+        lines.append("Activation-based: where a layer responds on this image, not what the result depends on.")
     return "\n".join(lines)
 
 

@@ -320,6 +320,8 @@ def read_result(folder: str) -> Dict[str, Any]:
 
     maps, signed = {}, {}
     for name, entry in (run.get("results") or {}).items():
+        if not entry.get("file"):  # a model-level visualisation: no map on the input's grid (features/)
+            continue
         maps[name] = on_input_grid(entry["file"]).astype(np.float32)
         meta = entry.get("metadata") or {}
         signed[name] = bool(meta["signed"]) if "signed" in meta else bool(np.any(maps[name] < 0))

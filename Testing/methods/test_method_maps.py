@@ -22,7 +22,13 @@ RECTIFIED = {"GradCAM", "GradCAM++", "GuidedGradCam"}
 EXCITATION = {"ExcitationBackprop", "ContrastiveExcitationBackprop"}
 # Methods that run once on the whole volume against the session's patched score (patching "global"
 # with a layer activation from the session): through the engine, not one window's context.
-WHOLE_VOLUME = {"ScoreCAM"}
+WHOLE_VOLUME = {"ScoreCAM", "TopActivatingWindows", "FeatureVisualization"}
+WHOLE_VOLUME_PARAMS = {
+    # unrectified: on a random network every channel weight may be negative (the rectified map is
+    # then zero, which the method's channel_weights check flags; test_scorecam covers that case)
+    "ScoreCAM": {"relu": False, "max_channels": 4},
+    "FeatureVisualization": {"steps": 8},
+}
 
 
 def make_context_and_run(name, network, x, params=None):
@@ -36,9 +42,12 @@ def whole_volume_run(name, network, x, params=None):
 
     session = ExplainSession(x[0].numpy(), network, Target(region="whole"),
                              EngineOptions(device="cpu", precision="fp32", divisor=4))
-    # unrectified: on a random network every channel weight may be negative (the rectified map is
-    # then zero, which the method's channel_weights check flags; test_scorecam covers that case)
-    result = session.attribute(name, {"relu": False, "max_channels": 4, **(params or {})})
+    result = session.attribute(name, {**WHOLE_VOLUME_PARAMS.get(name, {}), **(params or {})})
+    if result.model_level:  # no map of the input (all zeros): the visualised volume instead
+        assert not result.attribution.any()
+        volume = torch.from_numpy(result.outputs["feature_volume"])
+        assert volume.shape == x.shape[1:]
+        return volume[None], {k: v for k, v in result.diagnostics.items() if k != "activation_factor"}
     return torch.from_numpy(result.attribution)[None], result.diagnostics  # (1, C, *S) like x
 
 NETWORKS = {"unet_in_prelu": make_unet_instancenorm_prelu, "bn_relu": make_net_batchnorm_relu}

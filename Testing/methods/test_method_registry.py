@@ -12,7 +12,7 @@ REQUIRED = [
     "GradCAM++", "LayerActivation", "LayerConductance", "InternalInfluence", "LayerGradientXActivation",
     "LayerDeepLift", "LayerIntegratedGradients", "LayerGradientShap", "Occlusion", "FeatureAblation",
     "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM", "ExcitationBackprop",
-    "ContrastiveExcitationBackprop", "LRP",
+    "ContrastiveExcitationBackprop", "LRP", "FeatureVisualization", "TopActivatingWindows",
 ]
 
 
@@ -38,7 +38,11 @@ def test_patching_modes_follow_the_maths():
         "DeepLiftShap", "GradientShap", "ExcitationBackprop", "ContrastiveExcitationBackprop", "LRP"}
     assert {m.name for m in all_methods() if m.patching == "noise_tunnel"} == {"SmoothGrad", "SmoothGradSquared", "VarGrad"}
     assert {m.name for m in all_methods() if m.patching == "global"} == {
-        "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM"}
+        "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "RISE", "ScoreCAM",
+        "FeatureVisualization", "TopActivatingWindows"}
+    # model-level visualisations and activation maps say that they are no attribution of the target
+    assert {m.name for m in all_methods() if m.level == "model"} == {"FeatureVisualization"}
+    assert {m.name for m in all_methods() if not m.explains_target} == {"FeatureVisualization", "TopActivatingWindows"}
 
 
 def test_unknown_method_suggests_closest():
