@@ -154,7 +154,10 @@ class Cell:
     status: str  # ran | refused | error
     reason: str = ""
     seconds: float = 0.0
-    checks: Dict[str, str] = field(default_factory=dict)
+    checks: Dict[str, str] = field(default_factory=dict)  # trust check name -> status
+    completeness: Optional[float] = None  # the completeness check's value (for not_run: the bypassing share)
+    steps: Optional[float] = None  # path methods: gradient evaluations per window
+    baseline: str = ""
 
 
 def _centre_cube(shape: Sequence[int]) -> np.ndarray:
@@ -187,7 +190,11 @@ def run_method(network, vol: np.ndarray, method: str, options: EngineOptions, ta
         return Cell("error", f"{type(error).__name__}: {_first_line(error)}", time.perf_counter() - started)
     result = next(iter(expl.results.values()))
     checks = {c.name: c.status for c in result.checks if c.name != "determinism"}
-    return Cell("ran", "", time.perf_counter() - started, checks)
+    completeness = next((c.value for c in result.checks if c.name == "completeness"), None)
+    steps = result.diagnostics.get("steps_used_mean")
+    baseline = str(result.params.get("baseline", "")) if "baseline" in checks else ""
+    return Cell("ran", "", time.perf_counter() - started, checks, completeness,
+                None if steps is None else float(steps), baseline)
 
 
 def ig_targets(vol: np.ndarray, labels_predicted: Optional[np.ndarray]) -> Dict[str, Target]:
@@ -243,7 +250,9 @@ def markdown(cells: Dict[Tuple[str, str, str], Cell], methods: Sequence[str], ar
         "formats: the eager module, TorchScript (`torch.jit.trace`, loaded back by `load_model`) and a "
         "`torch.export` program (`.pt2`, dynamic batch where the graph allows, loaded back by `load_model`); "
         "target: class 1 in a central ROI cube of half the shortest edge.  "
-        "**ran** = the map was made (trust checks other than `pass` are named); **refused** = a one-line "
+        "**ran** = the map was made (trust checks other than `pass` are named; path methods and DeepLift give "
+        "their completeness error, steps per window and a baseline other than blur; 'completeness undefined' "
+        "gives the share of the input gradient that bypasses LayerConductance's layer); **refused** = a one-line "
         "`EsegetaError` before or instead of a map (the reasons are listed below the table); **error** = a "
         "crash (a defect).",
         "",
@@ -252,8 +261,17 @@ def markdown(cells: Dict[Tuple[str, str, str], Cell], methods: Sequence[str], ar
 
     def cell_text(cell: Cell) -> str:
         if cell.status == "ran":
-            odd = [f"{k} {v}" for k, v in sorted(cell.checks.items()) if v not in ("pass",)]
-            return "ran" + (f" ({', '.join(odd)})" if odd else "")
+            odd = [f"{k} {v}" for k, v in sorted(cell.checks.items()) if v not in ("pass",) and k != "completeness"]
+            status = cell.checks.get("completeness")
+            if status == "not_run":
+                odd.insert(0, "completeness undefined" + (
+                    f": {100 * cell.completeness:.0f} % of the gradient bypasses the layer" if cell.completeness else ""))
+            elif status is not None and cell.completeness is not None:
+                odd.insert(0, f"completeness {100 * cell.completeness:.2g} %" + (" **" + status + "**" if status != "pass"
+                                                                              else "") +
+                           (f", {cell.steps:.0f} steps" if cell.steps else "") +
+                           (f", {cell.baseline} baseline" if cell.baseline and cell.baseline != "blur" else ""))
+            return "ran" + (f" ({'; '.join(odd)})" if odd else "")
         if cell.status == "refused":
             number = reasons.setdefault(cell.reason, len(reasons) + 1)  # (method names taken out by `run`)
             return f"refused [{number}]"
