@@ -83,3 +83,24 @@ def test_checks_that_fall_short_are_said_on_the_terminal(inputs, tmp_path, capsy
     completeness = next(c for c in short if c["name"] == "completeness")  # 2 steps from zero: far off
     assert any("completeness warn" in line and f"{completeness['value']:.3g}" in line for line in said)
     assert not any("determinism" in line for line in said)  # it passed
+
+
+def test_path_method_missing_its_tolerance_is_refused_in_one_line(inputs, tmp_path, capsys):
+    """Adaptive IG that cannot meet its tolerance from any baseline at the step cap: exit 2, one line
+    naming the baselines tried and what to do, no result folder; allow_incomplete=true writes it."""
+    out = tmp_path / "refused"
+    params = ["--param", "IntegratedGradients.n_steps=4", "--param", "IntegratedGradients.max_steps=4",
+              "--param", "IntegratedGradients.tolerance=0.000001"]
+    code = main(["explain", str(inputs["volume"]), "--model", str(inputs["model"]), "--out", str(out),
+                 "--methods", "IntegratedGradients", *params, "--region", "whole", "--metrics", "none",
+                 "--no-scene", "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not out.exists()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "baselines tried: blur" in err and "noise" in err and "allow_incomplete=true" in err
+    code = main(["explain", str(inputs["volume"]), "--model", str(inputs["model"]), "--out", str(out),
+                 "--methods", "IntegratedGradients", *params, "--param", "IntegratedGradients.allow_incomplete=true",
+                 "--region", "whole", "--metrics", "none", "--no-scene", "--quiet", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    checks = {c["name"]: c for c in json.loads((out / "run.json").read_text())["results"]["IntegratedGradients"]["checks"]}
+    assert checks["completeness"]["status"] == "warn" and checks["baseline"]["status"] == "pass"
