@@ -32,7 +32,7 @@ device.  The starting volume is the "noise" against which the activation factor 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -190,9 +190,11 @@ def channel_activation(network: torch.nn.Module, layer: torch.nn.Module, x: torc
 def visualise(network: torch.nn.Module, layer: torch.nn.Module, channel: int, window: Sequence[int],
               reference: torch.Tensor, steps: int, lr: float, tv_weight: float, jitter: int,
               generator: torch.Generator, device=None, dtype: torch.dtype = torch.float32,
-              layer_name: str = "", method: str = "FeatureVisualization", objective: str = "channel") -> Tuple[np.ndarray, Dict[str, Any]]:
+              layer_name: str = "", method: str = "FeatureVisualization", objective: str = "channel",
+              score_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Optimise a (C, *window) volume to maximise `layer`'s channel `channel`: the mean over its units
-    (objective "channel") or the unit at the centre of the layer's output ("neuron").
+    (objective "channel") or the unit at the centre of the layer's output ("neuron"); or, with
+    objective "target", the scalar score_fn(x) (the target's class score over its region).
 
     reference: the input volume (C, *S) (its channel correlation and intensity range); generator: a
     seeded CPU generator (starting noise and jitter).  Returns (volume float32 (C, *window),
@@ -210,6 +212,8 @@ def visualise(network: torch.nn.Module, layer: torch.nn.Module, channel: int, wi
     spatial = tuple(range(2, 2 + len(window)))
 
     def activation_of(x: torch.Tensor, keep=None) -> torch.Tensor:
+        if objective == "target":
+            return score_fn(x)
         out = channel_activation(network, layer, x, grad=torch.is_grad_enabled())
         check_channel(channel, int(out.shape[1]), method, layer_name)
         if keep is not None:
@@ -222,7 +226,7 @@ def visualise(network: torch.nn.Module, layer: torch.nn.Module, channel: int, wi
         start_x, _ = param()
         units = []
         start = float(activation_of(start_x, units))
-        spread = float(units[0].double().std()) if units[0].numel() > 1 else 0.0
+        spread = float(units[0].double().std()) if units and units[0].numel() > 1 else 0.0
     history = []
     for step in range(int(steps)):
         optimiser.zero_grad(set_to_none=True)
@@ -291,7 +295,7 @@ def feature_visualization(ctx: MethodContext):
     window = tuple(ctx.patch or ctx.inputs.shape[2:])
     volume = ctx.inputs[0].detach()
     channel = int(ctx.params["channel"])
-    if channel < 0:
+    if channel < 0 and str(ctx.params["objective"]) != "target":
         crop, _ = centre_window(ctx.inputs, window, _region_centre(ctx.region))
         channel = auto_channel(network, layer, crop, _region_crop(ctx.region, window))
     steps = int(ctx.params["steps"]) or auto_steps(window)
@@ -300,15 +304,18 @@ def feature_visualization(ctx: MethodContext):
     generator = torch.Generator().manual_seed(seed) if seed >= 0 else (ctx.generator or torch.Generator().manual_seed(0))
     dtype = next((p.dtype for p in network.parameters() if p.is_floating_point()), torch.float32)
     objective, why = choose_objective(network, str(ctx.params["objective"]))
+    score_fn = None
+    if objective == "target":
+        score_fn, name, channel = target_score(ctx, window)
     jitter = int(ctx.params["jitter"])
     jitter = auto_jitter(window) if jitter < 0 else jitter
     fv, diag = visualise(network, layer, channel, window, volume, steps, lr, float(ctx.params["tv_weight"]),
                          jitter, generator, device=ctx.inputs.device, dtype=dtype,
-                         layer_name=name, objective=objective)
+                         layer_name=name, objective=objective, score_fn=score_fn)
     diag["objective_note"] = why
     diag.update(layer=name, channel=channel, steps=steps, lr=lr, jitter=jitter, window=list(window),
                 seed=seed if seed >= 0 else "run seed",
-                level="model-level: a volume the channel responds to most, on the model's window grid; not an "
+                level="model-level: a volume that maximises the objective, on the model's window grid; not an "
                       "explanation of this input",
                 decorrelation=("one input channel: intensity scaling only" if volume.shape[0] == 1 else
                                f"{volume.shape[0]} input channels decorrelated with the input's channel correlation"))
@@ -317,13 +324,31 @@ def feature_visualization(ctx: MethodContext):
     return torch.zeros_like(ctx.inputs), diag
 
 
+def target_score(ctx: MethodContext, window) -> Tuple[Callable[[torch.Tensor], torch.Tensor], str, int]:
+    """(score_fn, name, class) of the "target" objective: the explained class's score (logit or
+    probability, as the target says) averaged over the target region's part of a window centred on
+    the region (the whole window when the region misses it), through the engine's own scorer."""
+    scorer = getattr(ctx.forward, "scorer", None)
+    if scorer is None:
+        raise EsegetaError("FeatureVisualization: objective 'target' needs the engine's target score; run it "
+                           "through explain / ExplainSession.")
+    region = _region_crop(ctx.region, window)
+    weights = region.to(ctx.inputs.device, ctx.inputs.dtype) if region is not None and bool(region.any()) \
+        else torch.ones((1, 1) + tuple(window), device=ctx.inputs.device, dtype=ctx.inputs.dtype)
+    weights = weights / weights.sum()
+    return (lambda x: scorer(x, weights).sum()), "target", int(scorer.class_index)
+
+
 PER_SAMPLE_NORMS = (torch.nn.modules.instancenorm._InstanceNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def choose_objective(network: torch.nn.Module, requested: str) -> Tuple[str, str]:
-    """("channel" | "neuron", why).  "auto": the channel mean, unless the network normalises each
+    """("channel" | "neuron" | "target", why).  "auto": the channel mean, unless the network normalises each
     sample (InstanceNorm, GroupNorm, LayerNorm): after such a normalisation a channel's mean over
     space is fixed (zero before the activation), so only a single unit can be driven up."""
+    if requested == "target":
+        return "target", ("the explained class's score averaged over the target region (as it falls in a window "
+                          "centred on it); the layer and channel are not used")
     if requested != "auto":
         return requested, f"objective '{requested}' as requested"
     norms = sorted({type(m).__name__ for m in network.modules() if isinstance(m, PER_SAMPLE_NORMS)})
@@ -356,8 +381,11 @@ def add_optimisation_check(result) -> None:
     start, final, factor = d.get("activation_start"), d.get("activation_final"), d.get("activation_factor")
     if start is None:
         return
-    unit = "mean activation" if d.get("objective") == "channel" else "centre unit's activation"
-    what = f"channel {d.get('channel')} of '{d.get('layer')}': {unit} {start:.4g} -> {final:.4g}"
+    if d.get("objective") == "target":
+        what = f"class {d.get('channel')}'s score over the target region: {start:.4g} -> {final:.4g}"
+    else:
+        unit = "mean activation" if d.get("objective") == "channel" else "centre unit's activation"
+        what = f"channel {d.get('channel')} of '{d.get('layer')}': {unit} {start:.4g} -> {final:.4g}"
     gain_sd = d.get("activation_gain_sd")
     if factor is not None and factor >= 2.0:
         result.add_check("optimisation", "pass", factor, f"{what} (x{factor:.3g} over the starting noise).")
@@ -387,9 +415,10 @@ def relabel_layer_check(result) -> None:
 
 FV_PARAMS = (
     LAYER_PARAM, CHANNEL_PARAM,
-    ParamSpec("objective", "choice", "auto", choices=("auto", "channel", "neuron"),
-              help="what is maximised: the channel's mean over the layer's units, or its unit at the window "
-                   "centre; auto = neuron for networks with per-sample normalisation (InstanceNorm, GroupNorm)"),
+    ParamSpec("objective", "choice", "auto", choices=("auto", "channel", "neuron", "target"),
+              help="what is maximised: the channel's mean over the layer's units, its unit at the window "
+                   "centre, or the target's class score over its region; auto = neuron for networks with "
+                   "per-sample normalisation (InstanceNorm, GroupNorm), else channel"),
     ParamSpec("steps", "int", 0, minimum=0, maximum=10000,
               help="optimisation steps (one forward+backward of one window each); 0 = scaled to the window "
                    "(128 at 32^3, 32-256)", auto=True),
