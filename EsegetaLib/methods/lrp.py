@@ -16,7 +16,9 @@ watched op by op during the forward pass (`_OpWatch`, a `TorchDispatchMode`), an
 input-dependent tensor outside the rule layers whose gradient is not its LRP rule, in any module
 (unknown modules included): non-homogeneous activations called functionally, softmax, products of
 two activations (attention and gating), division by an activation, convolutions, matrix products
-and normalisations called functionally.
+and normalisations called functionally.  A convolution or matrix product with one constant operand
+outside a module (the resampling matrices of nnU-Net and bundle pipelines) gets LRP-0 from its
+gradient, counted in the check's detail.
 
 Trust check "conservation": the input's total relevance against the explained score, relative to
 sum |w * z_c|; pass within `CONSERVATION_TOLERANCE`, warn beyond.  Its detail says how much the
@@ -66,6 +68,7 @@ class _OpWatch(TorchDispatchMode):
         self.tainted[x] = True
         self.state, self.stack = state, stack
         self.found: Optional[str] = None
+        self.functional_linear = 0  # convolutions / matrix products with a constant operand outside modules
 
     def _why(self, name: str, args, kwargs) -> Optional[str]:
         """None when the op has an LRP rule; else what it is."""
@@ -89,7 +92,11 @@ class _OpWatch(TorchDispatchMode):
         if name in MODULE_ONLY:
             if sum(tainted) >= 2:
                 return f"a product of two activations ({name}: attention)"
-            return f"{name} called outside a module (no layer to attach the rule to)"
+            if "norm" in name:
+                return f"{name} called outside a module (no layer to attach the rule to)"
+            # a linear map with a constant operand (e.g. a resampling matrix): LRP-0 from its gradient
+            self.functional_linear += 1
+            return None
         if "softmax" in name:
             return "a softmax inside the network"
         return name
@@ -103,6 +110,14 @@ class _OpWatch(TorchDispatchMode):
         outs = [t for t in _tensors(out if isinstance(out, (tuple, list)) else [out]) if t.is_floating_point()]
         for t in outs:
             self.tainted[t] = True
+        schema = getattr(func, "_schema", None)
+        if schema is not None and schema.is_mutable:  # in-place writes (acc[w] += out): the written tensor
+            for a, arg in zip(args, schema.arguments):  # and the tensor it is a view of now depend on x
+                if isinstance(a, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write \
+                        and a.is_floating_point():
+                    self.tainted[a] = True
+                    if a._base is not None:
+                        self.tainted[a._base] = True
         if self.state.get("depth", 0) > 0 or self.found is not None or not outs:
             return out
         why = self._why(_name(func), args, kwargs)
@@ -181,7 +196,8 @@ def lrp(ctx: MethodContext):
     diag = {"lrp_explained": out_relevance.sum(), "lrp_output_abs": out_relevance.abs().sum(),
             "lrp_relevance": relevance.double().sum(), "lrp_absorbed_bias": float(absorbed.get("bias", 0.0)),
             "lrp_absorbed_rule": float(absorbed.get("rule", 0.0)),
-            "lrp_absorbed_norm": float(absorbed.get("norm", 0.0)), "lrp_rule_layers": len(state.get("layers", []))}
+            "lrp_absorbed_norm": float(absorbed.get("norm", 0.0)), "lrp_rule_layers": len(state.get("layers", [])),
+            "lrp_functional_linear": watch.functional_linear + state.get("linear_modules", 0)}
     return relevance.to(ctx.inputs.dtype), diag
 
 
@@ -200,6 +216,9 @@ def add_conservation_check(result) -> None:
               f"{100 * value:.3g} % not conserved (tolerance {CONSERVATION_TOLERANCE:.0%}); absorbed by biases "
               f"{pct(bias)}, by the stabiliser/rule {pct(rule)}, by normalisation offsets {pct(norm)}, "
               f"unaccounted {pct(rest)} (percentages of sum |weight x logit| = {scale:.6g})")
+    if d.get("lrp_functional_linear"):
+        detail += (f"; {int(d['lrp_functional_linear'])} linear map(s) outside the rule layers (convolutions or "
+                   "matrix products with a constant operand, resampling) took LRP-0")
     result.add_check("conservation", "pass" if value <= CONSERVATION_TOLERANCE else "warn", value, detail)
 
 

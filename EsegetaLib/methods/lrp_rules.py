@@ -252,6 +252,14 @@ def _input_maps():
     return (IntensityNormalization,)
 
 
+def _linear_modules():
+    """EsegetaLib's own linear pipeline modules whose ops are trusted (LRP-0 from their gradient): the
+    separable resampling of nnU-Net/bundle pipelines (a clip after a cubic resampling drops the
+    relevance of clipped voxels: counted as unaccounted by the conservation check)."""
+    from ..models.resampling import SeparableResample
+    return (SeparableResample,)
+
+
 def _slope_at_zero(module: nn.Module) -> float:
     with torch.no_grad():
         d = torch.tensor([1e-6, -1e-6], dtype=torch.float64)
@@ -416,10 +424,18 @@ def lrp_rules(network: nn.Module, rule: str, options: Dict[str, Any], state: Dic
                                "applied to something other than the network's input; no rule for it there.")
         return _InputPass.apply(x, output, state)
 
+    def leave_hook(module, args, output):
+        leave()
+        state["linear_modules"] = state.get("linear_modules", 0) + 1
+
     slopes = {}
     input_maps = _input_maps()
+    linear_modules = _linear_modules()
     for module in network.modules():
-        if isinstance(module, input_maps):
+        if isinstance(module, linear_modules):
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave_hook))
+        elif isinstance(module, input_maps):
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(input_hook))
         elif isinstance(module, ACTIVATION_MODULES):

@@ -1,6 +1,6 @@
 """LRP refuses, in one line naming the layer or op and before the relevance pass, networks it has no
-rule for: unknown or gating modules, functional non-linearities, products of activations, functional
-convolutions, TorchScript and exported programs; and alpha-beta parameters that break conservation.
+rule for: gating modules, ops without a rule in unknown modules, functional non-linearities, products
+of activations, functional normalisation, TorchScript and exported programs; and alpha-beta parameters that break conservation.
 Rectifier-like activation modules (GELU) pass relevance unchanged instead of being refused."""
 from __future__ import annotations
 
@@ -100,11 +100,25 @@ def test_functional_ops_without_a_rule_are_refused_naming_them(op, pattern):
     _refused(_Functional(op), pattern)
 
 
-def test_products_of_activations_and_functional_convolutions_are_refused():
+def test_products_of_activations_and_functional_normalisation_are_refused():
     torch.manual_seed(0)
     _refused(_Gate(), r"a product of two activations \(attention or gating\)")
+    _refused(_Functional(lambda t: F.instance_norm(t)), r"norm.* called outside a module")
+
+
+def test_a_functional_convolution_with_a_constant_kernel_takes_lrp0_and_is_counted():
+    torch.manual_seed(0)
     weight = torch.randn(4, 4, 3, 3, 3, dtype=torch.float64)
-    _refused(_Functional(lambda t: F.conv3d(t, weight, padding=1)), r"convolution called outside a module")
+    net = _Functional(lambda t: F.conv3d(F.relu(t), weight, padding=1))
+    for m in (net.conv, net.head):
+        m.bias = None
+    result = _session(net).attribute("LRP", {"epsilon": 1e-12})
+    with torch.no_grad():
+        score = float(net.double()(structured_volume(8).double())[:, 1].sum())
+    assert result.attribution.sum() == pytest.approx(score, rel=1e-9)
+    assert result.diagnostics["lrp_functional_linear"] == 1
+    assert "1 linear map(s) outside the rule layers" in {c.name: c for c in result.checks}[
+        "conservation"].detail
 
 
 def test_functional_relu_and_residual_additions_have_rules():
