@@ -115,6 +115,12 @@ def _scale_out_channels(module: nn.Module, weight: torch.Tensor, scale: torch.Te
     return weight * scale.view(-1, *([1] * (weight.dim() - 1)))
 
 
+def _channels_match(layer: nn.Module, y: torch.Tensor) -> bool:
+    """Whether a BatchNorm on the layer's output y normalises the layer's output channels (dim 1 of y;
+    a Linear's features are its last dim, so only for 2-D outputs)."""
+    return not isinstance(layer, nn.Linear) or y.dim() == 2
+
+
 class LayerRule:
     """One call of a rule layer: its map f, (possibly BatchNorm-merged) parameters, rule and options."""
 
@@ -398,7 +404,7 @@ def lrp_rules(network: nn.Module, rule: str, options: Dict[str, Any], state: Dic
             return output
         before = outputs.get(id(x))
         if before is not None and before[0] is x and isinstance(module, nn.modules.batchnorm._BatchNorm) \
-                and not module.training and module.running_var is not None:
+                and not module.training and module.running_var is not None and _channels_match(before[1].module, x):
             merged = before[1].merged_with(module, names[module])
             layers = state["layers"]
             layers[layers.index(before[1])] = merged  # the merged layer takes the conv's place

@@ -1,7 +1,7 @@
 """LRP on networks we did not design (MONAI at minimal sizes) and the normalisation rule.
 
-- The InstanceNorm rule against a reference written with dense matrices, in relevance form (the
-  engine carries relevance in gradient-times-input form), on a small InstanceNorm/LeakyReLU net with a
+- The InstanceNorm and GroupNorm rule against a reference written with dense matrices, in relevance
+  form (the engine carries relevance in gradient-times-input form), on a small LeakyReLU net with a
   residual addition: both readings of "the affine map at the current input".
 - MONAI DynUNet (nnU-Net style: InstanceNorm, LeakyReLU, bias-free convolutions): the conservation
   figure of the stated rule is printed and within the documented tolerance (1 %).
@@ -29,15 +29,16 @@ OPTIONS = EngineOptions(device="cpu", precision="fp32", divisor=16)
 EPS = 1e-9
 
 
-class _ResidualInstanceNet(nn.Module):
-    def __init__(self):
+class _ResidualNormNet(nn.Module):
+    def __init__(self, norm: str):
         super().__init__()
-        self.conv1 = nn.Conv3d(1, 3, 3, padding=1)
-        self.norm1 = nn.InstanceNorm3d(3, affine=True)
-        self.conv2 = nn.Conv3d(3, 3, 3, padding=1)
-        self.norm2 = nn.InstanceNorm3d(3, affine=True)
+        make = {"instance": lambda: nn.InstanceNorm3d(4, affine=True), "group": lambda: nn.GroupNorm(2, 4)}[norm]
+        self.conv1 = nn.Conv3d(1, 4, 3, padding=1)
+        self.norm1 = make()
+        self.conv2 = nn.Conv3d(4, 4, 3, padding=1)
+        self.norm2 = make()
         self.act = nn.LeakyReLU(0.1)
-        self.head = nn.Conv3d(3, 2, 1)
+        self.head = nn.Conv3d(4, 2, 1)
 
     def forward(self, x):
         h1 = self.act(self.norm1(self.conv1(x)))
@@ -68,12 +69,18 @@ def _reference(net, x, top, norm_rule):
         out = net.head(r)
 
     def norm_map(norm, z):
-        mean = z.mean(dim=(2, 3, 4), keepdim=True)
-        k = norm.weight.view(1, -1, 1, 1, 1) / torch.sqrt(z.var(dim=(2, 3, 4), unbiased=False, keepdim=True) + norm.eps)
+        groups = getattr(norm, "num_groups", z.shape[1])  # InstanceNorm: one channel per group
+
+        def group_mean(t):  # the mean over each (sample, group), broadcast back to t's shape
+            g = t.reshape(t.shape[0], groups, -1)
+            return g.mean(dim=2, keepdim=True).expand_as(g).reshape(t.shape)
+
+        var = group_mean((z - group_mean(z)) ** 2)
+        k = norm.weight.view(1, -1, 1, 1, 1) / torch.sqrt(var + norm.eps)
         beta = norm.bias.view(1, -1, 1, 1, 1)
         if norm_rule == "centred":
-            return lambda t: k * (t - t.mean(dim=(2, 3, 4), keepdim=True)) + beta
-        return lambda t: k * t + (beta - k * mean)
+            return lambda t: k * (t - group_mean(t)) + beta
+        return lambda t: k * t + (beta - k * group_mean(z))
 
     r_out = top * out
     r_r = _dense_epsilon(lambda t: net.head(t), r, r_out)
@@ -85,10 +92,11 @@ def _reference(net, x, top, norm_rule):
     return _dense_epsilon(lambda t: net.conv1(t), x, r_z1)
 
 
+@pytest.mark.parametrize("norm", ["instance", "group"])
 @pytest.mark.parametrize("norm_rule", ["centred", "affine"])
-def test_instance_norm_rule_equals_the_dense_reference(norm_rule):
+def test_norm_rule_equals_the_dense_reference(norm_rule, norm):
     torch.manual_seed(0)
-    net = _ResidualInstanceNet().double().eval()
+    net = _ResidualNormNet(norm).double().eval()
     with torch.no_grad():
         for norm in (net.norm1, net.norm2):
             norm.weight.uniform_(0.5, 1.5)
