@@ -753,6 +753,10 @@ class ExplainSession:
         active = [frozenset(self._active_windows(self._weights_pad(t))) for t in self.targets]
         shares = np.cumsum([0.0] + [max(group_units([active[k] for k in g], self.batch_size), 1e-9) for g in groups])
         shares /= shares[-1]
+        # the stage's clock starts at its first report (work.WorkPlan): report before any work
+        windows = len(frozenset().union(*active))
+        self._report(0.0, f"{spec.name}: starting on {windows} of {len(self.windows)} windows "
+                          f"({len(self.targets)} targets)")
         for n, group in enumerate(groups):
             started = time.perf_counter()
             self.counters = {"oom_retries": 0, "fp32_retries": 0}

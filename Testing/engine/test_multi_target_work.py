@@ -66,13 +66,21 @@ def test_batched_method_work_counts_the_forwards_and_backwards_it_runs(net, targ
     spec = get_method("Saliency")
     units, kind = method_work(spec, spec.resolve_params(None), session)
     counter = PassCounter(_first_conv(net))
-    fractions = []
-    session.progress = lambda fraction, message="": fractions.append(fraction)
+    fractions, forwards_at_report = [], []
+
+    def progress(fraction, message=""):
+        fractions.append(fraction)
+        forwards_at_report.append(counter.forward)
+
+    session.progress = progress
     with counter:
         session.attribute_targets(spec, None)
     session.progress = None
     assert kind == BACKWARD
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    # the stage reports before its first forward: the plan's clock for the stage (started at its
+    # first report) then counts all of its work, and the rate it extrapolates is not ~0
+    assert forwards_at_report[0] == 0 and fractions[0] == 0.0
     if target_batch == 3:  # two passes (3 targets, then 1): each its share of the work
         sets = [frozenset(_active(session, k)) for k in range(4)]
         first = group_units(sets[:3], session.batch_size)
