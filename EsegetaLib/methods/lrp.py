@@ -179,7 +179,7 @@ def lrp(ctx: MethodContext):
                 raise EsegetaError(f"LRP has no rule for {watch.found}; use IntegratedGradients or DeepLift on "
                                    "this network.")
             if rule == "composite":
-                assign_composite(state["layers"])
+                assign_composite(logits)
             weights = ctx.forward_args[0] if ctx.forward_args else torch.ones_like(logits[:, :1])
             class_index = int(getattr(ctx.forward, "class_index", 1))
             top = torch.zeros_like(logits)

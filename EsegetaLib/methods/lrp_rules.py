@@ -27,8 +27,8 @@ tensor a (R: the relevance of a's units), and the input's relevance is x * c_x. 
     the negative ones a+ (W + gamma W-) and a- (W + gamma W+) (bias b + gamma b-);
   * alpha-beta (Bach et al. 2015; alpha - beta = 1): R_a = alpha * (positive share) - beta * (negative
     share) with z+ = W+ a+ + W- a- + b+ and z- = W- a+ + W+ a- + b-;
-  * composite: epsilon on the layer that produces the logits (the last rule layer called in the
-    forward), gamma on every other convolution (Montavon et al. 2019: LRP-0/epsilon in the upper
+  * composite: epsilon on the layer that produces the logits (the first rule layer met walking the
+    autograd graph back from the logits), gamma on every other convolution (Montavon et al. 2019: LRP-0/epsilon in the upper
     layers, gamma in the lower ones);
 - BatchNorm with running statistics directly after a convolution or Linear (the BatchNorm's input is
   the convolution's output tensor) is merged into it (W' = W * g / sqrt(v + e), b' = (b - m) g /
@@ -462,9 +462,20 @@ def lrp_rules(network: nn.Module, rule: str, options: Dict[str, Any], state: Dic
         outputs.clear()
 
 
-def assign_composite(layers: List[LayerRule]) -> None:
-    """composite: epsilon on the last rule layer called (the one producing the logits), gamma elsewhere."""
-    for layer in layers:
-        layer.rule = "gamma"
-    if layers:
-        layers[-1].rule = "epsilon"
+def assign_composite(logits: torch.Tensor) -> int:
+    """composite: epsilon on the rule layers that produce the logits (the first rule layers met walking
+    the autograd graph back from `logits`: the head, or every head it sums), gamma elsewhere (the
+    layers' base rule).  Returns how many layers got epsilon."""
+    seen, stack, heads = set(), [logits.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        layer = getattr(node, "layer", None)
+        if isinstance(layer, LayerRule):
+            layer.rule = "epsilon"
+            heads += 1
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return heads

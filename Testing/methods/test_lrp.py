@@ -9,7 +9,7 @@ import torch
 
 from EsegetaLib.engine import ExplainSession
 from EsegetaLib.options import EngineOptions, Target
-from lrp_nets import make_batchnorm_unet, zennit_lrp
+from lrp_nets import BatchNormUNet, make_batchnorm_unet, zennit_lrp
 from method_helpers import structured_volume
 
 OPTIONS = EngineOptions(device="cpu", precision="fp32", divisor=4)
@@ -105,3 +105,35 @@ def test_the_models_intensity_normalisation_passes_relevance_voxel_by_voxel():
     np.testing.assert_allclose(result.attribution, bare.attribution, rtol=1e-9,
                                atol=1e-12 * np.abs(bare.attribution).max())
     assert {c.name: c for c in result.checks}["conservation"].value < 1e-6  # the stabiliser 1e-9 keeps ~1e-8
+
+
+class _DeepSupervisionUNet(BatchNormUNet):
+    """An auxiliary head on the decoder called after the main head (deep supervision in training),
+    whose output the engine does not explain: composite's epsilon belongs on `head`, not on it."""
+
+    def __init__(self):
+        super().__init__(bias=True)
+        self.aux = torch.nn.Conv3d(8, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.down1(e1))
+        b = self.bottom(self.down2(e2))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        out = self.head(d1)
+        self.aux(d2)  # computed last, not part of the explained output
+        return out
+
+
+def test_composite_puts_epsilon_on_the_layer_producing_the_logits():
+    torch.manual_seed(0)
+    net = _DeepSupervisionUNet().eval().double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_var.uniform_(0.5, 1.5)
+    x = structured_volume(16).double()
+    _, result = _lrp(net, x, "composite")
+    reference = zennit_lrp(net, x, _top((1, 2, 16, 16, 16)), "composite", epsilon=1e-9)[0].numpy()
+    assert np.abs(result.attribution - reference).max() < 1e-9 * np.abs(reference).max()
