@@ -549,7 +549,10 @@ def panel_settings(pn, scene_folder: Optional[str] = None) -> PanelSettings:
 
 
 def class_name(settings: PanelSettings) -> Optional[str]:
-    """The chosen class's name from the model card, or None (the engine then names it)."""
+    """The chosen class's name from the model card, or None (the engine then names it: with "every
+    class", the run's record lists each class, so no single name is given)."""
+    if region_choice(settings.region).classes is not None:
+        return None
     classes = model_card_summary(settings.model_path).get("classes")
     return str(classes[settings.class_index]) if classes and 0 <= settings.class_index < len(classes) else None
 

@@ -98,6 +98,12 @@ def test_class_menu_lists_names_background_last(tmp_path):
     summary = L.model_card_summary(str(card))
     assert L.class_choices(summary) == [(1, "vessel (1)"), (2, "aneurysm (2)"), (0, "background (0)")]
     assert L.class_choices({"classes": None}) == [(1, "class 1"), (0, "class 0")]
+    # the imported run is labelled by the chosen class; "every class" names no single one (run.json lists them)
+    chosen = L.PanelSettings(methods=["Saliency"], model_path=str(card), class_index=2)
+    assert L.class_name(chosen) == "aneurysm"
+    every = L.PanelSettings(methods=["Saliency"], model_path=str(card), class_index=2,
+                            region=L.region_choice("predicted+classes:all").value)
+    assert L.class_name(every) is None
 
 
 def test_only_valid_patch_sizes_are_offered_and_accepted():
