@@ -847,7 +847,11 @@ class ExplainSession:
         acc = torch.zeros((len(group),) + tuple(x_pad.shape[1:]), dtype=acc_dtype, device=acc_device)
         weights_pad = [self._weights_pad(self.targets[k]) for k in group]
         active = [set(self._active_windows(w)) for w in weights_pad]
-        windows = sorted(set().union(*active))
+        from .work import window_order
+
+        # windows with as many targets together (work.window_order): every row of a chunk's backward
+        # slot is then a real (window, target) pair, not a zero cotangent carried along
+        windows = window_order(active)
         multi = MultiTargetScore(self.scorer)
         per_target = [_Diagnostics() for _ in group]
         counters = {"vmap_fallbacks": 0}

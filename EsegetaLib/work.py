@@ -190,12 +190,20 @@ def method_work(spec, params: Dict[str, Any], session) -> Tuple[float, str]:
     return max(units, passes), BACKWARD
 
 
+def window_order(group: Sequence[frozenset]) -> List[int]:
+    """The windows of a group of targets (their active windows) in the order a batched pass runs
+    them: by how many of the targets each serves, then by index. A chunk's backward passes carry
+    one row per window for each slot up to the chunk's largest count, so windows of equal counts
+    together carry no zero rows."""
+    return sorted(frozenset().union(*group), key=lambda i: (sum(i in g for g in group), i))
+
+
 def group_units(group: Sequence[frozenset], batch: int) -> float:
     """Forward+backward units of one batched pass over a group of targets (their active windows):
     the windows in chunks of `batch`; per chunk one forward per window and, per window, as many
     backward rows as the most targets any window of the chunk has."""
     forwards = backwards = 0
-    windows = sorted(frozenset().union(*group))
+    windows = window_order(group)
     for c in range(0, len(windows), max(1, batch)):
         chunk = windows[c:c + max(1, batch)]
         forwards += len(chunk)
