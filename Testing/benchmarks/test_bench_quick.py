@@ -41,6 +41,10 @@ def test_quick_look_rows_and_floors(report):
         assert r["x_floor"] == pytest.approx(r["seconds"] / r["floor_s"])
         assert r["min_cpu_s"] == pytest.approx(sum(n * units[k][1] for k, n in r["passes"].items() if n))
     assert ig["floor_cpu_s"] == pytest.approx(ig["passes"]["fwd_bwd"] * units["fwd_bwd"][1])
+    saliency = rows["Saliency"]
+    assert saliency["x_saliency_pass"] == pytest.approx(1.0)
+    assert ig["x_saliency_pass"] == pytest.approx(
+        ig["seconds"] / (ig["passes"]["fwd_bwd"] * saliency["seconds"] / saliency["passes"]["fwd_bwd"]))
     assert quick["total_s"] == pytest.approx(sum(r["seconds"] for r in quick["rows"]))
     assert quick["idle_wall_estimate_s"] == pytest.approx(quick["total_cpu_s"] / quick["threads"])
     assert quick["within_budget"] == (quick["total_s"] <= 180.0)
