@@ -56,7 +56,7 @@ re-derived from the papers; no zennit code is copied.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
