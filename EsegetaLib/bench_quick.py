@@ -211,6 +211,8 @@ def quick_look(loaded, device: torch.device, size: str = QUICK_LOOK_SIZE, precis
             "idle_estimate_within_budget": total_cpu / max(1, threads) <= QUICK_LOOK_BUDGET_S,
             "every_method_within_floor_goal": all((r["x_floor"] or math.inf) <= FLOOR_GOAL for r in rows[1:]),
             "every_method_within_floor_goal_cpu": all((r["x_floor_cpu"] or math.inf) <= FLOOR_GOAL for r in rows[1:]),
+            "every_method_within_saliency_pass_goal": all((r["x_saliency_pass"] or math.inf) <= FLOOR_GOAL
+                                                          for r in rows[1:] if r.get("x_saliency_pass") is not None),
             "load_average_end": load_average(), "environment": environment()}
 
 
@@ -256,7 +258,9 @@ def format_quick_look(report: Dict[str, Any]) -> str:
                  f"{report['budget_s']:.0f} s: {'within' if report['within_budget'] else 'OVER'} (wall), "
                  f"{'within' if report['idle_estimate_within_budget'] else 'OVER'} (idle estimate); every method <= "
                  f"{report['floor_goal']:g}x floor: {'yes' if report['every_method_within_floor_goal'] else 'NO'} (wall), "
-                 f"{'yes' if report['every_method_within_floor_goal_cpu'] else 'NO'} (CPU); load {report['load_average_end']}")
+                 f"{'yes' if report['every_method_within_floor_goal_cpu'] else 'NO'} (CPU), "
+                 f"{'yes' if report.get('every_method_within_saliency_pass_goal') else 'NO'} (x Saliency pass, wall); "
+                 f"load {report['load_average_end']}")
     return "\n".join(lines)
 
 
