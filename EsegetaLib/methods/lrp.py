@@ -225,7 +225,7 @@ def add_conservation_check(result) -> None:
 SPECS = [
     MethodSpec(
         name="LRP", family="gradient", signed=True, needs_baseline=False, needs_layer=False, cost=2.0,
-        patching="additive", captum="LRP (own rules; Captum 0.9 has none for Conv3d)",
+        patching="additive", captum=None,  # own rules: Captum 0.9 has none for Conv3d
         params=(
             ParamSpec("rule", "choice", "epsilon", choices=RULES,
                       help="epsilon; gamma (positive contributions favoured); alpha_beta; composite = epsilon on "
