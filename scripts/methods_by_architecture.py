@@ -144,9 +144,9 @@ def as_format(net: torch.nn.Module, arch: Arch, fmt: str, folder: Path) -> torch
     return load_model(str(path)).network
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:240]
+    return (lines[0] if lines else type(error).__name__)[:500]
 
 
 @dataclass
@@ -184,7 +184,10 @@ def run_method(network, vol: np.ndarray, method: str, options: EngineOptions, ta
     try:
         expl = explain(vol, network, [method], target=target, options=options)
     except EsegetaError as error:
-        return Cell("refused", _first_line(error), time.perf_counter() - started)
+        reason = str(error)
+        if reason.startswith(method + " "):
+            reason = "the method" + reason[len(method):]  # one footnote for the methods a reason shares
+        return Cell("refused", _first_line(reason), time.perf_counter() - started)
     except Exception as error:  # a crash: the table must show it, the log keeps the traceback
         log(f"ERROR {method}: {type(error).__name__}: {_first_line(error)}\n{traceback.format_exc()}")
         return Cell("error", f"{type(error).__name__}: {_first_line(error)}", time.perf_counter() - started)
@@ -347,8 +350,6 @@ def run(archs: Sequence[str], methods: Sequence[str], formats: Sequence[str], ig
                     continue
                 for method in methods:
                     cell = run_method(network, vol, method, options, target, log)
-                    if cell.status == "refused" and cell.reason.startswith(method + " "):
-                        cell.reason = "the method" + cell.reason[len(method):]  # one footnote for many methods
                     cells[(name, fmt, method)] = cell
                     log(f"{name:13s} {fmt:11s} {method:28s} {cell.status:8s} {cell.seconds:6.1f} s "
                         f"{cell.reason or cell.checks}")

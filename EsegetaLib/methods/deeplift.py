@@ -10,8 +10,9 @@ equal Captum's (tested).
 Every result carries the trust checks "completeness" (|sum(attr) - (F(x) - F(x0))| / |F(x) - F(x0)|,
 from the window sums; added by the engine's trust report) and "rectifier_rule" (non-linear backward
 calls the rule changed / seen).  DeepLift and DeepLiftShap refuse a map whose completeness error
-exceeds `tolerance`; LayerDeepLift reports it (a layer bypassed by skip connections does not carry
-the whole change).
+exceeds `tolerance`; LayerDeepLift reports it where the layer is a cut (every path crosses it), and
+says it is undefined, with the share of the input gradient that bypasses the layer, elsewhere
+(layer_methods.bypass_share).
 """
 from __future__ import annotations
 

@@ -139,3 +139,19 @@ def test_layer_integrated_gradients_keeps_its_completeness_check():
     result = session.attribute("LayerIntegratedGradients")
     assert _checks(result)["completeness"].status == "pass"
     assert result.diagnostics["relative_convergence_delta"] <= 0.01 and result.diagnostics["steps_used_mean"] >= 16
+
+
+def test_layer_deep_lift_completeness_on_a_cut_and_undefined_around_skips():
+    """LayerDeepLift's summation to delta holds on a cut (checked) and is stated undefined, with the
+    bypassing share, on MONAI UNet's default layer (where its delta is far off)."""
+    net = _unet()
+    session = ExplainSession(VOL, net, Target(region="whole"), OPTS)
+    cut = session.attribute("LayerDeepLift", {"layer": "model.0"})
+    assert _checks(cut)["completeness"].status == "pass" and cut.diagnostics["relative_convergence_delta"] <= 1e-6
+    skipped = session.attribute("LayerDeepLift")
+    check = _checks(skipped)["completeness"]
+    share = skipped.diagnostics["layer_bypass_share_max"]
+    assert check.status == "not_run" and 0 < share < 1 and "bypasses it" in check.detail
+    print(f"LayerDeepLift: model.0 delta {cut.diagnostics['relative_convergence_delta']:.1e}; default layer "
+          f"{share:.1%} bypassing, delta there {skipped.diagnostics['relative_convergence_delta']:.1%} (not a check)")
+    assert skipped.diagnostics["relative_convergence_delta"] > 0.05
