@@ -56,6 +56,16 @@ ROUTING = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_
                      "max_pool3d_with_indices", "adaptive_max_pool2d", "adaptive_max_pool3d",
                      "upsample_bicubic2d"})
 ALLOWED = (LINEAR - MODULE_ONLY - _CONDITIONAL) | HOMOGENEOUS | ROUTING
+# The input's preprocessing chain: ops that only move voxels (views, crops, permutations, stacking) or
+# map each voxel by itself with constants (normalisation: offsets, scales, clipping, masks).  A tensor
+# made from x by these alone keeps an index map to x's voxels; where it enters a rule layer its
+# relevance passes to those voxels unchanged (lrp_rules._ChainPass), as through any elementwise map.
+_CHAIN_SAME = frozenset({"clone", "_to_copy", "alias", "detach", "contiguous", "lift_fresh", "lift_fresh_copy"})
+_CHAIN_INDEX = frozenset({"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "slice",
+                          "select", "squeeze", "unsqueeze", "flip", "narrow", "stack", "cat", "expand", "movedim",
+                          "unbind", "split", "split_with_sizes", "index", "as_strided"})
+_CHAIN_ELEMENTWISE = frozenset({"sub", "add", "mul", "div", "rsub", "neg", "clamp", "clamp_min", "clamp_max", "where",
+                                "masked_fill"})
 
 
 class _OpWatch(TorchDispatchMode):
@@ -69,6 +79,43 @@ class _OpWatch(TorchDispatchMode):
         self.state, self.stack = state, stack
         self.found: Optional[str] = None
         self.functional_linear = 0  # convolutions / matrix products with a constant operand outside modules
+        self.chain = WeakTensorKeyDictionary()  # preprocessing-chain tensor -> index map into x (int64)
+        self.chain[x] = torch.arange(x.numel(), device=x.device).view(x.shape)
+        state["chain"] = self.chain
+
+    def _follow_chain(self, name: str, args, kwargs, out) -> bool:
+        """Give `out` an index map when the op keeps the input's preprocessing chain going (see
+        _CHAIN_*); True when it did."""
+        base = name[:-1] if name.endswith("_") and name[:-1] in _CHAIN_ELEMENTWISE else name
+        flat = _tensors(list(args) + list(kwargs.values()))
+        chained = [t for t in flat if t in self.chain]
+        if not chained or any(t in self.tainted and t not in self.chain for t in flat):
+            return False
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if base in _CHAIN_SAME:
+            maps = [self.chain[chained[0]]]
+        elif base in _CHAIN_ELEMENTWISE:
+            if base == "where" and len(chained) == 2:
+                maps = [torch.where(args[0], self.chain[args[1]], self.chain[args[2]])]
+            elif len(chained) == 1:
+                maps = [self.chain[chained[0]].expand(outs[0].shape)]
+            else:
+                return False
+        elif base in _CHAIN_INDEX:
+            def swap(a):
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    return self.chain[a] if a in self.chain else torch.full(a.shape, -1, dtype=torch.long, device=a.device)
+                if isinstance(a, (list, tuple)):
+                    return type(a)(swap(v) for v in a)
+                return a
+            mapped = self._current(*swap(tuple(args)), **{k: swap(v) for k, v in kwargs.items()})
+            maps = list(mapped) if isinstance(mapped, (tuple, list)) else [mapped]
+        else:
+            return False
+        for t, m in zip(outs, maps):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(m.shape) == tuple(t.shape):
+                self.chain[t] = m
+        return True
 
     def _why(self, name: str, args, kwargs) -> Optional[str]:
         """None when the op has an LRP rule; else what it is."""
@@ -104,6 +151,7 @@ class _OpWatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self._current = func
         ins = _tensors(list(args) + list(kwargs.values()))
         if not any(t in self.tainted for t in ins):
             return out
@@ -119,6 +167,8 @@ class _OpWatch(TorchDispatchMode):
                     if a._base is not None:
                         self.tainted[a._base] = True
         if self.state.get("depth", 0) > 0 or self.found is not None or not outs:
+            return out
+        if self._follow_chain(_name(func), args, kwargs, out):
             return out
         why = self._why(_name(func), args, kwargs)
         if why is not None:

@@ -17,6 +17,8 @@ tensor a (R: the relevance of a's units), and the input's relevance is x * c_x. 
 - the model's own intensity normalisation of the input (`models.base.IntensityNormalization`, an
   elementwise per-channel affine map, optionally clipped) passes relevance unchanged to each voxel,
   so the map is the relevance of the image the network reads, voxel by voxel (its offset keeps none);
+  so does preprocessing inside a pipeline's forward before its first hooked layer (voxel moves and
+  per-voxel maps with constants, followed by the op watch with an index map to x: `_ChainPass`);
 - convolutions (ConvNd, ConvTransposeNd) and Linear get the chosen rule in their backward (forward
   hooks and `_RuleFunction`), with z = W a + b the module's output and s() the stabiliser
   s(z) = z + eps * sign(z) (sign(0) = +1), a+ = max(a, 0), a- = min(a, 0), W+ / W- the parts of W:
@@ -252,6 +254,32 @@ class _InputPass(torch.autograd.Function):
         return torch.zeros_like(c_y), None, None
 
 
+class _ChainPass(torch.autograd.Function):
+    """A tensor a made from the network's input x by preprocessing alone (voxel moves and per-voxel
+    maps with constants: the input's normalisation, cropping, axis order), where it enters a rule
+    layer; backward: its relevance R_a = a * c_a passed unchanged to the x voxels `index` names
+    (summed where one voxel feeds several), stored in state["input_relevance"]."""
+
+    @staticmethod
+    def forward(ctx, a, index, state):
+        ctx.save_for_backward(a, index)
+        ctx.state = state
+        return a.detach().clone()
+
+    @staticmethod
+    def backward(ctx, c_a):
+        a, index = ctx.saved_tensors
+        x = ctx.state["input"]
+        relevance = (a * c_a).detach().reshape(-1)
+        flat = index.reshape(-1)
+        valid = flat >= 0
+        buffer = torch.zeros(x.numel(), dtype=relevance.dtype, device=relevance.device)
+        buffer.index_add_(0, flat[valid], relevance[valid])
+        held = ctx.state.get("input_relevance")
+        ctx.state["input_relevance"] = buffer.view(x.shape) if held is None else held + buffer.view(x.shape)
+        return torch.zeros_like(c_a), None, None
+
+
 def _input_maps():
     """Elementwise input maps whose relevance passes unchanged (EsegetaLib's intensity normalisation)."""
     from ..models.base import IntensityNormalization
@@ -381,6 +409,12 @@ def lrp_rules(network: nn.Module, rule: str, options: Dict[str, Any], state: Dic
 
     def enter(module, args, kwargs=None):
         state["depth"] += 1
+        a = args[0] if args else None
+        chain = state.get("chain")
+        if chain is not None and isinstance(a, torch.Tensor) and a is not state.get("input") and a in chain \
+                and a.requires_grad and not isinstance(module, _input_maps()):
+            return (_ChainPass.apply(a, chain[a], state),) + tuple(args[1:])
+        return None
 
     def leave():
         state["depth"] -= 1

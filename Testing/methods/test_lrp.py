@@ -137,3 +137,33 @@ def test_composite_puts_epsilon_on_the_layer_producing_the_logits():
     _, result = _lrp(net, x, "composite")
     reference = zennit_lrp(net, x, _top((1, 2, 16, 16, 16)), "composite", epsilon=1e-9)[0].numpy()
     assert np.abs(result.attribution - reference).max() < 1e-9 * np.abs(reference).max()
+
+
+class _Preprocessed(torch.nn.Module):
+    """Preprocessing inside the forward (as nnU-Net's and bundles' pipelines do): axes permuted, a crop,
+    a z-score with fixed constants and a clip, then the network, the output padded back."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        y = x.permute(0, 1, 4, 3, 2)[:, :, 2:14, 2:14, 2:14]
+        y = torch.clamp((y - 0.4) / 0.7, -3.0, 3.0)
+        out = self.network(y).permute(0, 1, 4, 3, 2)
+        return torch.nn.functional.pad(out, (2, 2, 2, 2, 2, 2))
+
+
+def test_preprocessing_inside_the_forward_passes_relevance_voxel_by_voxel():
+    """The map equals the bare network's map on the preprocessed input, put back on the input's voxels
+    (so the z-score's offset keeps no relevance and the bias-free network conserves)."""
+    net = make_batchnorm_unet(bias=False)
+    x = structured_volume(16).double()
+    _, result = _lrp(_Preprocessed(net).double().eval(), x, "epsilon", options=EngineOptions(
+        device="cpu", precision="fp32", divisor=1))
+    y = torch.clamp((x.permute(0, 1, 4, 3, 2)[:, :, 2:14, 2:14, 2:14] - 0.4) / 0.7, -3.0, 3.0)
+    _, bare = _lrp(net, y, "epsilon")
+    expected = np.zeros((1, 16, 16, 16))
+    expected.transpose(0, 3, 2, 1)[:, 2:14, 2:14, 2:14] = bare.attribution
+    np.testing.assert_allclose(result.attribution, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+    assert {c.name: c for c in result.checks}["conservation"].value < 1e-6
