@@ -63,7 +63,7 @@ ALLOWED = (LINEAR - MODULE_ONLY - _CONDITIONAL) | HOMOGENEOUS | ROUTING
 _CHAIN_SAME = frozenset({"clone", "_to_copy", "alias", "detach", "contiguous", "lift_fresh", "lift_fresh_copy"})
 _CHAIN_INDEX = frozenset({"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "slice",
                           "select", "squeeze", "unsqueeze", "flip", "narrow", "stack", "cat", "expand", "movedim",
-                          "unbind", "split", "split_with_sizes", "index", "as_strided"})
+                          "unbind", "split", "split_with_sizes", "index"})
 _CHAIN_ELEMENTWISE = frozenset({"sub", "add", "mul", "div", "rsub", "neg", "clamp", "clamp_min", "clamp_max", "where",
                                 "masked_fill"})
 
@@ -108,7 +108,10 @@ class _OpWatch(TorchDispatchMode):
                 if isinstance(a, (list, tuple)):
                     return type(a)(swap(v) for v in a)
                 return a
-            mapped = self._current(*swap(tuple(args)), **{k: swap(v) for k, v in kwargs.items()})
+            try:  # the index map may be laid out differently (a view the data allowed may not fit it)
+                mapped = self._current(*swap(tuple(args)), **{k: swap(v) for k, v in kwargs.items()})
+            except (RuntimeError, TypeError, ValueError):
+                return False  # the chain stops here: this op's relevance takes LRP-0 from the gradient
             maps = list(mapped) if isinstance(mapped, (tuple, list)) else [mapped]
         else:
             return False
