@@ -124,3 +124,27 @@ def test_engine_hands_over_full_precision_ends():
                             torch.Generator().manual_seed(0))["baselines"]
         change = float(session.score(session.volume[None]) - session.score(base))
     assert result.diagnostics["score_change"] == pytest.approx(change, rel=1e-6)
+
+
+def test_batched_copies_equal_one_by_one_under_bf16():
+    """Perturbed copies through `attribute_many` (each copy with its own fp32 path ends and
+    allowances) give the maps of `attribute` one copy at a time, under bf16 autocast too."""
+    rng = np.random.RandomState(2)
+    volume = rng.rand(24, 24, 24).astype(np.float32)
+    volume[6:14, 6:14, :] += 1.5
+    session = ExplainSession(volume, _unet(), Target(class_index=1, region="predicted"),
+                             EngineOptions(device="cpu", precision="bf16", patch_size=16, overlap=0.25, divisor=4,
+                                           batch_size=4))
+    assert len(session.active) > 1
+    x = session.volume
+    copies = x[None] + 0.05 * torch.randn((2,) + tuple(x.shape), generator=torch.Generator().manual_seed(1))
+    many = session.attribute_many("IntegratedGradients", {"allow_incomplete": True}, copies).numpy()
+    compared = 0
+    for j in range(copies.shape[0]):
+        one = session.attribute("IntegratedGradients", {"allow_incomplete": True}, inputs=copies[j].numpy())
+        if one.diagnostics["precision"] != "bf16":
+            continue  # rerun in fp32 by the precision guard: attribute_many keeps the run's precision
+        scale = np.abs(one.attribution).max()
+        np.testing.assert_allclose(many[j], one.attribution, rtol=1e-5, atol=1e-6 * scale)
+        compared += 1
+    assert compared >= 1
