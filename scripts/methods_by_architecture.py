@@ -43,6 +43,7 @@ from EsegetaLib.options import EngineOptions, Target  # noqa: E402
 FORMATS = ("eager", "torchscript", "pt2")
 TARGET_KINDS = ("point", "roi", "predicted", "whole")
 DEFAULT_OUT = REPO / "docs" / "readme" / "architectures.md"
+TRAIN_STEPS = 40
 
 
 @dataclass
@@ -261,6 +262,7 @@ def markdown(cells: Dict[Tuple[str, str, str], Cell], methods: Sequence[str], ar
         "",
     ]
     reasons: Dict[str, int] = {}
+    archs = [a for a in archs if any(k[0] == a for k in cells)]  # columns: architectures with cells
 
     def cell_text(cell: Cell) -> str:
         if cell.status == "ran":
@@ -291,11 +293,17 @@ def markdown(cells: Dict[Tuple[str, str, str], Cell], methods: Sequence[str], ar
         lines += ["## Refusal reasons", ""]
         lines += [f"{n}. {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: kv[1])]
         lines.append("")
+    missing = [a for a in dict.fromkeys(c.arch for c in ig) if a not in {k[0] for k in cells}]
+    if missing:
+        lines += [f"Not in the tables above (their run did not finish in time; IG section only): {', '.join(missing)}.", ""]
     if ig:
         lines += ["## Integrated Gradients per target kind (default settings)", "",
                   "Adaptive IG (tolerance 1 %, at most 512 steps per window, blur baseline with the fallback "
-                  "order blur, constant_low, mean, noise).  steps = gradient evaluations per window; "
-                  "completeness = |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)|.  Eager models.", "",
+                  "order blur, constant_low, mean, noise; a baseline other than blur is named).  steps = gradient "
+                  "evaluations per window; completeness = |sum(map) - (F(x) - F(baseline))| / |F(x) - F(baseline)|.  "
+                  "Eager models; point = ball of radius 2 at the centre, roi = the central cube, predicted = the "
+                  "net's class-1 voxels (class 0 where it predicts none), whole = every voxel; random = seed 0, "
+                  f"trained = {TRAIN_STEPS} Adam steps (lr 1e-2, weighted cross-entropy) on 4 synthetic vessel volumes.", "",
                   "| architecture | weights | " + " | ".join(TARGET_KINDS) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in TARGET_KINDS) + " |"]
         keyed = {(c.arch, c.weights, c.kind): c for c in ig}
@@ -383,7 +391,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ig-weights", default="random,trained",
                         help="IG per target kind on these weights (random, trained); empty: none")
     parser.add_argument("--no-ig", action="store_true", help="skip the IG section")
-    parser.add_argument("--train-steps", type=int, default=40, help="Adam steps of the briefly trained nets")
+    parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="Adam steps of the briefly trained nets")
     parser.add_argument("--ig-architectures", default="",
                         help="architectures of the IG section (default: those of --architectures)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
