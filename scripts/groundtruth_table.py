@@ -69,9 +69,18 @@ def per_pair(frame):
         for column in [c for c, _, _ in COLUMNS] + ["randomisation_spearman_signed", "attribution_s"]:
             values = done[column].dropna() if column in done else []
             cell[column] = float(np.median(values)) if len(values) else float("nan")
-        if "randomisation_pass" in done:
-            passes = done["randomisation_pass"].dropna().astype(str).str.lower() == "true"
-            cell["random_pass"], cell["random_n"] = int(passes.sum()), int(len(passes))
+        if "randomisation_pass" in done:  # True/False, or 1.0/0.0 once read as numbers
+            passes = [str(v).lower() in ("true", "1", "1.0") for v in done["randomisation_pass"].dropna()]
+            cell["random_pass"], cell["random_n"] = int(sum(passes)), len(passes)
+        from EsegetaLib.study.aggregate import note_column
+
+        cell["notes"] = {}
+        for column in [c for c, _, _ in COLUMNS] + ["randomisation_spearman_signed"]:
+            name = note_column(column, done.columns)
+            if name is not None and not np.isfinite(cell[column]):
+                notes = [str(v) for v in done[name].dropna() if str(v)]
+                if notes:
+                    cell["notes"][column] = notes[0]
         out[(model, method)] = cell
     return out
 
@@ -99,13 +108,20 @@ def markdown(frame, cells, chance: float) -> str:
             row = [model, method, n]
             row += ["-" if not np.isfinite(cell[c]) else f.format(cell[c]) for c, _, f in COLUMNS]
             rho = cell["randomisation_spearman_signed"]
-            row.append("-" if not np.isfinite(rho) else f"{rho:+.2f} ({cell.get('random_pass', 0)}/{cell.get('random_n', 0)})")
+            row.append("undefined" if not np.isfinite(rho) else
+                       f"{rho:+.2f} ({cell.get('random_pass', 0)}/{cell.get('random_n', 0)})")
             row.append(f"{cell['attribution_s']:.1f}")
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(f"Chance level (a random map): VxAP and GT mass = {chance:.3f} (the ground-truth mask's share "
                  "of the voxels). Medians over the volumes; randomisation: signed Spearman ρ between the map "
-                 "and the fully randomised network's map (|ρ| < 0.5 passes), passes / volumes.")
+                 "and the fully randomised network's map (|ρ| < 0.5 passes), passes / volumes; undefined: a "
+                 "map constant over the compared voxels.")
+    notes = [(model, method, column, note) for (model, method), cell in cells.items()
+             for column, note in cell.get("notes", {}).items()]
+    if notes:
+        lines += ["", "Not computed (NaN), with the reason:"]
+        lines += [f"- {model} / {method}, {column}: {note}" for model, method, column, note in notes]
     refused = frame[frame["status"] == "refused"]
     if len(refused):
         lines += ["", "Refused:"]
