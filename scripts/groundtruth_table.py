@@ -77,8 +77,8 @@ def per_pair(frame):
         cell["notes"] = {}
         for column in [c for c, _, _ in COLUMNS] + ["randomisation_spearman_signed"]:
             name = note_column(column, done.columns)
-            if name is not None and not np.isfinite(cell[column]):
-                notes = [str(v) for v in done[name].dropna() if str(v)]
+            if name is not None and column in done:  # any volume where it is NaN, with the reason
+                notes = [str(v) for v in done.loc[done[column].isna(), name].dropna() if str(v)]
                 if notes:
                     cell["notes"][column] = notes[0]
         out[(model, method)] = cell
@@ -153,10 +153,10 @@ def figure(frame, cells, chance: float, path: Path) -> Path:
                 value = cell.get(column, np.nan)
                 text = "refused" if cell.get("n", 1) == 0 else ("-" if not np.isfinite(value) else f"{value:.2f}")
                 ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="white" if column != "randomisation_spearman_signed" else "black")
+                        color="white" if column != "randomisation_spearman_signed" and np.isfinite(value) else "black")
         ax.set_xticks(range(len(models)), models, rotation=40, ha="right", fontsize=8)
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
-        extra = f" (chance {chance:.2f})" if column in ("vxap", "relevance_mass") else ""
+        extra = f" (chance {chance:.3f})" if column in ("vxap", "relevance_mass") else ""
         ax.set_title(title + extra, fontsize=10)
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.suptitle("Ground-truth study: median over the volumes per model (columns) and method (rows)")
