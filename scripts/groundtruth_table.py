@@ -2,7 +2,7 @@
 """The ground-truth study's table and figure (docs/readme/study.md, "Ground truth") from a finished
 `esegeta study examples/groundtruth_study.yaml --out DIR`:
 
-    python scripts/groundtruth_table.py DIR --figure docs/readme/img/groundtruth_study.png \
+    python scripts/groundtruth_table.py DIR --figure docs/images/groundtruth_study.png \
         --markdown DIR/groundtruth_table.md
 
 Per model and method, the median over the study's volumes (study.csv) of: relative infidelity,
