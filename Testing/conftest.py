@@ -14,6 +14,32 @@ os.environ.setdefault("ESEGETA_NATIVE_BF16", "0")
 SHARED_DATA = Path(os.environ.get("ESEGETA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def _zennit_without_its_torchvision_part() -> None:
+    """Let `import zennit` work where torchvision cannot load.
+
+    zennit (the LRP tests' reference; quantus imports it too whenever it is installed) imports
+    `zennit.torchvision` from its package `__init__`, which needs torchvision. Next to the CPU torch
+    used here there is no torchvision that loads (PyPI's build fails with "operator torchvision::nms
+    does not exist"), so `import zennit`, and with it `import quantus`, would fail. The package is
+    then registered without running that `__init__`; its other submodules do not use torchvision.
+    """
+    import importlib.util
+    import sys
+
+    spec = importlib.util.find_spec("zennit")
+    if spec is None:
+        return
+    try:
+        import zennit  # noqa: F401
+    except Exception:  # noqa: BLE001 - torchvision absent, or a build that does not match torch
+        for key in [k for k in sys.modules if k == "zennit" or k.startswith("zennit.")]:
+            del sys.modules[key]
+        sys.modules["zennit"] = importlib.util.module_from_spec(spec)
+
+
+_zennit_without_its_torchvision_part()
+
+
 def shared_file(*parts: str) -> Path:
     """A file under ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA.joinpath(*parts)

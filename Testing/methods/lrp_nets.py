@@ -1,14 +1,12 @@
 """Networks and the zennit reference for the LRP tests (a plain module shared by test_lrp*.py).
 
 zennit (LGPL-3.0) is called, never copied.  Its package `__init__` imports `zennit.torchvision`
-(canonizers for torchvision's ResNet/VGG), which needs torchvision; where torchvision is absent (a
-CPU-only torch with no matching torchvision wheel) the package object is created without running
-that `__init__` (also where an installed torchvision fails to load against this torch), and the submodules used here (rules, composites, canonizers), which do not import
-torchvision, load as usual.  Tests skip when zennit is not installed at all."""
+(canonizers for torchvision's ResNet/VGG), which needs torchvision; Testing/conftest.py registers
+the package without that `__init__` where torchvision cannot load, and the submodules used here
+(rules, composites, canonizers) do not import torchvision.  Tests skip when zennit is not installed at all."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import pytest
 import torch
@@ -16,16 +14,10 @@ from torch import nn
 
 
 def import_zennit():
-    """(rules, composites, canonizers) modules of zennit; skips the test when it is not installed."""
-    spec = importlib.util.find_spec("zennit")
-    if spec is None:
+    """(rules, composites, canonizers) modules of zennit; skips the test when it is not installed.
+    (Testing/conftest.py makes `import zennit` work where torchvision cannot load.)"""
+    if importlib.util.find_spec("zennit") is None:
         pytest.skip("zennit is not installed (pip install zennit; the test extra has it)")
-    try:
-        import zennit  # noqa: F401
-    except Exception:  # noqa: BLE001 - torchvision absent, or a build that does not match torch
-        for key in [k for k in sys.modules if k == "zennit" or k.startswith("zennit.")]:
-            del sys.modules[key]
-        sys.modules["zennit"] = importlib.util.module_from_spec(spec)  # package without its __init__
     from zennit import canonizers, composites, rules
     return rules, composites, canonizers
 
