@@ -7,12 +7,14 @@ maps ("blended"): an approximation of the whole-volume map, stated in `approxima
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import EsegetaError
 from .base import MethodContext, MethodSpec, ParamSpec
 from .common import LAYER_PARAM, first_tensor, resample_layer_map, to_input_grid
-from .guided import add_rule_check, rectified_gradients
+from .guided import add_rule_check, rectified_gradients, rectified_trust
 from .layers import layer_for
 
 CAM_APPROX = ("computed per window and blended with the window weights; the rectified, layer-averaged "
@@ -98,21 +100,56 @@ def guided_gradcam(ctx: MethodContext):
     return guided * cam, diag
 
 
+def refuse_zero_cam(result) -> None:
+    """MethodSpec.trust of the Grad-CAM family: refuse a map that is zero at every voxel.
+
+    With the usual rectification (relu=True) the map is relu(sum_k w_k A_k); when the weighted sum is
+    <= 0 at every position of the layer (e.g. a model that reads the class out through negative
+    weights from a rectified layer: the trained DynUNet of the ground-truth zoo) the map is all zero,
+    which would say the volume holds no evidence at this layer while the negative evidence is there.
+    """
+    if bool(np.any(result.attribution)):
+        return
+    layer = (result.params or {}).get("layer") or "the automatic layer"
+    if result.name == "GradCAM++":  # its channel weights use the positive gradients only (eq. 19)
+        raise EsegetaError(
+            f"GradCAM++'s map is zero at every voxel: it weights {layer}'s channels by their positive gradients "
+            "only, and none is positive (the model reads the class out through negative weights there); use "
+            "GradCAM with relu=false to see the negative evidence, choose another layer, or use a gradient method.")
+    if (result.params or {}).get("relu", True):
+        raise EsegetaError(
+            f"{result.name}'s map is zero at every voxel: the gradient-weighted sum of {layer}'s channels is <= 0 "
+            f"everywhere and the CAM's ReLU keeps positive evidence only; set {result.name}.relu=false to see "
+            "the negative evidence, choose another layer, or use a gradient method (Saliency, IntegratedGradients).")
+    raise EsegetaError(f"{result.name}'s map is zero at every voxel: the target's gradient does not reach {layer}'s "
+                       "activations; choose another layer.")
+
+
+def _guided_gradcam_trust(result) -> None:
+    """Guided backprop x Grad-CAM: a zero map is refused with the factor that made it zero."""
+    if int((getattr(result, "diagnostics", {}) or {}).get("rule_calls_zeroed", 0) or 0):
+        rectified_trust(result)  # the guided factor lost its whole signal at a rectifier
+    add_rule_check(result)
+    refuse_zero_cam(result)
+
+
 SPECS = [
     MethodSpec(
         name="GradCAM", family="layer", signed=False, needs_baseline=False, needs_layer=True, cost=1.0,
         patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=gradcam, captum="LayerGradCam",
-        approximation=CAM_APPROX, description="Grad-CAM on a layer, upsampled to the input grid",
+        trust=refuse_zero_cam, approximation=CAM_APPROX,
+        description="Grad-CAM on a layer, upsampled to the input grid",
     ),
     MethodSpec(
         name="GradCAM++", family="layer", signed=False, needs_baseline=False, needs_layer=True, cost=1.0,
         patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=gradcam_pp, captum=None,
-        approximation=CAM_APPROX, description="Grad-CAM++ (pixel-weighted gradients), upsampled to the input grid",
+        trust=refuse_zero_cam, approximation=CAM_APPROX,
+        description="Grad-CAM++ (pixel-weighted gradients), upsampled to the input grid",
     ),
     MethodSpec(
         name="GuidedGradCam", family="layer", signed=True, needs_baseline=False, needs_layer=True, cost=2.0,
         patching="blended", params=(LAYER_PARAM, RELU_PARAM), attribute=guided_gradcam, captum="LayerGradCam",
-        trust=add_rule_check,
+        trust=_guided_gradcam_trust,
         approximation=CAM_APPROX, description="guided backprop (any rectifier) times upsampled Grad-CAM",
     ),
 ]
