@@ -226,13 +226,25 @@ def check_network_support(specs: Sequence[MethodSpec], network: torch.nn.Module)
     """Refuse, before any work, methods that cannot run on this network (one line naming them all)."""
     scripted = isinstance(network, torch.jit.ScriptModule) or any(
         isinstance(m, torch.jit.ScriptModule) for m in network.modules())
-    blocked = [s.name for s in specs if s.requires_eager and scripted]
-    if blocked:
-        raise EsegetaError(
-            f"{', '.join(blocked)} cannot run on a TorchScript model (they hook layers, which "
-            "TorchScript hides); export the model with torch.export (.pt2) or give a "
-            "model card with the network's class, or choose gradient or perturbation methods."
-        )
+    if not scripted:
+        return
+    # Layer methods read a layer by its module name: an exported program (.pt2) keeps those names.
+    # Module-rule methods (LRP) attach a rule to each module: only the eager network has them.
+    layer = [s.name for s in specs if s.requires_eager and s.needs_layer]
+    modules = [s.name for s in specs if s.requires_eager and not s.needs_layer]
+    card = "give a model card (the network's Python class and its weights, see docs/readme/models.md)"
+    reasons = []
+    if modules:
+        one = len(modules) == 1
+        reasons.append(f"{', '.join(modules)} cannot run on a TorchScript model: {'it needs' if one else 'they need'} "
+                       f"the network's modules to attach {'its' if one else 'their'} rules, which TorchScript hides; "
+                       f"{card}")
+    if layer:
+        reasons.append(
+            f"{', '.join(layer)} cannot run on a TorchScript model: {'it reads' if len(layer) == 1 else 'they read'} "
+            f"a layer by its module name, which TorchScript hides; export the model with torch.export (.pt2) or {card}")
+    if reasons:
+        raise EsegetaError("; ".join(reasons) + "; or choose gradient or perturbation methods.")
 
 
 def _ensure_loaded() -> None:

@@ -369,12 +369,15 @@ def check_modules(network: nn.Module) -> None:
     """Refuse, before any work, networks whose layers LRP has no rule for (one line naming them)."""
     if isinstance(network, torch.jit.ScriptModule) or any(isinstance(m, torch.jit.ScriptModule)
                                                            for m in network.modules()):
-        raise EsegetaError("LRP cannot run on a TorchScript model: it needs the network's layers to attach its "
-                           "rules; give a model card with the network's class (or the eager nn.Module).")
+        raise EsegetaError("LRP cannot run on a TorchScript model: it needs the network's modules to attach its "
+                           "rules, which TorchScript hides; give a model card (the network's Python class and its "
+                           "weights, see docs/readme/models.md) or the eager nn.Module.")
     if any(isinstance(m, torch.fx.GraphModule) or type(m).__module__.startswith("torch.export")
            for m in network.modules()):
-        raise EsegetaError("LRP cannot run on an exported program (.pt2): its layers are graph ops, not modules; "
-                           "give a model card with the network's class (or the eager nn.Module).")
+        raise EsegetaError("LRP cannot run on an exported program (.pt2): it needs the network's modules to attach "
+                           "its rules, and an exported program's layers are graph ops; give a model card (the "
+                           "network's Python class and its weights, see docs/readme/models.md) or the eager "
+                           "nn.Module.")
     bad = [f"'{name}' ({type(m).__name__})" for name, m in network.named_modules() if isinstance(m, NO_RULE_MODULES)]
     if bad:
         raise EsegetaError(

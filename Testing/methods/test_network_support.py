@@ -46,3 +46,17 @@ def test_cli_exit_2_and_no_output(tmp_path, capsys):
     assert code == 2
     assert "TorchScript" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_lrp_refusal_asks_for_a_model_card_not_pt2():
+    # LRP attaches a rule to each module: neither TorchScript nor an exported program (.pt2) has them
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(2, 2, 1))
+    scripted = torch.jit.trace(net.eval(), torch.randn(1, 1, 8, 8, 8))
+    with pytest.raises(EsegetaError) as err:
+        explain(np.random.rand(8, 8, 8).astype(np.float32), scripted, ["LRP", "GradCAM"])
+    message = str(err.value)
+    lrp_part, gradcam_part = message.split("; GradCAM")
+    assert "LRP cannot run on a TorchScript model" in lrp_part and "model card" in lrp_part
+    assert "docs/readme/models.md" in lrp_part and ".pt2" not in lrp_part and "hook layers" not in message
+    assert "torch.export (.pt2)" in gradcam_part  # a layer method can still run on an exported program
+    assert "\n" not in message
