@@ -21,7 +21,9 @@ outside a module (the resampling matrices of nnU-Net and bundle pipelines) gets 
 gradient, counted in the check's detail.
 
 Trust check "conservation": the input's total relevance against the explained score, relative to
-sum |w * z_c|; pass within `CONSERVATION_TOLERANCE`, warn beyond.  Its detail says how much the
+sum |w * z_c|; pass within `CONSERVATION_TOLERANCE`, warn beyond, fail when the input's total has the
+opposite sign to the score or the miss exceeds 100 % (the map is still given: input + biases + stabiliser +
+offsets = score holds, and the detail says so).  Its detail says how much the
 layers' biases, the stabiliser / rule and the normalisation offsets absorbed, and what is left
 unaccounted (constants added outside layers; ~0 for the networks the rules cover).
 """
@@ -272,7 +274,17 @@ def add_conservation_check(result) -> None:
     if d.get("lrp_functional_linear"):
         detail += (f"; {int(d['lrp_functional_linear'])} linear map(s) outside the rule layers (convolutions or "
                    "matrix products with a constant operand, resampling) took LRP-0")
-    result.add_check("conservation", "pass" if value <= CONSERVATION_TOLERANCE else "warn", value, detail)
+    # Opposite signs (or a miss beyond the whole score): the map's sign no longer reads as the score's
+    # direction.  The map is kept: input + biases + stabiliser + offsets = score still holds (accounted above).
+    opposite = explained * total < 0 and abs(explained) > CONSERVATION_TOLERANCE * scale
+    if opposite:
+        detail = ("the input's relevance has the opposite sign to the score; the biases/normalisation offsets carry "
+                  "it: read the map's sign with care; " + detail)
+    elif value > 1.0:
+        detail = ("more than 100 % of the score is not in the input's relevance; the biases/normalisation offsets "
+                  "carry it: read the map's magnitudes with care; " + detail)
+    status = "pass" if value <= CONSERVATION_TOLERANCE else ("fail" if opposite or value > 1.0 else "warn")
+    result.add_check("conservation", status, value, detail)
 
 
 SPECS = [

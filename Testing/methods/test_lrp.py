@@ -167,3 +167,24 @@ def test_preprocessing_inside_the_forward_passes_relevance_voxel_by_voxel():
     expected.transpose(0, 3, 2, 1)[:, 2:14, 2:14, 2:14] = bare.attribution
     np.testing.assert_allclose(result.attribution, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
     assert {c.name: c for c in result.checks}["conservation"].value < 1e-6
+
+
+def test_opposite_sign_fails_the_check_and_says_so():
+    """A bias that dominates the logit (z = x - 10 on a positive image): the input's relevance x is
+    positive, the score negative.  The check fails and says the sign is opposite; the accounting
+    (input + biases = score) still holds and the map is given."""
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([0.5, 1.0], dtype=torch.float64).view(2, 1, 1, 1, 1))
+        net[0].bias.copy_(torch.tensor([0.0, -10.0], dtype=torch.float64))
+    x = structured_volume(8).double().abs() + 0.1
+    _, result = _lrp(net, x, "epsilon")
+    d = result.diagnostics
+    check = {c.name: c for c in result.checks}["conservation"]
+    print(f"\nLRP on a bias-dominated net: {check.status}: {check.detail}")
+    assert result.attribution.sum() > 0 > d["lrp_explained"]
+    assert result.attribution.sum() == pytest.approx(float(x.sum()), rel=1e-6)  # R_x = w x, w = 1
+    assert result.attribution.sum() + d["lrp_absorbed_bias"] + d["lrp_absorbed_rule"] == pytest.approx(
+        d["lrp_explained"], rel=1e-9)
+    assert check.status == "fail" and "opposite sign to the score" in check.detail
+    assert "read the map's sign with care" in check.detail
