@@ -80,8 +80,20 @@ def study_table(out: Path, tasks: List[Dict[str, Any]], methods: List[str]):
     frame = frame[ordered]
     for column in numeric + ["attribution_s", "case_seconds"]:
         if column in frame.columns:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+            frame[column] = _numeric_if_lossless(frame[column])
     return frame
+
+
+def _numeric_if_lossless(column):
+    """The column as numbers when every value is one (or missing); otherwise unchanged, so that text
+    columns (the trust report: `trust`, `check_<name>` = pass|warn|fail|not_run, a target's name)
+    keep their values instead of being coerced to NaN."""
+    import pandas as pd
+
+    converted = pd.to_numeric(column, errors="coerce")
+    text = column.astype(str).str.strip().str.lower()
+    present = column.notna() & ~text.isin(["", "nan", "none"])
+    return converted if not (present & converted.isna()).any() else column
 
 
 def metric_columns(frame) -> List[str]:
@@ -122,6 +134,7 @@ def summary_table(frame):
             rows.append({"model": model, "method": method, "metric": column, "n": int(values.size),
                          "mean": float(values.mean()), "median": float(median), "q1": float(q1),
                          "q3": float(q3), "iqr": float(q3 - q1), "note": note})
+    rows += _trust_rows(done)
     refused = frame[frame["status"] == "refused"]
     for (model, method), group in refused.groupby(["model", "method"], sort=False):
         reasons = list(dict.fromkeys(str(e) for e in group["error"]))
@@ -129,6 +142,26 @@ def summary_table(frame):
                      "mean": np.nan, "median": np.nan, "q1": np.nan, "q3": np.nan, "iqr": np.nan,
                      "note": " | ".join(reasons)})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _trust_rows(done) -> List[Dict[str, Any]]:
+    """Per model x method x trust check (`check_<name>`): n = volumes the check ran on, mean = the
+    share that passed, note = the count of each status (e.g. "warn 1, pass 2"), so a warn or a fail
+    shows in summary.csv and not only in study.csv."""
+    rows = []
+    checks = [c for c in done.columns if c.startswith("check_") and not c.endswith("_value")]
+    for column in checks:
+        for (model, method), group in done.groupby(["model", "method"], sort=False):
+            statuses = [str(v) for v in group[column].dropna() if str(v) not in ("", "nan")]
+            if not statuses:
+                continue
+            counts = {s: statuses.count(s) for s in ("fail", "warn", "pass", "not_run") if s in statuses}
+            ran = [s for s in statuses if s != "not_run"]
+            rows.append({"model": model, "method": method, "metric": column, "n": len(ran),
+                         "mean": (ran.count("pass") / len(ran)) if ran else np.nan, "median": np.nan,
+                         "q1": np.nan, "q3": np.nan, "iqr": np.nan,
+                         "note": ", ".join(f"{s} {n}" for s, n in counts.items())})
+    return rows
 
 
 SUMMARY_COLUMNS = ["model", "method", "metric", "n", "mean", "median", "q1", "q3", "iqr", "note"]

@@ -70,6 +70,9 @@ def write_report(out: Path, spec, frame, summary, figures: Dict[str, Path], stud
             row = [model, method, n]
             for metric in metrics:
                 r = by_metric.get(metric)
+                if str(metric).startswith("check_"):  # a trust check: how many passed, warned, failed
+                    row.append(str(r.note) if r is not None else "-")
+                    continue
                 row.append(f"{_cell(r.median)} [{_cell(r.iqr)}]" if r is not None and r.n
                            else "refused" if not len(done) else "-")
             rows.append(row)
