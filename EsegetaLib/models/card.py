@@ -60,23 +60,34 @@ def _network_from_card(card: ModelCard, folder: str, card_path: str):
         network = build_network(card)
         if card.weights:
             state = load_state_dict(os.path.join(folder, card.weights))
-            missing, unexpected = _match_state(network, state)
-            if missing or unexpected:
-                raise EsegetaError(
-                    f"{card_path}: the weights do not fit {card.architecture}{tuple(card.arguments.items())}"
-                    f": missing {missing[:3]}, unexpected {unexpected[:3]}; check the card's arguments")
+            mismatch = state_mismatch(network, state)
+            if mismatch:
+                arguments = ", ".join(f"{k}={v!r}" for k, v in card.arguments.items())
+                raise EsegetaError(f"{card_path}: the weights do not fit {card.architecture}({arguments}): {mismatch}; "
+                                   "check the card's network arguments (channels, strides, features) against the "
+                                   "network the weights were trained with")
+            network.load_state_dict(state)
     if card.in_channels is None:
         card.in_channels = infer_in_channels(network)
     return network
 
 
-def _match_state(network, state):
-    try:
-        result = network.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        first = str(exc).strip().splitlines()
-        return [], [first[-1].strip() if first else "shape mismatch"]
-    return list(result.missing_keys), list(result.unexpected_keys)
+def state_mismatch(network, state: Dict[str, Any], shown: int = 3) -> str:
+    """How a state dict differs from the network's own (one line: parameters whose shape differs, with
+    both shapes, then missing and unexpected names, the first `shown` of each); "" when it fits."""
+    own = network.state_dict()
+    shapes = [f"{k} {tuple(state[k].shape)} in the weights vs {tuple(v.shape)} in the network"
+              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    for label, names in (("shape differs for", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{len(names)} {label}: {', '.join(names[:shown])}{more}"
+                         if label != "shape differs for" else
+                         f"{len(names)} parameter(s) differ in shape: {'; '.join(names[:shown])}{more}")
+    return "; ".join(parts)
 
 
 def load_state_dict(path) -> Dict[str, Any]:

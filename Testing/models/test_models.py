@@ -198,7 +198,23 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path):
                       arguments={**UNET_ARGS, "channels": [4, 8, 16]})
     with pytest.raises(EsegetaError) as e:
         load_model(path)
-    assert "do not fit" in one_line(e)
+    message = one_line(e)
+    print(f"\n{message}")
+    assert "do not fit UNet(spatial_dims=3, in_channels=1" in message and "('spatial_dims'" not in message
+    # the size mismatch is named with both shapes, not filed under "unexpected"
+    first = "model.0.conv.unit0.conv.weight (8, 1, 3, 3, 3) in the weights vs (4, 1, 3, 3, 3) in the network"
+    assert "differ in shape: " + first in message and "unexpected" not in message and "missing" not in message
+    assert "check the card's network arguments" in message
+
+
+def test_weights_with_missing_and_unexpected_names(tmp_path):
+    # a card without residual units: the weights' residual-path names are unexpected, its own missing
+    path = write_card(tmp_path, make_unet_instancenorm_prelu(), arguments={**UNET_ARGS, "num_res_units": 0})
+    with pytest.raises(EsegetaError) as e:
+        load_model(path)
+    message = one_line(e)
+    print(f"\n{message}")
+    assert "missing: " in message and "unexpected: " in message and " more" in message
 
 
 def test_channel_count_is_checked(tmp_path):
