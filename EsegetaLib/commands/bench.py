@@ -16,21 +16,102 @@ def add_parser(subparsers, common):
     return parser
 
 
+SKIPPABLE = ("captum", "torchesegeta")
+
+
 def run(args) -> int:
     import sys
 
-    from ..benchmark import markdown, run as run_benchmark
-
     if args.from_json:
-        import json
+        reports = _read_reports(args.from_json)  # all of them checked before printing any
+        from ..benchmark import markdown
 
-        for path in args.from_json:
-            with open(path) as handle:
-                print(markdown(json.load(handle)))
+        for report in reports:
+            print(markdown(report))
         return 0
+    check_args(args)  # before any model is loaded or anything timed
+    from ..benchmark import run as run_benchmark
+
     args.argv = sys.argv[2:]  # recorded in the JSON: the command that produced the figures
     run_benchmark(args)
     return 0
+
+
+def _read_reports(paths):
+    import json
+
+    from ..errors import EsegetaError
+
+    reports = []
+    for path in paths:
+        try:
+            with open(path) as handle:
+                reports.append(json.load(handle))
+        except OSError as exc:
+            raise EsegetaError(f"--from-json: cannot read '{path}' ({exc.strerror or exc}); give the JSON "
+                               f"an earlier 'esegeta bench --json PATH' wrote.") from None
+        except ValueError as exc:
+            raise EsegetaError(f"--from-json: '{path}' is not JSON ({exc}); give the JSON an earlier "
+                               f"'esegeta bench --json PATH' wrote.") from None
+        if not isinstance(reports[-1], dict):
+            raise EsegetaError(f"--from-json: '{path}' is not a benchmark report (expected a JSON object "
+                               f"as 'esegeta bench --json PATH' writes).")
+    return reports
+
+
+def _check_size(option: str, value: str, named=("sample", "tof")) -> None:
+    """A volume size: one of `named`, an edge (64) or IxJxK, positive integers."""
+    from ..errors import EsegetaError
+
+    text = str(value).strip()
+    if text in named:
+        return
+    parts = text.split("x")
+    if len(parts) in (1, 3) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return
+    raise EsegetaError(f"{option}: '{value}' is not a volume size; use {', '.join(named) + ', ' if named else ''}"
+                       f"an edge (64) or IxJxK (200x256x120).")
+
+
+def _names(text) -> list:
+    return [v.strip() for v in str(text or "").split(",") if v.strip()]
+
+
+def check_args(args) -> None:
+    """Every option of a run checked before any work: one `EsegetaError` line naming the bad value
+    and what to give instead (the CLI exits 2).  Method names are rewritten to their canonical
+    spelling (`saliency` -> `Saliency`)."""
+    from ..errors import EsegetaError
+    from ..methods import get_method
+
+    if args.sizes is not None:
+        for size in _names(args.sizes):
+            _check_size("--sizes", size)
+    for option, value in (("--targets-size", args.targets_size), ("--metrics-cost-size", args.metrics_cost_size)):
+        if value is not None:
+            _check_size(option, value, named=("sample",))
+    _check_size("--quick-look-size", args.quick_look_size, named=())
+    if args.study_size is not None and not (str(args.study_size).isdigit() and int(args.study_size) > 0):
+        raise EsegetaError(f"--study-size: '{args.study_size}' is not a cube edge; give a positive integer (48).")
+    methods = []
+    for name in _names(args.methods):
+        canonical = {m.lower(): m for m in BENCH_METHODS}.get(name.lower())
+        if canonical is None:
+            get_method(name)  # an unknown name: its own error, with the closest match
+            raise EsegetaError(f"--methods: 'esegeta bench' times {', '.join(BENCH_METHODS)}; '{name}' is not "
+                               f"one of them (time it with 'esegeta explain' instead).")
+        methods.append(canonical)
+    args.methods = ",".join(methods)
+    if args.metrics_cost_methods:
+        args.metrics_cost_methods = ",".join(get_method(n).name for n in _names(args.metrics_cost_methods))
+    unknown = [v for v in _names(args.skip) if v not in SKIPPABLE]
+    if unknown:
+        raise EsegetaError(f"--skip: unknown runner '{unknown[0]}'; give a comma list of {', '.join(SKIPPABLE)}.")
+    if args.batch_size != "auto" and not (str(args.batch_size).isdigit() and int(args.batch_size) > 0):
+        raise EsegetaError(f"--batch-size: '{args.batch_size}' is not 'auto' or a positive integer.")
+    for option, value in (("--patch-size", args.patch_size), ("--targets", args.targets), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise EsegetaError(f"{option}: {value} must be a positive integer.")
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
