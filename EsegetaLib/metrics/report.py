@@ -73,15 +73,29 @@ class MetricsReport:
         return paths
 
     def plot(self, path, title: str = "") -> Path:
-        """Deletion (left) and insertion (right) curves of every method, normalised scores; `title`
-        (e.g. the target's name) heads the figure."""
+        """Deletion (left) and insertion (right) curves of every method, normalised scores, written
+        to `path` (PNG); only the kinds computed get a panel; `title` (e.g. the target's name) heads
+        the figure."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, mode in zip(axes, ("deletion", "insertion")):
+        fig = self.figure(title)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return Path(path)
+
+    def figure(self, title: str = ""):
+        """The matplotlib figure of `plot`: one panel per curve kind computed (deletion, insertion or
+        both; `--metrics deletion` draws the deletion panel only)."""
+        import matplotlib.pyplot as plt
+
+        modes = [m for m in ("deletion", "insertion") if any(c.get(m) for c in self.curves.values())]
+        modes = modes or ["deletion"]
+        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), sharey=True, squeeze=False)
+        axes = list(axes[0])
+        for ax, mode in zip(axes, modes):
             for method, curves in self.curves.items():
                 curve = curves.get(mode)
                 if not curve:
@@ -92,11 +106,10 @@ class MetricsReport:
             ax.set_title(f"{mode}: " + ("lower area is better" if mode == "deletion" else "higher area is better"))
             ax.set_xlabel(f"fraction of features {'removed' if mode == 'deletion' else 'inserted'}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         axes[0].set_ylabel("normalised score (F - F(baseline)) / (F(x) - F(baseline))")
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return Path(path)
+        return fig
