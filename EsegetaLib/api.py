@@ -11,6 +11,7 @@ import torch
 from .engine import ExplainSession, ProgressFn
 from .errors import EsegetaError
 from .methods.base import MethodSpec, check_network_support, get_method
+from .methods.layers import check_layer_names
 from .options import EngineOptions, Target
 from .results import TARGET_SEPARATOR, Explanation
 from .work import WorkPlan, method_stages, plan_methods
@@ -61,6 +62,7 @@ def explain(volume, network, methods, target: Optional[Target] = None,
     requests = resolve_methods(methods)
     if isinstance(network, torch.nn.Module):
         check_network_support([spec for spec, _ in requests], network)
+        check_layer_names(requests, network)
     # Progress by the work left (work.py): windows x passes per method, measured seconds per pass.
     stages = method_stages([spec for spec, _ in requests])
     plan = WorkPlan(progress, ["segmentation"] + stages)

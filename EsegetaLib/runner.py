@@ -668,6 +668,9 @@ def _run_engine(prepared: PreparedRun, plan, stages: Sequence[str], cancel):
     image = prepared.image
     network = prepared.model.network_for(image.array, spacing=image.spacing, affine=image.ijk_to_ras)
     requests = _method_specs(prepared)
+    from .methods.layers import check_layer_names
+
+    check_layer_names(requests, network)  # before the segmentation: a misspelt layer costs nothing
     t0 = time.perf_counter()
     session = ExplainSession(image.array, network, prepared.target, prepared.options, spacing=image.spacing,
                              progress=plan.stage("segmentation"), cancel=cancel)

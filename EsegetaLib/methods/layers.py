@@ -231,6 +231,19 @@ def resolve_layer(network: torch.nn.Module, name: Optional[str] = None,
     return chosen, modules[chosen]
 
 
+def check_layer_names(requests, network: torch.nn.Module) -> None:
+    """Refuse, before any work (no segmentation, no forward pass), a layer method whose 'layer'
+    parameter names no module of `network` (the explained function the engine hooks): one line with
+    the method, the closest names and layers that suit (`resolve_layer`).  `requests`: (spec, params)."""
+    for spec, params in requests:
+        name = (params or {}).get("layer") if spec.needs_layer else None
+        if name and name not in dict(network.named_modules()):
+            try:
+                resolve_layer(network, name)
+            except EsegetaError as exc:
+                raise EsegetaError(f"{spec.name}: {exc}") from None
+
+
 def layer_for(ctx) -> torch.nn.Module:
     """The layer for a method call: the engine's `ctx.layer`, else the `layer` parameter / default."""
     if ctx.layer is not None:

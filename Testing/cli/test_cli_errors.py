@@ -207,3 +207,28 @@ def test_exit_status_and_message_through_python_dash_m(inputs, out):
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert result.stderr.startswith("esegeta: error: Unknown method 'Salency'. Did you mean 'Saliency'?")
     assert snapshot(out) == before
+
+
+def test_a_misspelt_layer_is_refused_before_the_segmentation(capsys, inputs, out):
+    # GradCAM (like FeatureVisualization) checks its layer name first: no segmentation, nothing written
+    line = assert_bad_input(capsys, explain(inputs, out, "--methods", "Saliency,GradCAM", "--param",
+                                            "GradCAM.layer=network.model.1.submodul", model=inputs["card"]),
+                            out, "GradCAM: the network has no layer 'network.model.1.submodul'", "did you mean")
+    assert "'network.model.1.submodule'" in line
+
+
+def test_api_refuses_a_misspelt_layer_before_any_progress():
+    import torch
+
+    from EsegetaLib.api import explain as api_explain
+    from EsegetaLib.errors import EsegetaError
+
+    from collections import OrderedDict
+
+    net = torch.nn.Sequential(OrderedDict(conv1=torch.nn.Conv3d(1, 4, 3, padding=1), relu=torch.nn.ReLU(),
+                                          conv2=torch.nn.Conv3d(4, 2, 1)))
+    calls = []
+    with pytest.raises(EsegetaError, match=r"GradCAM\+\+: the network has no layer 'conv3'.*Did you mean 'conv2', 'conv1'"):
+        api_explain(np.random.rand(8, 8, 8).astype(np.float32), net, [("GradCAM++", {"layer": "conv3"})],
+                    progress=lambda f, m: calls.append(m))
+    assert calls == []  # the segmentation never started
