@@ -540,6 +540,14 @@ class ExplainSession:
         finally:
             self.amp_dtype, self.scorer.amp_dtype = saved
 
+    def _params_used(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """The parameters as run, for the result (run.json): an automatic blur sigma (0) as the value used."""
+        if params.get("baseline") == "blur" and "blur_sigma_mm" in params:
+            from .methods.baselines import blur_sigma_used
+
+            return dict(params, blur_sigma_mm=blur_sigma_used(params, self.stats))
+        return params
+
     def _attribute(self, spec: MethodSpec, resolved: Dict[str, Any], x: torch.Tensor) -> MethodResult:
         started = time.perf_counter()
         self.counters = {"oom_retries": 0, "fp32_retries": 0}
@@ -566,6 +574,7 @@ class ExplainSession:
             diag["target"] = self.targets[self.current_target].name
         self._report(1.0, f"{spec.name}: done")
         outputs = diag.pop("outputs", None) or {}  # method-specific outputs (MethodResult.outputs)
+        resolved = self._params_used(resolved)
         result = MethodResult(name=spec.name, attribution=attribution.numpy(), params=resolved,
                               seconds=time.perf_counter() - started, diagnostics=diag, metadata=spec.metadata(),
                               outputs=outputs)
@@ -784,9 +793,10 @@ class ExplainSession:
                             multi_target=f"batched: {len(group)} targets shared one forward per window and "
                                          f"one backward pass ({seconds:.3f} s for the {len(group)})",
                             targets_in_pass=len(group), pass_seconds=seconds)
-                result = MethodResult(name=spec.name, attribution=attribution.numpy(), params=params,
-                                      seconds=seconds / len(group), diagnostics=diag, metadata=spec.metadata())
-                self._trust_report(result, params)
+                result = MethodResult(name=spec.name, attribution=attribution.numpy(),
+                                      params=self._params_used(params), seconds=seconds / len(group),
+                                      diagnostics=diag, metadata=spec.metadata())
+                self._trust_report(result, result.params)
                 self.select_target(k)  # the guards' reruns are of this target
                 if self.amp_dtype is not None:
                     result = self._precision_guard(spec, params, self.volume, result)

@@ -103,6 +103,13 @@ def _load_user_volume(value: Any, like: torch.Tensor) -> torch.Tensor:
     return tensor.unsqueeze(0).expand_as(like).clone()
 
 
+def blur_sigma_used(params: Dict[str, Any], stats: VolumeStats) -> float:
+    """The blur baseline's Gaussian sigma in mm: `blur_sigma_mm`, or when it is 0 (automatic)
+    AUTO_BLUR_VOXELS voxels of the coarsest spacing."""
+    sigma = float(params.get("blur_sigma_mm") or 0.0)
+    return sigma if sigma > 0.0 else AUTO_BLUR_VOXELS * max(float(s) for s in stats.spacing)
+
+
 def make_baseline(x: torch.Tensor, stats: VolumeStats, params: Dict[str, Any],
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One baseline volume shaped like x (B, C, *S) for the choice in params['baseline']."""
@@ -117,10 +124,7 @@ def make_baseline(x: torch.Tensor, stats: VolumeStats, params: Dict[str, Any],
         # Gaussian noise with the volume's own mean and spread: no structure, same intensities.
         return randn_like_on(x, x.shape, generator) * float(stats.std) + float(stats.mean)
     if choice == "blur":
-        sigma = float(params.get("blur_sigma_mm") or 0.0)
-        if sigma <= 0.0:
-            sigma = AUTO_BLUR_VOXELS * max(float(s) for s in stats.spacing)
-        return gaussian_blur(x, sigma, stats.spacing)
+        return gaussian_blur(x, blur_sigma_used(params, stats), stats.spacing)
     if choice == "user":
         return _load_user_volume(params.get("baseline_volume"), x)
     raise EsegetaError(f"unknown baseline '{choice}'; choose one of {', '.join(BASELINE_CHOICES)}.")

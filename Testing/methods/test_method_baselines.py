@@ -72,3 +72,22 @@ def test_blur_sigma_is_in_millimetres():
         profile = out.sum(dim=tuple(a for a in range(3) if a != axis)).double()
         sigma_vox = float(torch.sqrt((profile * grid ** 2).sum() / profile.sum()))
         assert sigma_vox == pytest.approx(2.0 / spacing, rel=0.02)
+
+
+def test_the_blur_sigma_used_is_recorded_not_zero():
+    """blur_sigma_mm = 0 means automatic (8 voxels of the coarsest spacing): the result's params (run.json)
+    give the sigma used, the same one make_baseline blurs with; an explicit sigma is kept as given."""
+    from EsegetaLib.engine import ExplainSession
+    from EsegetaLib.methods.baselines import blur_sigma_used
+    from EsegetaLib.options import EngineOptions, Target
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1))
+    x = structured_volume(8)[0].numpy()
+    session = ExplainSession(x, net, Target(class_index=1, region="whole"), EngineOptions(device="cpu", divisor=1),
+                             spacing=(2.0, 1.0, 0.5))
+    auto = session.attribute("IntegratedGradients", {"adaptive": False, "n_steps": 4})
+    assert auto.params["baseline"] == "blur" and auto.params["blur_sigma_mm"] == pytest.approx(16.0)
+    assert blur_sigma_used({"blur_sigma_mm": 0.0}, session.stats) == pytest.approx(16.0)
+    given = session.attribute("IntegratedGradients", {"adaptive": False, "n_steps": 4, "blur_sigma_mm": 3.0})
+    assert given.params["blur_sigma_mm"] == 3.0
