@@ -103,4 +103,28 @@ def test_path_method_missing_its_tolerance_is_refused_in_one_line(inputs, tmp_pa
                  "--region", "whole", "--metrics", "none", "--no-scene", "--quiet", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     checks = {c["name"]: c for c in json.loads((out / "run.json").read_text())["results"]["IntegratedGradients"]["checks"]}
-    assert checks["completeness"]["status"] == "warn" and checks["baseline"]["status"] == "pass"
+    used = json.loads((out / "run.json").read_text())["results"]["IntegratedGradients"]["diagnostics"]["baseline_used"]
+    assert checks["completeness"]["status"] == "warn"
+    assert checks["baseline"]["status"] == ("pass" if used == "blur" else "warn"), (used, checks["baseline"])
+
+
+def test_a_fallback_baseline_is_a_warning():
+    """The map from another baseline than the one asked for meets completeness, but answers another
+    question ('why this output rather than that of the fallback volume'): the check warns, so the
+    terminal and every table say it; the requested baseline that met the tolerance passes."""
+    import numpy as np
+
+    from EsegetaLib.results import MethodResult
+    from EsegetaLib.trust import add_baseline_check
+
+    def result():
+        return MethodResult(name="IntegratedGradients", attribution=np.zeros((1, 2, 2, 2), np.float32), seconds=0.0,
+                            params={"baseline": "zero"})
+
+    fell_back = result()
+    add_baseline_check(fell_back, "zero", "blur", [("zero", 0.555), ("blur", 0.0063)])
+    check = {c.name: c for c in fell_back.checks}["baseline"]
+    assert check.status == "warn" and check.value == 0.0063 and "zero 55.5 %" in check.detail
+    kept = result()
+    add_baseline_check(kept, "zero", "zero", [("zero", 0.004)])
+    assert {c.name: c for c in kept.checks}["baseline"].status == "pass"

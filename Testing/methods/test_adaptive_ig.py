@@ -74,7 +74,9 @@ def test_default_ig_completeness_within_one_percent(name, kind):
           f"completeness {relative:.3%} baseline {result.params['baseline']} cap hit {d['step_cap_hit']}")
     assert d["relative_convergence_delta"] == pytest.approx(relative, rel=0.01, abs=1e-4)
     assert relative <= 0.01 and check.status == "pass", (name, kind, relative)
-    assert {c.name: c for c in result.checks}["baseline"].status == "pass"
+    # a fallback baseline (another reference input than asked for) is said as a warning
+    expected = "pass" if result.params["baseline"] == "blur" else "warn"
+    assert {c.name: c for c in result.checks}["baseline"].status == expected
 
 
 def _baseline(session, params=None):
