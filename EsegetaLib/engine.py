@@ -18,6 +18,8 @@ Windows whose part of the region is empty contribute nothing to F and are skippe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -736,19 +738,43 @@ class ExplainSession:
                     self, lambda s: single_target_work(spec, resolved, s))])
                 shares /= shares[-1]
                 span = self.progress_span
+                ran: Dict[Any, str] = {}  # target-free methods: what they depend on -> the target that ran it
                 try:
                     for k, t in enumerate(self.targets):
                         a, b = (span[0] + (span[1] - span[0]) * float(f) for f in shares[k:k + 2])
                         self.progress_span = (a, b)
+                        key = self._target_free_key(spec, resolved, k)
+                        if key is not None and key in ran:
+                            first = out[ran[key]]
+                            out[t.name] = dataclasses.replace(first, diagnostics=dict(
+                                first.diagnostics, target=t.name, multi_target=(
+                                    f"run once, for target {ran[key]}: {spec.name} does not depend on the target "
+                                    "beyond its layer and region, which are the same here; this result is that one")))
+                            continue
                         result = self.attribute(spec, resolved, target=k)
                         result.diagnostics["multi_target"] = why
                         out[t.name] = result
+                        if key is not None:
+                            ran[key] = t.name
                 finally:
                     self.progress_span = span
                 return out
             return self._attribute_batched(spec, resolved)
         finally:
             self.select_target(saved)
+
+    def _target_free_key(self, spec: MethodSpec, params: Dict[str, Any], k: int):
+        """For a method that explains no target (`explains_target=False`: FeatureVisualization,
+        TopActivatingWindows) what its result depends on under target k: the layer (the automatic
+        choice probes the target's gradient), the region (the automatic channel and window) and, for
+        FeatureVisualization's 'target' objective, the class; None for methods that explain a target."""
+        if spec.explains_target:
+            return None
+        self.select_target(k)
+        _, layer = self._layer(spec, params)
+        region = hashlib.sha1(np.ascontiguousarray(np.asarray(self.region.cpu() if torch.is_tensor(self.region)
+                                                              else self.region)).tobytes()).hexdigest()
+        return (layer, region, self.targets[k].class_index if params.get("objective") == "target" else None)
 
     def _attribute_batched(self, spec: MethodSpec, params: Dict[str, Any]) -> Dict[str, MethodResult]:
         from .work import group_units

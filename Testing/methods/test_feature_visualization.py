@@ -135,3 +135,26 @@ def test_target_objective_raises_the_class_score_over_its_region():
     assert result.outputs["layer"] == "target" and result.outputs["feature_volume"].shape == (1, 16, 16, 16)
     check = {c.name: c for c in result.checks}["optimisation"]
     assert check.status == "pass" and "class 1's score over the target region" in check.detail
+
+
+def test_several_classes_run_once_when_layer_and_region_are_the_same():
+    """FeatureVisualization explains no target: with the same layer and region for both classes it runs
+    once and says so (the same bytes as a single-class run); the 'target' objective runs per class."""
+    net = make_unet_instancenorm_prelu()
+    volume = vessel_tubes((16, 16, 16), [(8, 8)], 2)
+    params = {"steps": 8, "layer": "model.1.submodule.2", "channel": 2}
+    session = ExplainSession(volume, net, Target(classes=[0, 1], region="whole"), OPTIONS)
+    calls = []
+    attribute = session.attribute
+    session.attribute = lambda *a, **k: calls.append(k.get("target")) or attribute(*a, **k)
+    out = session.attribute_targets("FeatureVisualization", params)
+    assert list(out) == ["class_0", "class_1"] and calls == [0]
+    second = out["class_1"]
+    assert second.diagnostics["multi_target"].startswith("run once, for target class_0")
+    assert second.diagnostics["target"] == "class_1"
+    single = ExplainSession(volume, net, Target(class_index=1, region="whole"), OPTIONS).attribute(
+        "FeatureVisualization", params)
+    assert second.outputs["feature_volume"].tobytes() == single.outputs["feature_volume"].tobytes()
+    calls.clear()
+    per_class = session.attribute_targets("FeatureVisualization", dict(params, objective="target"))
+    assert calls == [0, 1] and "run once" not in per_class["class_1"].diagnostics["multi_target"]
