@@ -179,3 +179,17 @@ def test_refused_on_residual_additions_and_one_output_models():
     assert np.abs(session.attribute("ExcitationBackprop", {"layer": "1"}).map).max() > 0
     with pytest.raises(EsegetaError, match="needs a contrast class"):
         session.attribute("ContrastiveExcitationBackprop", {"layer": "1"})
+
+
+def test_refused_on_exported_programs_with_the_real_reason():
+    """An unflattened .pt2 program's modules are graph interpreters: the refusal says that (and what
+    to use), not 'no rule for InterpreterModule'."""
+    from EsegetaLib.methods.excitation import check_network
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
+    check_network(net)  # the eager network has a rule for every module
+    program = torch.export.export(net, (torch.rand(1, 1, 8, 8, 8),))
+    with pytest.raises(EsegetaError, match=r"exported program \(\.pt2\) keeps only its operations.*model card") as error:
+        check_network(torch.export.unflatten(program))
+    assert "InterpreterModule" not in str(error.value)
