@@ -20,6 +20,13 @@ CHANNEL_REDUCE_PARAM = ParamSpec(
 )
 
 
+def is_exported_program(network: torch.nn.Module) -> bool:
+    """True for a torch.export program (`.pt2`), unflattened or inlined: its modules are graph
+    interpreters, not the network's layers, so module-level rules have nothing to attach to."""
+    return any(isinstance(m, torch.fx.GraphModule) or type(m).__module__.startswith("torch.export")
+               for m in network.modules())
+
+
 def resample_layer_map(layer_map: torch.Tensor, spatial, geometry=None) -> torch.Tensor:
     """(B, K, *s) at layer resolution -> (B, K, *spatial), linear interpolation between the layer's
     units placed where they sit on the input grid: unit o at scale * o + offset per axis

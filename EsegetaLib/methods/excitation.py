@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import EsegetaError
 from .base import MethodContext, MethodSpec, ParamSpec
-from .common import LAYER_PARAM, first_tensor, to_input_grid
+from .common import LAYER_PARAM, first_tensor, is_exported_program, to_input_grid
 from .layers import layer_for
 
 aten = torch.ops.aten
@@ -55,7 +55,6 @@ aten = torch.ops.aten
 RULE_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.pooling._AvgPoolNd)
 PASS_MODULES = (nn.ReLU, nn.modules.pooling._MaxPoolNd, nn.Dropout, nn.Dropout3d, nn.Dropout2d, nn.Identity,
                 nn.Flatten, nn.modules.batchnorm._BatchNorm, nn.Upsample)
-EXPORT_WRAPPERS = ("InterpreterModule", "UnflattenedModule", "GraphModule")  # torch.export / torch.fx
 NEGATIVE_TOLERANCE = 1e-6  # activations below -tolerance x max|a| count as negative
 CONSERVATION_TOLERANCE = 0.05
 
@@ -118,8 +117,7 @@ class _OpWatch(TorchDispatchMode):
 
 def check_network(network: nn.Module) -> None:
     """Refuse (EsegetaError naming them) networks with leaf modules that have no excitation rule."""
-    if any(type(m).__name__ in EXPORT_WRAPPERS for m in network.modules()):
-        # torch.export's unflattened program: its modules are graph interpreters, not the network's layers
+    if is_exported_program(network):
         raise EsegetaError(
             "excitation backprop needs the network's own modules, and an exported program (.pt2) keeps only "
             "its operations; load the model as a model card (Python class + weights, docs/readme/models.md), "

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EsegetaError
+from .common import is_exported_program
 
 RULES = ("epsilon", "gamma", "alpha_beta", "composite")
 NORM_RULES = ("centred", "affine")
@@ -372,8 +373,7 @@ def check_modules(network: nn.Module) -> None:
         raise EsegetaError("LRP cannot run on a TorchScript model: it needs the network's modules to attach its "
                            "rules, which TorchScript hides; give a model card (the network's Python class and its "
                            "weights, see docs/readme/models.md) or the eager nn.Module.")
-    if any(isinstance(m, torch.fx.GraphModule) or type(m).__module__.startswith("torch.export")
-           for m in network.modules()):
+    if is_exported_program(network):
         raise EsegetaError("LRP cannot run on an exported program (.pt2): it needs the network's modules to attach "
                            "its rules, and an exported program's layers are graph ops; give a model card (the "
                            "network's Python class and its weights, see docs/readme/models.md) or the eager "

@@ -46,13 +46,16 @@ class BatchNormUNet(nn.Module):
         self.dec1 = _block(2 * f, f, bias)
         self.head = nn.Conv3d(f, out_channels, 1, bias=bias)
 
-    def forward(self, x):
+    def decoder(self, x):
+        """The two decoder levels' outputs (d2, d1)."""
         e1 = self.enc1(x)
         e2 = self.enc2(self.down1(e1))
         b = self.bottom(self.down2(e2))
         d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
-        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
-        return self.head(d1)
+        return d2, self.dec1(torch.cat([self.up1(d2), e1], 1))
+
+    def forward(self, x):
+        return self.head(self.decoder(x)[1])
 
 
 def make_batchnorm_unet(bias: bool = True, seed: int = 0) -> BatchNormUNet:

@@ -116,11 +116,7 @@ class _DeepSupervisionUNet(BatchNormUNet):
         self.aux = torch.nn.Conv3d(8, 2, 1)
 
     def forward(self, x):
-        e1 = self.enc1(x)
-        e2 = self.enc2(self.down1(e1))
-        b = self.bottom(self.down2(e2))
-        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
-        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        d2, d1 = self.decoder(x)
         out = self.head(d1)
         self.aux(d2)  # computed last, not part of the explained output
         return out
